@@ -1,0 +1,188 @@
+"""Byte-level training data that needs no download: the Python standard library's own source.
+
+What this is
+    The corpus for minimamba's experiments. Every Python install ships a few tens of MB of its own
+    source code (located with `sysconfig`), so the default corpus exists wherever the code runs.
+    Text is read as raw bytes: token = byte, vocabulary 256, no tokenizer to download.
+    `--data PATH` swaps in any text file or folder.
+
+Papers
+    Stuffed Mamba (arXiv 2410.07145), section "State collapse": per-position loss on long held-out
+    text with the state carried, and the newline prompt ("\\n" * L) as a reproducible probe.
+
+Reading order
+    1. `Corpus.load`           which files, and the deterministic train / held-out split by document
+    2. `Corpus.batch`          the batch for one optimizer step: a pure function of (seed, step)
+    3. `Corpus.heldout_windows`, `newline_probe`   evaluation inputs
+
+Glossary
+    b  batch rows (global across data-parallel ranks unless said otherwise)
+    T  training length: tokens per segment (the paper's T_train)
+    N  number of chained segments per row (truncated BPTT; the paper chains 12)
+    l  length of an evaluation window
+
+Design notes
+    - The split is by document and decided by a hash of the document's path (or index for a single
+      file), so it is deterministic, independent of file-system listing order, and stable when files
+      are added or removed.
+    - Batches are a pure function of (seed, step): resuming a run at step s needs no loader state,
+      and the data-parallel ranks each take their slice of the same global batch, so k processes see
+      exactly the rows one process with the global batch would see.
+    - Documents are joined into one stream with a separator byte DOC_SEP between them; a row of a
+      batch is a contiguous stretch of that stream starting at a random offset.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------
+
+VOCAB_SIZE = 256  # byte-level tokens
+DOC_SEP = 0  # byte placed between documents (NUL never occurs in text files)
+NEWLINE = ord("\n")  # the paper's probe token
+HELDOUT_FRACTION = 0.05  # share of documents held out (by hash of their name)
+SINGLE_FILE_DOC_BYTES = 1 << 16  # a single --data file is cut into pseudo-documents of this many bytes
+STDLIB_SUFFIX = ".py"  # which stdlib files form the default corpus
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".html", ".js", ".tex", ".csv")
+EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")  # vary between installs
+
+
+def stdlib_dir() -> Path:
+    """The folder holding this Python's standard-library source (e.g. /usr/lib/python3.11)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _split_key(name: str) -> float:
+    """Map a document name to a fixed number in [0, 1) (first 8 bytes of its SHA-1)."""
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _read_documents(path: Path) -> list[tuple[str, bytes]]:
+    """Return (name, bytes) documents from a folder (one per text file) or a single file (cut up)."""
+    if path.is_file():
+        raw = path.read_bytes().replace(bytes([DOC_SEP]), b"")
+        n = max(1, -(-len(raw) // SINGLE_FILE_DOC_BYTES))
+        return [(f"{path.name}#{i}", raw[i * SINGLE_FILE_DOC_BYTES:(i + 1) * SINGLE_FILE_DOC_BYTES])
+                for i in range(n)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {path}: expected a text file or a folder, found neither")
+    is_stdlib = path.resolve() == stdlib_dir().resolve()
+    suffixes = (STDLIB_SUFFIX,) if is_stdlib else TEXT_SUFFIXES
+    docs = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or f.suffix not in suffixes or any(p in EXCLUDED_DIRS for p in rel.parts):
+            continue
+        raw = f.read_bytes().replace(bytes([DOC_SEP]), b"")
+        if raw:
+            docs.append((rel.as_posix(), raw))
+    if not docs:
+        raise ValueError(f"--data {path}: no non-empty files with suffix in {suffixes}")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Train and held-out byte streams, each a 1-D uint8 array of documents joined by DOC_SEP."""
+
+    train: np.ndarray  # (n_train_bytes,) uint8
+    heldout: np.ndarray  # (n_heldout_bytes,) uint8
+    train_docs: list[str]  # document names, in stream order
+    heldout_docs: list[str]
+    source: str  # the folder or file it came from
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None,
+             heldout_fraction: float = HELDOUT_FRACTION) -> "Corpus":
+        """Read a corpus and split it by document.
+
+        Args:
+            path: a text file or folder; None = this Python's standard library.
+            heldout_fraction: share of documents held out, chosen by a hash of each name.
+        """
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        root = Path(path) if path is not None else stdlib_dir()
+        docs = _read_documents(root)
+        # 1. split by a hash of the name: deterministic, order-free
+        train = [(n, d) for n, d in docs if _split_key(n) >= heldout_fraction]
+        held = [(n, d) for n, d in docs if _split_key(n) < heldout_fraction]
+        if not train or not held:  # tiny corpora: force at least one document on each side
+            if len(docs) < 2:
+                raise ValueError(f"--data {root}: need at least 2 documents to split, found {len(docs)}")
+            ranked = sorted(docs, key=lambda nd: _split_key(nd[0]))
+            held, train = ranked[:1], ranked[1:]
+
+        # 2. join each side into one stream, documents separated by DOC_SEP
+        def join(side: list[tuple[str, bytes]]) -> np.ndarray:
+            sep = bytes([DOC_SEP])
+            return np.frombuffer(sep.join(d for _, d in side) + sep, dtype=np.uint8).copy()
+
+        return cls(train=join(train), heldout=join(held), train_docs=[n for n, _ in train],
+                   heldout_docs=[n for n, _ in held], source=str(root))
+
+    # ------------------------------------------------------------------------------------------
+    def batch(self, step: int, *, seed: int, batch_size: int, seq_len: int, n_segments: int = 1,
+              rows: slice | None = None) -> torch.Tensor:
+        """Tokens for one optimizer step: rows of N*T+1 contiguous bytes of the train stream.
+
+        Segment i of a row is inputs row[i*T:(i+1)*T], targets row[i*T+1:(i+1)*T+1], so the N
+        segments chain: the state at the end of segment i is the right start for segment i+1.
+
+        Args:
+            step: optimizer step; the batch is a pure function of (seed, step).
+            seed: run seed.
+            batch_size: global rows b.
+            seq_len: T, tokens per segment.
+            n_segments: N, chained segments per row.
+            rows: which of the global rows to return (a data-parallel rank's slice); None = all.
+        Returns:
+            LongTensor (b_rows, N*T + 1)
+        """
+        span = n_segments * seq_len + 1
+        if span > len(self.train):
+            raise ValueError(f"rows of {span} tokens do not fit the {len(self.train)}-byte train stream")
+        g = np.random.default_rng([seed, step])  # independent stream per (seed, step)
+        starts = g.integers(0, len(self.train) - span + 1, size=batch_size)  # (b,)
+        if rows is not None:
+            starts = starts[rows]
+        idx = starts[:, None] + np.arange(span)[None, :]  # (b_rows, N*T+1)
+        return torch.from_numpy(self.train[idx].astype(np.int64))
+
+    def heldout_windows(self, n: int, length: int) -> torch.Tensor:
+        """n held-out windows of `length + 1` tokens at evenly spaced offsets (deterministic).
+
+        Returns:
+            LongTensor (n, length + 1): inputs are [:, :-1], targets [:, 1:].
+        """
+        span = length + 1
+        if span > len(self.heldout):
+            raise ValueError(f"held-out stream has {len(self.heldout)} bytes, fewer than {span}; "
+                             f"use a shorter length or a larger --data")
+        starts = np.linspace(0, len(self.heldout) - span, num=n).astype(np.int64)  # (n,)
+        idx = starts[:, None] + np.arange(span)[None, :]
+        return torch.from_numpy(self.heldout[idx].astype(np.int64))
+
+
+def newline_probe(length: int, n: int = 1) -> torch.Tensor:
+    """The paper's reproducible probe: a prompt of only newlines. LongTensor (n, length + 1)."""
+    return torch.full((n, length + 1), NEWLINE, dtype=torch.long)
+
+
+def decode(tokens: torch.Tensor) -> str:
+    """Bytes back to text (for eyeballing samples); invalid UTF-8 is replaced."""
+    return bytes(int(t) for t in tokens.flatten().tolist()).decode("utf-8", errors="replace")

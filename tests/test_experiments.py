@@ -1,0 +1,227 @@
+"""Tests for experiments/: the data loader, the training loop (loss goes down, exact resume, DDP on
+gloo equals one process, atomic checkpoints) and the collapse criterion of state_collapse.py.
+
+All run on CPU in well under a minute together, on a tiny corpus written into a temporary folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import train as T
+from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
+from experiments.state_collapse import collapse_criterion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Twelve small deterministic 'documents' of Python-like text."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}  # line {j}\n" for j in range(60)]
+        (d / f"doc{i:02d}.py").write_text("".join(lines))
+    return d
+
+
+def tiny_config(corpus_dir: Path, out_dir: Path, **kw) -> T.TrainConfig:
+    base = dict(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=16, data=str(corpus_dir),
+                seq_len=16, n_segments=2, batch_size=4, grad_accum=1, steps=12, lr=1e-2, warmup_steps=2,
+                out_dir=str(out_dir), seed=0, log_every=1, eval_every=0, ckpt_every=6, keep_ckpts=3,
+                progress=False, threads=1)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+def test_loader_deterministic_and_split_disjoint(corpus_dir):
+    a, b = Corpus.load(corpus_dir), Corpus.load(corpus_dir)
+    assert a.train_docs == b.train_docs and a.heldout_docs == b.heldout_docs
+    assert set(a.train_docs).isdisjoint(a.heldout_docs), "a document is on both sides of the split"
+    assert sorted(a.train_docs + a.heldout_docs) == sorted(p.name for p in corpus_dir.iterdir())
+    assert (a.train == b.train).all() and (a.heldout == b.heldout).all()
+    # no held-out document's text occurs in the train stream
+    for name in a.heldout_docs:
+        text = (corpus_dir / name).read_bytes()
+        assert text not in a.train.tobytes(), f"held-out {name} found in the train stream"
+    x1 = a.batch(5, seed=3, batch_size=6, seq_len=16, n_segments=2)
+    x2 = b.batch(5, seed=3, batch_size=6, seq_len=16, n_segments=2)
+    assert x1.shape == (6, 33) and torch.equal(x1, x2)
+    assert not torch.equal(x1, a.batch(6, seed=3, batch_size=6, seq_len=16, n_segments=2))
+    # a rank's slice is exactly its rows of the global batch
+    assert torch.equal(a.batch(5, seed=3, batch_size=6, seq_len=16, n_segments=2, rows=slice(3, 6)), x1[3:6])
+    assert int(x1.max()) < VOCAB_SIZE and int(x1.min()) >= 0
+    assert (a.train == DOC_SEP).sum() == len(a.train_docs)  # one separator per document
+    probe = newline_probe(10)
+    assert probe.shape == (1, 11) and (probe == ord("\n")).all()
+
+
+def test_default_corpus_is_the_stdlib():
+    c = Corpus.load()
+    assert len(c.train_docs) > 100 and len(c.heldout_docs) > 5
+    assert set(c.train_docs).isdisjoint(c.heldout_docs)
+    assert all("site-packages" not in n for n in c.train_docs + c.heldout_docs)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+def test_config_validation_and_cli():
+    with pytest.raises(ValueError, match="grad_accum"):
+        T.TrainConfig(batch_size=5, grad_accum=2)
+    with pytest.raises(ValueError, match="headdim"):
+        T.TrainConfig(d_model=24, headdim=64)
+    cfg = T.parse_config(["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"])
+    assert cfg.seq_len == 32 and cfg.resume is True and cfg.lr == 0.01 and cfg.amp is False
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = T.TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [T.lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(lrs[9:], lrs[10:])), "lr must not increase after warmup"
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_no_weight_decay_on_ssm_params_and_norms():
+    from minimamba import Mamba2LM
+    cfg = T.TrainConfig(d_model=32, n_layer=1, d_state=16, headdim=16)
+    model = Mamba2LM(cfg.model_config())
+    opt = T.make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for leaf in ("dt_bias", "A_log", "D", "norm.weight"):
+        assert any(n.endswith(leaf) for n in no_decay) and not any(n.endswith(leaf) for n in decay), leaf
+    assert any(n.endswith("in_proj.weight") for n in decay)
+
+
+def test_few_steps_reduce_loss(corpus_dir, tmp_path):
+    res = T.train(tiny_config(corpus_dir, tmp_path / "run", steps=25))
+    h = res["loss_history"]
+    first, last = sum(h[:3]) / 3, sum(h[-3:]) / 3
+    assert last < first - 0.5, f"loss did not go down: first3 {first:.3f}, last3 {last:.3f}"
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 26 and rows[0].startswith("step,")
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(corpus_dir, tmp_path):
+    full = T.train(tiny_config(corpus_dir, tmp_path / "full"))["loss_history"]
+    part1 = T.train(tiny_config(corpus_dir, tmp_path / "cut", stop_at=6))  # "killed" after step 6
+    assert part1["step"] == 6 and T.latest_checkpoint(tmp_path / "cut").name == "step_00000006"
+    part2 = T.train(tiny_config(corpus_dir, tmp_path / "cut", resume=True))["loss_history"]
+    resumed = part1["loss_history"] + part2
+    assert len(resumed) == len(full) == 12
+    diffs = [abs(a - b) for a, b in zip(full, resumed)]
+    assert resumed == full, f"resumed run differs: max |diff| {max(diffs):.3e}, per step {diffs}"
+    # the final weights agree bit for bit as well
+    from minimamba import Mamba2LM
+    wa = Mamba2LM.from_pretrained(T.latest_checkpoint(tmp_path / "full") / "model").state_dict()
+    wb = Mamba2LM.from_pretrained(T.latest_checkpoint(tmp_path / "cut") / "model").state_dict()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k}: max |diff| {(wa[k] - wb[k]).abs().max():.3e}"
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "cut" / "metrics.csv").read_text().split()[1:]]
+    assert steps == list(range(1, 13)), "metrics.csv must hold exactly one row per step after a resume"
+
+
+def test_interrupted_checkpoint_write_never_loads_as_complete(corpus_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=12, ckpt_every=6)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):  # the second checkpoint's trainer.pt write is "killed"
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"half a file")
+            raise KeyboardInterrupt("simulated kill during checkpoint write")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    monkeypatch.setattr(T.torch, "save", real_save)
+    ckpts = tmp_path / "run" / "checkpoints"
+    partial = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    assert partial, "the interrupted write should have left its temporary directory behind"
+    assert T.latest_checkpoint(tmp_path / "run").name == "step_00000006"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        from minimamba import Mamba2LM
+        T.load_checkpoint(partial[0], Mamba2LM(cfg.model_config()))
+    # resuming continues from step 6 and finishes
+    res = T.train(dataclasses.replace(cfg, resume=True))
+    assert res["step"] == 12 and len(res["loss_history"]) == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_equal_one_process(corpus_dir, tmp_path):
+    common = ["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+              "--data", str(corpus_dir), "--seq_len", "16", "--n_segments", "2", "--batch_size", "4",
+              "--steps", "3", "--lr", "1e-2", "--warmup_steps", "1", "--eval_every", "0", "--progress", "false",
+              "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "experiments.train", *common, "--out_dir", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "experiments.train", *common, "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    from minimamba import Mamba2LM
+    wa = Mamba2LM.from_pretrained(T.latest_checkpoint(tmp_path / "one") / "model").state_dict()
+    wb = Mamba2LM.from_pretrained(T.latest_checkpoint(tmp_path / "two") / "model").state_dict()
+    moved = max((wa[k] - Mamba2LM(T.TrainConfig(d_model=32, n_layer=1, d_state=16, headdim=16).model_config())
+                 .state_dict()[k]).abs().max().item() for k in wa if k.endswith("in_proj.weight"))
+    assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
+    for k in wa:
+        diff = (wa[k] - wb[k]).abs()
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), \
+            f"{k}: 2-process DDP differs from 1 process: max {diff.max():.3e}, mean {diff.mean():.3e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the collapse criterion
+# ------------------------------------------------------------------------------------------------
+
+def test_collapse_criterion_on_hand_made_curves():
+    t_train = 100
+    flat = torch.full((3200,), 2.0)
+    flat[0] = 4.0  # the first token is the hardest in-window position
+    r = collapse_criterion(flat, t_train)
+    assert not r.collapsed and r.first_position is None and r.threshold == pytest.approx(8.0)
+
+    exploding = flat.clone()
+    exploding[1000:] = torch.linspace(2.0, 12.0, 2200)  # passes 8.0 at 1000 + 0.6*2199
+    r = collapse_criterion(exploding, t_train)
+    assert r.collapsed and r.first_position == 1000 + int(torch.nonzero(exploding[1000:] > 8.0)[0])
+    assert r.max_beyond == pytest.approx(12.0)
+
+    # a rise inside the training window does not count, nor does one that stays below 2x
+    inside = flat.clone()
+    inside[50] = 20.0
+    assert not collapse_criterion(inside, t_train).collapsed
+    mild = flat.clone()
+    mild[500:] = 7.9
+    assert not collapse_criterion(mild, t_train).collapsed
+    # the factor is a parameter
+    assert collapse_criterion(mild, t_train, factor=1.5).collapsed
+
+    with pytest.raises(ValueError, match="longer than"):
+        collapse_criterion(flat[:50], t_train)
