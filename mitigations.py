@@ -1,0 +1,473 @@
+"""Training-free fixes for state collapse in Mamba-2, and the diagnostics to study it.
+
+State collapse (SC): a Mamba-2 trained on sequences of length T_train breaks down beyond it, because
+it never learned to forget; the retention of old tokens stays near 1, a few state channels explode.
+This file gives the paper's training-free mitigations, each as
+
+    (a) a pure function at the scan level (x, dt, A, B, C as in minimamba.ssd), and
+    (b) a context manager that applies it to a Mamba2LM by swapping each mixer's `scan` object
+        (the extension point of minimamba.py; nothing in minimamba.py is edited), so that the chunked
+        forward, streaming forward with a carried state, step() and generate() all run the method.
+
+Papers:
+    [SC]  Chen et al., "Stuffed Mamba: State Collapse and State Capacity of RNN-Based Long-Context
+          Modeling", arXiv 2410.07145 (v1 section "Mitigating SC"; v2+ calls method 1 "RRI").
+    [LM]  Ye et al., "LongMamba" (the Delta-scaling baseline that [SC] compares against).
+    [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (the scan these functions build on).
+
+Reading order:
+    1. helpers                    per-head views of group tensors, input checks
+    2. RRI and Delta scaling      input transforms: the decay and the insertion change, the scan does not
+    3. state normalization        the clamp h <- h * min(1, tau / ||h||_F) every k tokens, calibration
+    4. sliding window             h_t - alpha_{t-r+1..t} h_{t-r}: exact per layer, streaming in O(r)
+    5. model level                the scan objects and the context managers rri(), delta_scaling(),
+                                  state_norm(), sliding_window()
+    6. diagnostics                state statistics every k tokens, first-token retention, state size N_S
+
+Glossary (letters in shapes and einsum strings; [SC] section 2 symbols in brackets):
+    b batch   l length   h heads [H]   p headdim [P]   n d_state [N]   g groups [G]   r window
+    x_t (h, p) inputs; dt_t = Delta_t > 0 step size; A < 0 (per head, or per token (b, l, h));
+    alpha_t = exp(dt_t A) the decay; B_t, C_t (g, n) the write and read vectors; h_t (h, p, n) state.
+    Recurrence ([SC] eq. 1):   h_t = alpha_t h_{t-1} + dt_t x_t B_t^T,     y_t = h_t C_t + D x_t.
+    Retention: alpha_{i..t} = prod_{j=i..t} alpha_j = exp(sum_{j=i..t} dt_j A_j)   (inclusive range).
+
+Composition: the input transforms (rri, delta_scaling) wrap whatever scan a layer has, so they compose
+with each other and with state_norm / sliding_window if they are entered LAST (outermost):
+    with sliding_window(model, window=512), rri(model, lambda_a=0.9999, lambda_B=0.75): ...
+state_norm and sliding_window need a linear scan with a tensor state under them; they refuse to go on
+top of a transform or of each other, with an error saying which order works.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+import minimamba
+from minimamba import check_scan_inputs
+
+# A state whose Frobenius norm is exactly 0 is left alone by the clamp (tau / 0 = inf).
+# The streaming window decay is accumulated in float64: over 10^6 add/subtract steps a float32
+# running sum would drift by ~1e-4 relative in the exponent, float64 by ~1e-13.
+WINDOW_DECAY_DTYPE = torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_head(t: torch.Tensor, nheads: int) -> torch.Tensor:
+    """(..., g, n) -> (..., h, n): head i reads group i // (h / g), as in minimamba."""
+    return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
+
+
+def _per_token_A(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """A (h,) or already per-token with dt's shape -> per-token, dt's shape (b, [l,] h)."""
+    return A.expand(dt.shape) if A.dim() == 1 else A
+
+
+def _float_at_least_32(t: torch.Tensor) -> torch.Tensor:
+    """State math runs in float32 at least; float64 stays float64 (as in minimamba)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _read_out(state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """state (b, h, p, n), C (b, g, n) -> state C (b, h, p)."""
+    return torch.einsum("bhpn,bhn->bhp", state, _per_head(C.to(state.dtype), state.shape[1]))
+
+
+class SSDScan:
+    """The plain scan behind the pure functions below: minimamba.ssd and minimamba.ssd_step.
+
+    Same two methods as minimamba.DefaultScan (the model's scan), so every method in this file is
+    written once against this interface and serves both the scan-level functions and the model.
+    """
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        return minimamba.ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state)
+
+    def step(self, x, dt, A, B, C, D, state):
+        return minimamba.ssd_step(x, dt, A, B, C, D=D, state=state)
+
+
+def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """log alpha_t = dt_t A_t as the scan below `scan` will see it (after any input transform)."""
+    if hasattr(scan, "log_decay"):
+        return scan.log_decay(dt, A)
+    return dt.to(WINDOW_DECAY_DTYPE) * _per_token_A(A, dt).to(WINDOW_DECAY_DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Forget More and Remember Less (RRI) and LongMamba's Delta scaling: transforms of the inputs
+# --------------------------------------------------------------------------------------------------
+
+
+class RRIScan:
+    """[SC] "Forget More and Remember Less":   h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T.
+
+    Steps (both paths):
+        1. extra forget rate: log alpha'_t = dt_t A + log(lambda_a), passed to the scan as the
+           per-token rate A'_t = A + log(lambda_a) / dt_t (so dt_t A'_t = log alpha'_t; dt > 0);
+           dt itself is unchanged, so token selectivity is kept.
+        2. weaker insertion: B'_t = lambda_B B_t (dt x B^T scales by lambda_B; the read C and the
+           skip D x are untouched).
+        3. run the wrapped scan.
+    Deviation from the official code: it applies the alpha multiplier in the chunked path only, not in
+    step decoding; here both paths get both factors. A factor equal to 1 leaves its input untouched, so
+    lambda_a = lambda_B = 1 is exactly the wrapped scan.
+    """
+
+    def __init__(self, inner, lambda_a: float = 1.0, lambda_B: float = 1.0):
+        if not 0 < lambda_a <= 1:
+            raise ValueError(f"lambda_a must be in (0, 1] (1 = off; [SC] uses 0.9999), got {lambda_a}")
+        if not lambda_B > 0:
+            raise ValueError(f"lambda_B must be > 0 (1 = off; [SC] uses 0.75), got {lambda_B}")
+        self.inner, self.lambda_a, self.lambda_B = inner, float(lambda_a), float(lambda_B)
+
+    def _transform(self, dt, A, B):
+        if self.lambda_a != 1.0:
+            # A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a)
+            A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt
+        if self.lambda_B != 1.0:
+            B = B * self.lambda_B
+        return A, B
+
+    def log_decay(self, dt, A):
+        return _log_decay(self.inner, dt, A) + math.log(self.lambda_a)
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        A, B = self._transform(dt, A, B)
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+
+    def step(self, x, dt, A, B, C, D, state):
+        A, B = self._transform(dt, A, B)
+        return self.inner.step(x, dt, A, B, C, D, state)
+
+
+class DeltaScaleScan:
+    """[LM] Delta scaling, the baseline in [SC]: dt'_t = factor * dt_t (after softplus and clamp).
+
+    This changes the decay alpha_t = exp(dt_t A) AND the insertion dt_t x_t B_t^T together; D x is
+    untouched. factor = 1 is exactly the wrapped scan. Deviation from the official code: its two Mamba-2
+    copies apply "the same" multiplier before and after the softplus; here it is always after.
+    """
+
+    def __init__(self, inner, factor: float):
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0 (1 = off; LongMamba uses e.g. 0.5 or 0.2), got {factor}")
+        self.inner, self.factor = inner, float(factor)
+
+    def log_decay(self, dt, A):
+        return _log_decay(self.inner, dt * self.factor, A)
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        dt = dt * self.factor if self.factor != 1.0 else dt
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+
+    def step(self, x, dt, A, B, C, D, state):
+        dt = dt * self.factor if self.factor != 1.0 else dt
+        return self.inner.step(x, dt, A, B, C, D, state)
+
+
+def rri_ssd(x, dt, A, B, C, *, lambda_a, lambda_B, chunk_size, D=None, initial_state=None):
+    """The SSD scan with RRI: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T; shapes as ssd."""
+    return RRIScan(SSDScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+
+
+def delta_scaled_ssd(x, dt, A, B, C, *, factor, chunk_size, D=None, initial_state=None):
+    """The SSD scan with dt multiplied by `factor` (LongMamba); shapes as ssd."""
+    return DeltaScaleScan(SSDScan(), factor).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. State normalization
+# --------------------------------------------------------------------------------------------------
+
+
+def clamp_state(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[SC] state normalization, per batch row and head:  h <- h * min(1, tau / ||h||_F).
+
+    Args: h (b, h, p, n); tau (h,) thresholds > 0 (inf = never clamp).
+    Returns: the clamped state and the scale s = min(1, tau / ||h||_F) (b, h), s <= 1.
+    Deviation from the official code: it multiplies by ||h|| / tau (inflating the state); the paper
+    divides, as here. A zero state has tau / 0 = inf, scale 1: it is left alone.
+    """
+    norm = torch.linalg.vector_norm(h, dim=(-2, -1))  # (b, h)
+    scale = torch.clamp(tau.to(norm.dtype) / norm, max=1.0)  # (b, h)
+    return h * scale[..., None, None], scale
+
+
+@dataclass
+class NormState:
+    """What StateNormScan carries between calls: the (clamped) state and the tokens read so far."""
+
+    h: torch.Tensor | None  # (b, h, p, n) or None (zeros)
+    position: int = 0  # tokens read since the start of the stream; clamps fall on multiples of `every`
+
+    def detach(self) -> "NormState":
+        return NormState(None if self.h is None else self.h.detach(), self.position)
+
+
+class StateNormScan:
+    """[SC] state normalization: after the update of every `every`-th token of the stream (absolute
+    positions k, 2k, 3k, ...), clamp the state: h_t <- h_t * min(1, tau / ||h_t||_F).
+
+    Steps (chunked path; the clamp is non-linear, so it cannot be folded into one parallel scan):
+        1. split the piece at the clamp positions (aligned to the stream, not to the piece);
+        2. run the wrapped scan on each sub-piece from the carried (clamped) state;
+        3. at a clamp position, clamp the final state and re-read that token's output from it:
+           y_t += (s - 1) h_t C_t   (the output reads the clamped state, as in the step path).
+    The step path clamps after the same tokens, so the chunked, streaming and step paths compute the
+    same function for any `every`; every = 1 is "clamp at each step". Deviation from the official code:
+    there the step path clamps every step and the chunked path every 128 tokens, two different models.
+    tau = inf everywhere is exactly the wrapped scan (the sub-pieces are not even split).
+    """
+
+    def __init__(self, inner, taus: torch.Tensor, every: int):
+        taus = torch.as_tensor(taus)
+        taus = taus if taus.is_floating_point() else taus.float()  # kept in its precision (float64 stays)
+        if taus.dim() != 1 or not bool((taus > 0).all()):
+            raise ValueError(f"taus must be a (h,) tensor of thresholds > 0 (inf = off), got {taus}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (tokens between clamps), got {every!r}")
+        if isinstance(inner, (StateNormScan, SlidingWindowScan, RRIScan, DeltaScaleScan)):
+            raise ValueError("state_norm must sit directly on the model's scan: enter state_norm() "
+                             f"before rri()/delta_scaling(), not on top of {type(inner).__name__}")
+        self.inner, self.taus, self.every = inner, taus, every
+        self.off = bool(torch.isinf(taus).all())
+
+    def log_decay(self, dt, A):
+        return _log_decay(self.inner, dt, A)
+
+    def _clamp(self, h, y_last, C_last):
+        h_new, scale = clamp_state(h, self.taus.to(h.device))
+        # y_t = h_t C_t + D x_t  ->  with the clamped state: y_t + (s - 1) h_t C_t
+        fix = (scale - 1)[..., None] * _read_out(h, C_last)  # (b, h, p)
+        return h_new, (y_last.to(fix.dtype) + fix).to(y_last.dtype)
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        state = state if state is not None else NormState(None)
+        b, l = x.shape[:2]
+        if self.off:
+            y, h = self.inner.chunked(x, dt, A, B, C, D, state.h, chunk_size)
+            return y, NormState(h, state.position + l)
+        # 1. sub-piece ends: the positions t (1-based, in the stream) with t % every == 0, and the end
+        first = self.every - state.position % self.every
+        ends = list(range(first, l, self.every)) + [l]
+        h, ys, start = state.h, [], 0
+        for end in ends:
+            sl = slice(start, end)
+            A_sl = A if A.dim() == 1 else A[:, sl]
+            # 2. the wrapped scan from the carried state
+            y, h = self.inner.chunked(x[:, sl], dt[:, sl], A_sl, B[:, sl], C[:, sl], D, h, chunk_size)
+            if (state.position + end) % self.every == 0:
+                # 3. clamp at the clamp position; its output reads the clamped state
+                h, y_last = self._clamp(h, y[:, -1], C[:, end - 1])
+                y = torch.cat([y[:, :-1], y_last[:, None]], dim=1)
+            ys.append(y)
+            start = end
+        return torch.cat(ys, dim=1), NormState(h, state.position + l)
+
+    def step(self, x, dt, A, B, C, D, state):
+        state = state if state is not None else NormState(None)
+        y, h = self.inner.step(x, dt, A, B, C, D, state.h)
+        position = state.position + 1
+        if not self.off and position % self.every == 0:
+            h, y = self._clamp(h, y, C)
+        return y, NormState(h, position)
+
+
+def state_norm_ssd(x, dt, A, B, C, *, taus, every, chunk_size, D=None, initial_state=None):
+    """The SSD scan with the state clamped to ||h||_F <= tau after every `every`-th token.
+
+    Shapes as ssd; taus (h,). Positions are counted from the start of this call.
+    Returns (y, final_state) with final_state (b, h, p, n).
+    """
+    init = NormState(initial_state)
+    y, state = StateNormScan(SSDScan(), taus, every).chunked(x, dt, A, B, C, D, init, chunk_size)
+    return y, state.h
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Sliding window by state difference
+# --------------------------------------------------------------------------------------------------
+# The state is a weighted sum of insertions ([SC] eq. 2), so the state of only the last r tokens is
+#     h_t^(r) = sum_{i=t-r+1..t} alpha_{i+1..t} dt_i x_i B_i^T = h_t - alpha_{t-r+1..t} h_{t-r},
+#     y_t = h_t^(r) C_t + D x_t = [h_t C_t + D x_t] - exp(sum_{j=t-r+1..t} dt_j A_j) (h_{t-r} C_t),
+# with h_{t-r} = 0 for t <= r (the stream starts from a zero state). The window's decay is the exp of a
+# difference of a float64 cumsum of dt*A (chunked) or of a float64 running sum (step): never a running
+# product of alphas, which underflows to 0 and cannot be divided back out.
+# Exact per layer given that layer's inputs. In a stack of layers it is an approximation of "run the
+# model on the last r tokens only": the upper layers' inputs were computed by lower layers that, in
+# the conv and through the residual stream, depend on the window of the layers below, and so on
+# (the receptive field grows by r per layer). Cancellation: h_t and alpha h_{t-r} can be large and
+# nearly equal (slow decay, long stream); their difference loses ~log10(|h_t| / |h_t^(r)|) digits,
+# which is why the float32 tests use a looser tolerance than float64.
+
+
+@dataclass
+class WindowState:
+    """What SlidingWindowScan carries: O(r) memory whatever the stream length.
+
+    h:        (b, h, p, n) state after all tokens read, h_T (None = zeros)
+    anchor:   (b, h, p, n) state h_{T-m} just before the cached tokens (None = zeros)
+    cache_*:  the last m = min(T, r) inputs: x (b, m, h, p), dt (b, m, h), A (b, m, h), B (b, m, g, n)
+    log_decay: (b, h) float64 sum of dt*A over the cached tokens = log alpha_{T-m+1..T}
+    seen:     T, tokens read since the start of the stream
+    """
+
+    h: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None
+    cache_x: torch.Tensor | None = None
+    cache_dt: torch.Tensor | None = None
+    cache_A: torch.Tensor | None = None
+    cache_B: torch.Tensor | None = None
+    log_decay: torch.Tensor | None = None
+    seen: int = 0
+
+    def window_state(self) -> torch.Tensor | None:
+        """h_T^(r) = h_T - alpha_{T-r+1..T} h_{T-r}: the state of the last r tokens only (b, h, p, n)."""
+        if self.h is None or self.anchor is None:
+            return self.h
+        return self.h - torch.exp(self.log_decay).to(self.h.dtype)[..., None, None] * self.anchor
+
+    def nbytes(self) -> int:
+        """Memory held by this state, in bytes (bounded by the window, whatever the stream length)."""
+        ts = (self.h, self.anchor, self.cache_x, self.cache_dt, self.cache_A, self.cache_B, self.log_decay)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def detach(self) -> "WindowState":
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        return WindowState(d(self.h), d(self.anchor), d(self.cache_x), d(self.cache_dt), d(self.cache_A),
+                           d(self.cache_B), d(self.log_decay), self.seen)
+
+
+class SlidingWindowScan:
+    """[SC] sliding window by state difference: y_t = (h_t - alpha_{t-r+1..t} h_{t-r}) C_t + D x_t.
+
+    Chunked path, for a piece of L new tokens after T already read (m = min(T, r) of them cached):
+        1. term 1: the wrapped scan from h_T gives h_t C_t + D x_t and h_{T+L};
+        2. term 2: the wrapped scan over [cached m tokens, new tokens] from the anchor h_{T-m}, read with
+           C shifted by r: its output at position s is h_s C_{s+r}; multiply by the window decay
+           exp(cs_{s+r} - cs_s) (cs a float64 cumsum of dt*A) and subtract it at position s + r;
+        3. keep the last r inputs and the state just before them (the final state of step 2's scan).
+    Step path: h_t by one wrapped step; push the token into the cache; once more than r are cached pop
+    the oldest and advance the anchor h_{t-r} by one step with it; the window log-decay is a running
+    float64 sum (add the newest dt*A, subtract the popped one); y_t = y_t^full - exp(sum) h_{t-r} C_t.
+    While T + L <= r nothing is subtracted: window >= length is exactly the wrapped scan.
+    """
+
+    def __init__(self, inner, window: int):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int (tokens), got {window!r}")
+        if isinstance(inner, (StateNormScan, SlidingWindowScan, RRIScan, DeltaScaleScan)):
+            raise ValueError("sliding_window needs the model's (linear) scan directly below it: enter "
+                             "sliding_window() before rri()/delta_scaling(), and not together with "
+                             f"state_norm() or another sliding_window(); found {type(inner).__name__}")
+        self.inner, self.window = inner, window
+
+    def log_decay(self, dt, A):
+        return _log_decay(self.inner, dt, A)
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        st = state if state is not None else WindowState()
+        r = self.window
+        b, L = x.shape[:2]
+        xf = _float_at_least_32(x)  # the difference is taken before any rounding to a low precision
+        # 1. term 1: the full-context output h_t C_t + D x_t, and h_{T+L}
+        y, h = self.inner.chunked(xf, dt, A, B, C, D, st.h, chunk_size)  # (b, L, h, p)
+        # the extended sequence: cached tokens, then the new ones (m + L tokens)
+        A_tok = _per_token_A(A, dt)
+        if st.cache_x is None:
+            ext_x, ext_dt, ext_A, ext_B = xf, dt, A_tok, B
+        else:
+            ext_x, ext_dt, ext_A, ext_B = (torch.cat(p, dim=1) for p in
+                                           ((st.cache_x, xf), (st.cache_dt, dt), (st.cache_A, A_tok),
+                                            (st.cache_B, B)))
+        m = ext_x.shape[1] - L
+        n2 = m + L - r  # positions s of ext whose state h_s is subtracted at s + r
+        anchor = st.anchor
+        if n2 > 0:
+            # 2. term 2: h_s C_{s+r} for s in ext[0, n2), from the anchor; C_{s+r} is new token s + r - m
+            sl = slice(0, n2)
+            y2, anchor = self.inner.chunked(ext_x[:, sl], ext_dt[:, sl], ext_A[:, sl], ext_B[:, sl],
+                                            C[:, r - m:], None, st.anchor, chunk_size)  # (b, n2, h, p)
+            # window decay exp(sum_{j=s+1..s+r} a_j) (0-based ext tokens), from a float64 cumsum
+            a = self.log_decay(ext_dt, ext_A)  # (b, m + L, h)
+            cs = torch.nn.functional.pad(torch.cumsum(a, dim=1), (0, 0, 1, 0))  # cs[k] = sum_{j<k} a_j
+            decay = torch.exp(cs[:, r + 1: r + 1 + n2] - cs[:, 1: 1 + n2])  # (b, n2, h)
+            y_new = y[:, r - m:].to(y2.dtype) - decay.to(y2.dtype)[..., None] * y2
+            y = torch.cat([y[:, : r - m], y_new.to(y.dtype)], dim=1)
+        # 3. the last min(T + L, r) inputs, their summed log-decay, and the state just before them
+        keep = min(ext_x.shape[1], r)
+        # (clone: a view would keep the whole piece's storage alive, memory would grow with L)
+        cache = [t[:, -keep:].clone() for t in (ext_x, ext_dt, ext_A, ext_B)]
+        log_decay = self.log_decay(cache[1], cache[2]).sum(dim=1)  # (b, h) float64
+        new = WindowState(h, anchor, *cache, log_decay, st.seen + L)
+        return y.to(x.dtype), new
+
+    def step(self, x, dt, A, B, C, D, state):
+        st = state if state is not None else WindowState()
+        xf = _float_at_least_32(x)
+        # h_t and the full-context output h_t C_t + D x_t
+        y, h = self.inner.step(xf, dt, A, B, C, D, st.h)  # (b, h, p)
+        A_tok = _per_token_A(A, dt)
+        a = self.log_decay(dt, A_tok)  # (b, h) float64
+        # push the new token
+        push = (xf[:, None], dt[:, None], A_tok[:, None], B[:, None])
+        if st.cache_x is None:
+            cache = list(push)
+            log_decay = a
+        else:
+            cache = [torch.cat([c, p], dim=1) for c, p in zip((st.cache_x, st.cache_dt, st.cache_A, st.cache_B), push)]
+            log_decay = st.log_decay + a
+        anchor = st.anchor
+        if cache[0].shape[1] > self.window:
+            # pop the oldest token t-r and advance the anchor h_{t-r-1} -> h_{t-r} with it
+            ox, odt, oA, oB = (c[:, 0] for c in cache)
+            _, anchor = self.inner.step(ox, odt, oA, oB, oB, None, anchor)
+            log_decay = log_decay - self.log_decay(odt, oA)
+            cache = [c[:, 1:] for c in cache]
+        if st.seen + 1 > self.window:
+            # y_t = h_t C_t + D x_t - alpha_{t-r+1..t} h_{t-r} C_t
+            y = y.to(anchor.dtype) - torch.exp(log_decay).to(anchor.dtype)[..., None] * _read_out(anchor, C)
+        return y.to(x.dtype), WindowState(h, anchor, *cache, log_decay, st.seen + 1)
+
+
+def sliding_window_ssd(x, dt, A, B, C, *, window, D=None, chunk_size=64):
+    """y_t = (h_t - alpha_{t-window+1..t} h_{t-window}) C_t + D x_t from a zero initial state.
+
+    Args: x (b, l, h, p); dt (b, l, h) > 0; A (h,) or (b, l, h) < 0; B, C (b, l, g, n); D (h,) or None;
+          window r >= 1 tokens; chunk_size of the underlying SSD scan (the result does not depend on it).
+    Returns: y (b, l, h, p) in x.dtype, equal to running each position t from a zero state over only
+             tokens t-r+1..t (see sliding_window_quadratic for that reference).
+    """
+    check_scan_inputs(x, dt, A, B, C, D, None, chunk_size)
+    y, _ = SlidingWindowScan(SSDScan(), window).chunked(x, dt, A, B, C, D, None, chunk_size)
+    return y
+
+
+def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
+    """The banded quadratic ("attention-like") form of the sliding window, O(l^2): the reference.
+
+        y_t = sum_{i=max(1,t-r+1)..t} exp(sum_{j=i+1..t} dt_j A_j) dt_i (C_t . B_i) x_i + D x_t
+    Shapes as sliding_window_ssd. Computed in float64 if x is float64, else float32.
+    """
+    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a = (dt.to(ct) * _per_token_A(A, dt).to(ct)).permute(0, 2, 1)  # (b, h, l)
+    cs = torch.cumsum(a, dim=-1)
+    seg = cs[..., :, None] - cs[..., None, :]  # (b, h, t, i): sum_{j=i+1..t} a_j
+    t_idx = torch.arange(l, device=x.device)
+    lag = t_idx[:, None] - t_idx[None, :]  # t - i
+    band = (lag >= 0) & (lag < window)
+    L = torch.exp(seg.masked_fill(~band, -math.inf))  # (b, h, t, i), 0 outside the band
+    Bh, Ch = _per_head(B.to(ct), h), _per_head(C.to(ct), h)  # (b, l, h, n)
+    y = torch.einsum("bthn,bihn,bhti,bih,bihp->bthp", Ch, Bh, L, dt.to(ct), x.to(ct))
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x.to(ct)
+    return y.to(x.dtype)

@@ -1,0 +1,303 @@
+"""Tests for mitigations.py: each method against an independent step-by-step oracle, the sliding window
+against the true window (a zero state run over only the last r tokens) and the banded quadratic form,
+the identities when disabled, and chunked == streaming == step under every method.
+
+Run: python -m pytest -q tests/test_mitigations.py
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mitigations as mit
+
+SETTINGS = dict(max_examples=25, deadline=None, derandomize=True)
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+
+
+def assert_close(got, want, what, **tol):
+    """torch.testing.assert_close with the max / mean absolute difference in the message."""
+    diff = (got.double() - want.double()).abs()
+    msg = f"{what}: max |diff| = {diff.max().item():.3e}, mean |diff| = {diff.mean().item():.3e}"
+    torch.testing.assert_close(got, want, msg=msg, **tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# An independent oracle: the recurrence one token at a time, with every method written out plainly
+# --------------------------------------------------------------------------------------------------
+
+
+def oracle(x, dt, A, B, C, D=None, h0=None, lambda_a=1.0, lambda_B=1.0, taus=None, every=None):
+    """h_t = lambda_a exp(dt_t A_t) h_{t-1} + lambda_B dt_t x_t B_t^T; optional clamp after every
+    `every`-th token; y_t = h_t C_t + D x_t. Returns (y, h_final), computed in x.dtype."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    rep = h // g
+    A = A.expand(b, l, h) if A.dim() == 1 else A
+    state = torch.zeros(b, h, p, n, dtype=x.dtype) if h0 is None else h0.clone()
+    ys = []
+    for t in range(l):
+        alpha = lambda_a * torch.exp(dt[:, t] * A[:, t])  # (b, h)
+        Bt = B[:, t].repeat_interleave(rep, dim=1)  # (b, h, n)
+        Ct = C[:, t].repeat_interleave(rep, dim=1)
+        state = alpha[..., None, None] * state + lambda_B * dt[:, t, :, None, None] * x[:, t, :, :, None] * Bt[:, :, None, :]
+        if taus is not None and (t + 1) % every == 0:
+            norm = state.flatten(2).norm(dim=-1)  # (b, h)
+            state = state * torch.clamp(taus / norm, max=1.0)[..., None, None]
+        y = (state * Ct[:, :, None, :]).sum(-1)
+        if D is not None:
+            y = y + D[:, None] * x[:, t]
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def true_window(x, dt, A, B, C, window, D=None):
+    """Position t's output from a zero state run over only tokens t-r+1..t (the definition)."""
+    l = x.shape[1]
+    out = []
+    for t in range(l):
+        lo = max(0, t - window + 1)
+        Asl = A if A.dim() == 1 else A[:, lo:t + 1]
+        y, _ = oracle(x[:, lo:t + 1], dt[:, lo:t + 1], Asl, B[:, lo:t + 1], C[:, lo:t + 1], D)
+        out.append(y[:, -1])
+    return torch.stack(out, 1)
+
+
+@st.composite
+def scan_inputs(draw, dtype=torch.float64, max_len=24, per_token_A=None):
+    """Random scan inputs: shapes, groups, decays (from nearly none to strong) and lengths."""
+    b = draw(st.integers(1, 2))
+    g = draw(st.integers(1, 2))
+    h = g * draw(st.integers(1, 2))
+    p, n = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    l = draw(st.integers(1, max_len))
+    decay = draw(st.sampled_from([1e-3, 0.1, 1.0]))  # typical |dt A| per token
+    seed = draw(st.integers(0, 2**31 - 1))
+    per_tok = draw(st.booleans()) if per_token_A is None else per_token_A
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = r(b, l, h, p)
+    dt = torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+    A = -decay * (torch.rand(b, l, h, generator=gen, dtype=torch.float64) + 0.5 if per_tok
+                  else torch.rand(h, generator=gen, dtype=torch.float64) + 0.5)
+    B, C = r(b, l, g, n), r(b, l, g, n)
+    D = r(h) if draw(st.booleans()) else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return tuple(cast(t) for t in (x, dt, A, B, C, D))
+
+
+def draw_window(data, l):
+    """Windows of 1, shorter than the input, equal to it and longer."""
+    kind = data.draw(st.sampled_from(["one", "shorter", "equal", "longer"]))
+    return {"one": 1, "shorter": data.draw(st.integers(1, max(1, l - 1))), "equal": l,
+            "longer": l + data.draw(st.integers(1, 5))}[kind]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sliding window by state difference
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_sliding_window_equals_true_window_and_banded_form(dtype, data):
+    x, dt, A, B, C, D = data.draw(scan_inputs(dtype))
+    l = x.shape[1]
+    window = draw_window(data, l)
+    chunk = data.draw(st.integers(1, 8))
+    got = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=chunk)
+    cast64 = lambda t: None if t is None else t.double()  # noqa: E731
+    want = true_window(*(cast64(t) for t in (x, dt, A, B, C)), window, cast64(D))
+    assert_close(got.double(), want, f"state difference vs true window (r={window}, l={l})", **TOL[dtype])
+    banded = mit.sliding_window_quadratic(x, dt, A, B, C, window=window, D=D)
+    assert_close(banded.double(), want, "banded quadratic vs true window", **TOL[dtype])
+    assert_close(got.double(), banded.double(), "state difference vs banded quadratic", **TOL[dtype])
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_sliding_window_streaming_and_step_equal_one_shot(data):
+    """Any split into pieces, and any mix of chunked pieces and single steps, gives the one-shot y."""
+    x, dt, A, B, C, D = data.draw(scan_inputs(torch.float64))
+    l = x.shape[1]
+    window = draw_window(data, l)
+    want = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=4)
+    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, l - 1)), max_size=4)))) + [l]
+    state, ys, start = None, [], 0
+    for end in cuts:
+        if end <= start:
+            continue
+        sl = slice(start, end)
+        Asl = A if A.dim() == 1 else A[:, sl]
+        if end - start == 1 or data.draw(st.booleans()):  # this piece token by token
+            for t in range(start, end):
+                At = A if A.dim() == 1 else A[:, t]
+                y, state = scan.step(x[:, t], dt[:, t], At, B[:, t], C[:, t], D, state)
+                ys.append(y[:, None])
+        else:
+            y, state = scan.chunked(x[:, sl], dt[:, sl], Asl, B[:, sl], C[:, sl], D, state, 3)
+            ys.append(y)
+        start = end
+    assert_close(torch.cat(ys, 1), want, f"streamed vs one-shot (r={window}, cuts={cuts})", **TOL[torch.float64])
+    # the carried state holds at most `window` cached tokens, and h_T is the full-context state
+    assert state.cache_x.shape[1] == min(l, window)
+    _, h_full = oracle(x, dt, A, B, C)
+    assert_close(state.h, h_full, "carried h_T vs oracle final state", **TOL[torch.float64])
+
+
+def test_sliding_window_memory_is_bounded_by_the_window():
+    torch.manual_seed(0)
+    b, h, p, g, n, window = 1, 2, 3, 1, 4, 16
+    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    state, sizes = None, []
+    for piece in range(6):
+        L = 50
+        x, dt = torch.randn(b, L, h, p), torch.rand(b, L, h) + 0.1
+        A, B, C = -torch.rand(h) - 0.1, torch.randn(b, L, g, n), torch.randn(b, L, g, n)
+        _, state = scan.chunked(x, dt, A, B, C, None, state, 8)
+        sizes.append(state.nbytes())
+        # the cache owns its memory (no view into the piece that would keep it alive)
+        assert state.cache_x.untyped_storage().nbytes() == state.cache_x.numel() * state.cache_x.element_size()
+    assert len(set(sizes)) == 1, f"window state size changes with stream length: {sizes}"
+
+
+def test_sliding_window_long_stream_float32_stays_accurate():
+    """Over a 4000-token float32 stream, the state-difference output stays close to the true window
+    (the decay comes from a float64 cumsum, so no drift), for slow and fast decays."""
+    torch.manual_seed(1)
+    b, l, h, p, g, n, window = 1, 4000, 2, 2, 1, 3, 32
+    x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) * 0.5 + 0.05
+    A, B, C = torch.tensor([-0.02, -1.0]), torch.randn(b, l, g, n), torch.randn(b, l, g, n)
+    got = mit.sliding_window_ssd(x, dt, A, B, C, window=window, chunk_size=64)
+    want = mit.sliding_window_quadratic(x.double(), dt.double(), A.double(), B.double(), C.double(), window=window)
+    # the state difference cancels |h_t| ~ sqrt(1/(2*0.02*0.3)) ~ 10x larger terms: float32 loses ~1 digit
+    assert_close(got.double(), want, "float32 long stream vs float64 banded", rtol=1e-3, atol=1e-3)
+
+
+def test_sliding_window_at_least_length_is_exactly_the_plain_scan():
+    torch.manual_seed(2)
+    b, l, h, p, g, n = 2, 20, 4, 3, 2, 5
+    x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
+    A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
+    want, _ = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 8)
+    for window in (l, l + 7):
+        got = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=8)
+        assert torch.equal(got, want), f"window={window} >= l={l} must be the identity"
+
+
+# --------------------------------------------------------------------------------------------------
+# RRI and Delta scaling
+# --------------------------------------------------------------------------------------------------
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_rri_and_delta_scaling_equal_the_oracle_in_both_paths(data):
+    x, dt, A, B, C, D = data.draw(scan_inputs(torch.float64))
+    lambda_a = data.draw(st.sampled_from([1.0, 0.999, 0.9]))
+    lambda_B = data.draw(st.sampled_from([1.0, 0.75, 1.5]))
+    factor = data.draw(st.sampled_from([1.0, 0.5, 0.2]))
+    h0 = torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float64)
+    want, want_h = oracle(x, dt, A, B, C, D, h0, lambda_a=lambda_a, lambda_B=lambda_B)
+    got, got_h = mit.rri_ssd(x, dt, A, B, C, lambda_a=lambda_a, lambda_B=lambda_B, chunk_size=5, D=D, initial_state=h0)
+    assert_close(got, want, f"rri chunked (lambda_a={lambda_a}, lambda_B={lambda_B})", **TOL[torch.float64])
+    assert_close(got_h, want_h, "rri final state", **TOL[torch.float64])
+    # step path
+    scan, s, ys = mit.RRIScan(mit.SSDScan(), lambda_a, lambda_B), h0, []
+    for t in range(x.shape[1]):
+        y, s = scan.step(x[:, t], dt[:, t], A if A.dim() == 1 else A[:, t], B[:, t], C[:, t], D, s)
+        ys.append(y)
+    assert_close(torch.stack(ys, 1), want, "rri step", **TOL[torch.float64])
+    # Delta scaling = the oracle with dt * factor (decay and insertion), D x untouched
+    want_d, _ = oracle(x, dt * factor, A, B, C, D, h0)
+    got_d, _ = mit.delta_scaled_ssd(x, dt, A, B, C, factor=factor, chunk_size=4, D=D, initial_state=h0)
+    assert_close(got_d, want_d, f"delta scaling x{factor}", **TOL[torch.float64])
+
+
+def test_rri_and_delta_disabled_are_exactly_the_plain_scan():
+    torch.manual_seed(3)
+    b, l, h, p, g, n = 2, 13, 2, 3, 1, 4
+    x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
+    A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
+    want = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 4)
+    for got in (mit.rri_ssd(x, dt, A, B, C, lambda_a=1.0, lambda_B=1.0, chunk_size=4, D=D),
+                mit.delta_scaled_ssd(x, dt, A, B, C, factor=1.0, chunk_size=4, D=D)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_rri_effective_horizon():
+    """With no input and alpha = 1 (A ~ 0), RRI alone forgets at rate lambda_a per token."""
+    b, l, h, p, g, n = 1, 100, 1, 1, 1, 1
+    x = torch.zeros(b, l, h, p, dtype=torch.float64)
+    dt = torch.full((b, l, h), 0.3, dtype=torch.float64)
+    A = torch.full((h,), -1e-12, dtype=torch.float64)
+    B = C = torch.ones(b, l, g, n, dtype=torch.float64)
+    h0 = torch.ones(b, h, p, n, dtype=torch.float64)
+    _, hT = mit.rri_ssd(x, dt, A, B, C, lambda_a=0.99, lambda_B=1.0, chunk_size=16, initial_state=h0)
+    assert math.isclose(hT.item(), 0.99 ** l, rel_tol=1e-9), (hT.item(), 0.99 ** l)
+
+
+# --------------------------------------------------------------------------------------------------
+# State normalization
+# --------------------------------------------------------------------------------------------------
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_clamp_never_increases_the_norm_and_leaves_small_states_alone(data):
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 3, 4, 5, generator=gen) * data.draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    tau = torch.rand(3, generator=gen) * 10 + 1e-3
+    out, scale = mit.clamp_state(h, tau)
+    n_in, n_out = h.flatten(2).norm(dim=-1), out.flatten(2).norm(dim=-1)
+    assert bool((n_out <= n_in * (1 + 1e-6)).all()), "the clamp increased a norm"
+    assert bool((n_out <= tau * (1 + 1e-5)).all()), "a clamped norm exceeds tau"
+    below = n_in <= tau
+    assert torch.equal(out[below], h[below]), "a state below tau was changed"
+    assert bool((scale <= 1).all())
+    # tau = inf never clamps; a zero state stays zero
+    assert torch.equal(mit.clamp_state(h, torch.full((3,), math.inf))[0], h)
+    assert torch.equal(mit.clamp_state(torch.zeros_like(h), tau)[0], torch.zeros_like(h))
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_state_norm_equals_oracle_in_chunked_streaming_and_step(data):
+    x, dt, A, B, C, D = data.draw(scan_inputs(torch.float64))
+    every = data.draw(st.integers(1, 6))
+    l, h = x.shape[1], x.shape[2]
+    # thresholds from a fraction of the typical norm so that clamps really happen
+    _, h_plain = oracle(x, dt, A, B, C)
+    taus = h_plain.flatten(2).norm(dim=-1).mean(0) * data.draw(st.sampled_from([0.1, 0.5, 2.0])) + 1e-3
+    want, want_h = oracle(x, dt, A, B, C, D, taus=taus, every=every)
+    got, got_h = mit.state_norm_ssd(x, dt, A, B, C, taus=taus, every=every, chunk_size=4, D=D)
+    assert_close(got, want, f"state norm chunked (every={every})", **TOL[torch.float64])
+    assert_close(got_h, want_h, "state norm final state", **TOL[torch.float64])
+    # streaming: pieces that do not line up with the clamp positions, mixed with single steps
+    scan = mit.StateNormScan(mit.SSDScan(), taus, every)
+    cut = data.draw(st.integers(0, l))
+    y1, s = scan.chunked(x[:, :cut], dt[:, :cut], A if A.dim() == 1 else A[:, :cut], B[:, :cut], C[:, :cut], D, None, 3) \
+        if cut > 0 else (x[:, :0], None)
+    ys = [y1]
+    for t in range(cut, l):
+        y, s = scan.step(x[:, t], dt[:, t], A if A.dim() == 1 else A[:, t], B[:, t], C[:, t], D, s)
+        ys.append(y[:, None])
+    assert_close(torch.cat(ys, 1), want, f"state norm chunked({cut}) + steps", **TOL[torch.float64])
+
+
+def test_state_norm_disabled_and_above_all_norms():
+    torch.manual_seed(4)
+    b, l, h, p, g, n = 2, 30, 2, 3, 1, 4
+    x, dt = torch.randn(b, l, h, p, dtype=torch.float64), torch.rand(b, l, h, dtype=torch.float64) + 0.1
+    A, B, C = -torch.rand(h, dtype=torch.float64) - 0.1, torch.randn(b, l, g, n, dtype=torch.float64), torch.randn(b, l, g, n, dtype=torch.float64)
+    want = mit.SSDScan().chunked(x, dt, A, B, C, None, None, 8)
+    off = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), math.inf), every=4, chunk_size=8)
+    assert torch.equal(off[0], want[0]) and torch.equal(off[1], want[1]), "tau = inf must be the identity"
+    high = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), 1e9), every=4, chunk_size=8)
+    assert_close(high[0], want[0], "tau above every norm changes nothing", **TOL[torch.float64])
