@@ -259,7 +259,8 @@ def _logits_of(out: Any, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_scored(
     model: Callable, ids: torch.Tensor, lo: int, hi: int, *, chunk_size: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int], None] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE, vocab_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Step 3: argmax predictions at logit positions [lo, hi) of every row of `ids`.
 
@@ -270,6 +271,8 @@ def predict_scored(
             the state handed to the next chunk (minimamba.Mamba2LM streams exactly this way). Only the
             logits inside [lo, hi) are kept, so memory is O(b * c * V) whatever l is; chunks after
             position hi are skipped (a causal model's scored logits cannot depend on them).
+        vocab_size: if given, the argmax runs over logits[..., :vocab_size] only (a padded vocabulary's
+            extra rows are not tokens; minimamba pads to a multiple of 16); None = all V logits.
         on_batch: called with the number of tokens processed after each batch (progress).
     Returns:
         (B, hi - lo) long predictions (on the model's device).
@@ -279,7 +282,7 @@ def predict_scored(
         batch = ids[r:r + batch_size]                                            # (b, l)
         if chunk_size is None:
             logits = _logits_of(model(batch), batch)                            # (b, l, V)
-            preds.append(logits[:, lo:hi].argmax(-1))                           # (b, hi-lo)
+            preds.append(logits[:, lo:hi, :vocab_size].argmax(-1))              # (b, hi-lo)
             del logits
         else:
             state, pieces = None, []
@@ -292,7 +295,7 @@ def predict_scored(
                 logits, state = _logits_of(out, piece), out[1]                  # (b, c, V)
                 a, z = max(lo, s), min(hi, s + piece.shape[1])
                 if a < z:
-                    pieces.append(logits[:, a - s:z - s].argmax(-1))            # (b, z-a)
+                    pieces.append(logits[:, a - s:z - s, :vocab_size].argmax(-1))  # (b, z-a)
                 del logits, out
             preds.append(torch.cat(pieces, dim=1))                              # (b, hi-lo)
         if on_batch is not None:
@@ -592,7 +595,9 @@ def forgetting_curve(
         lengths: dependency lengths L, strictly increasing (each sequence has 2L + 3 tokens).
         tokens: (N,) long stream of natural text (x and disjoint u are windows of it; N >= 2 * max L),
             or None for random tokens from range(vocab_size) without the special ids.
-        vocab_size: needed for random tokens; with text it bounds the search for a free BOS id.
+        vocab_size: the model's vocabulary size. Needed for random tokens; with text it bounds the
+            search for a free BOS id. When given, predictions are the argmax over the first
+            vocab_size logits (padded rows are ignored); None = argmax over all V logits.
         n_samples: n, samples per length; copy and LM rows of a sample share the same x (paired).
         bos_id, eos_id: the separator and end ids; None -> `resolve_special_ids` (smallest id absent
             from the data, EOS = BOS).
@@ -659,7 +664,8 @@ def forgetting_curve(
                 # step 3: teacher-forced argmax at the scored positions only
                 lo, hi = scored_slice(L)
                 pred = predict_scored(model, lay.ids.to(device), lo, hi, chunk_size=chunk_size,
-                                      batch_size=batch_size, on_batch=bar.update)   # (2n, ceil(L/2))
+                                      batch_size=batch_size, vocab_size=vocab_size,
+                                      on_batch=bar.update)                      # (2n, ceil(L/2))
             except Exception as err:                                           # noqa: BLE001
                 if not _is_out_of_memory(err):
                     raise

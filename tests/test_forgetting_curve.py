@@ -385,3 +385,33 @@ def test_progress_bar_goes_to_stderr(capsys):
     run(Copier(), [8, 16], progress=True)
     captured = capsys.readouterr()
     assert "forgetting curve [" in captured.err and "100.0%" in captured.err and captured.out == ""
+
+
+def test_padded_vocabulary_rows_are_ignored_when_vocab_size_is_given():
+    def padded(ids):                                                 # 16 extra rows that always win
+        logits = Copier()(ids)
+        return torch.cat([logits, torch.full((*logits.shape[:2], 16), 10.0)], dim=-1)
+
+    assert np.all(run(padded, [8, 32]).copy_acc == 1.0)
+    # without vocab_size the padded rows win the argmax: nothing is ever right
+    assert np.all(run(padded, [8, 16], tokens=torch.arange(1, V), vocab_size=None).copy_acc == 0.0)
+
+
+def test_cli_on_a_tiny_checkpoint(tmp_path):
+    minimamba = pytest.importorskip("minimamba")
+    torch.manual_seed(0)
+    cfg = minimamba.Mamba2Config(d_model=32, n_layer=1, vocab_size=256, d_state=16, headdim=16,
+                                 chunk_size=16)
+    minimamba.Mamba2LM(cfg).save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, 3000, dtype=np.uint8)))
+    curve = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "40", "--text", str(text),
+                     "--n-samples", "5", "--chunk-size", "32", "--train-length", "16",
+                     "--out", str(tmp_path / "out")])
+    saved = fc.ForgettingCurve.load(tmp_path / "out" / "curve.json")
+    np.testing.assert_array_equal(saved.copy_acc, curve.copy_acc)
+    assert saved.meta["bos_id"] == 0 and saved.meta["chunk_size"] == 32
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 10_000
+    rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random-tokens",
+                    "--n-samples", "5", "--out", str(tmp_path / "rand")])
+    assert rand.meta["text"] == "random" and rand.copy_acc.shape == (1, 5)
