@@ -1,0 +1,151 @@
+"""The SSM scans agree: minimamba.ssd, kernels.ssd_chunked (eager and compiled) and ssd_step against
+the oracle kernels.ssd_sequential, for hypothesis-drawn shapes, groups, chunk sizes, initial states
+and dtypes; and no result depends on the chunk size."""
+
+import pytest
+import torch
+from conftest import max_rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from minimamba import segsum, ssd, ssd_step
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+@st.composite
+def scan_inputs(draw):
+    """Random SSM inputs of a drawn shape; decays span slow (alpha ~ 1) to fast forgetting."""
+    b = draw(st.integers(1, 2))
+    l = draw(st.integers(1, 40))
+    g = draw(st.integers(1, 3))
+    h = g * draw(st.integers(1, 3))
+    p = draw(st.integers(1, 4))
+    n = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    per_token_A = draw(st.booleans())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    dt = torch.rand(b, l, h, generator=gen, dtype=dtype) * draw(st.sampled_from([0.01, 0.5, 2.0]))
+    A_shape = (b, l, h) if per_token_A else (h,)
+    A = -torch.rand(*A_shape, generator=gen, dtype=dtype) * draw(st.sampled_from([0.1, 1.0, 8.0]))
+    D = randn(h) if draw(st.booleans()) else None
+    S0 = randn(b, h, p, n) if draw(st.booleans()) else None
+    return dict(x=randn(b, l, h, p), dt=dt, A=A, B=randn(b, l, g, n), C=randn(b, l, g, n), D=D,
+                initial_state=S0), dtype
+
+
+def _check(actual, expected, dtype, what):
+    err = max_rel_err(actual, expected)
+    mean = (actual.double() - expected.double()).abs().mean().item()
+    assert err <= TOL[dtype], f"{what}: max rel err {err:.3g} (mean abs diff {mean:.3g}) > {TOL[dtype]}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(scan_inputs(), st.integers(1, 17))
+def test_chunked_scans_equal_sequential(inputs, chunk_size):
+    kw, dtype = inputs
+    y0, s0 = kernels.ssd_sequential(**kw)
+    for name, fn in (("minimamba.ssd", ssd), ("kernels.ssd_chunked", kernels.ssd_chunked)):
+        y, s = fn(**kw, chunk_size=chunk_size)
+        assert y.dtype == kw["x"].dtype and y.shape == y0.shape
+        _check(y, y0, dtype, f"{name} y")
+        _check(s, s0, dtype, f"{name} final state")
+
+
+@settings(max_examples=30, deadline=None)
+@given(scan_inputs(), st.integers(1, 9), st.integers(10, 64))
+def test_result_does_not_depend_on_chunk_size(inputs, q1, q2):
+    kw, dtype = inputs
+    for fn in (ssd, kernels.ssd_chunked):
+        y1, s1 = fn(**kw, chunk_size=q1)
+        y2, s2 = fn(**kw, chunk_size=q2)
+        _check(y1, y2, dtype, f"{fn.__name__} y, q={q1} vs q={q2}")
+        _check(s1, s2, dtype, f"{fn.__name__} state, q={q1} vs q={q2}")
+
+
+@settings(max_examples=30, deadline=None)
+@given(scan_inputs())
+def test_step_by_step_equals_sequential(inputs):
+    kw, dtype = inputs
+    y0, s0 = kernels.ssd_sequential(**kw)
+    state, ys = kw["initial_state"], []
+    for t in range(kw["x"].shape[1]):
+        A = kw["A"] if kw["A"].dim() == 1 else kw["A"][:, t]
+        y, state = ssd_step(kw["x"][:, t], kw["dt"][:, t], A, kw["B"][:, t], kw["C"][:, t], D=kw["D"], state=state)
+        ys.append(y)
+    _check(torch.stack(ys, 1), y0, dtype, "ssd_step y")
+    _check(state, s0, dtype, "ssd_step state")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 1000))
+def test_doubling_state_pass_equals_loop(c, seed):
+    """The compile-time chunk pass (doubling scan) equals the eager loop."""
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(2, c, 3, 2, 4, generator=gen, dtype=torch.float64)
+    log_decay = -torch.rand(2, c, 3, generator=gen, dtype=torch.float64) * 3
+    S0 = torch.randn(2, 3, 2, 4, generator=gen, dtype=torch.float64)
+    e1, f1 = kernels._pass_states_loop(states, log_decay, S0)
+    e2, f2 = kernels._pass_states_doubling(states, log_decay, S0)
+    assert max_rel_err(e2, e1) < 1e-12 and max_rel_err(f2, f1) < 1e-12
+
+
+def test_splitting_a_sequence_with_the_state_carried_is_exact():
+    torch.manual_seed(0)
+    b, l, h, p, g, n = 2, 50, 4, 3, 2, 5
+    x, dt, A = torch.randn(b, l, h, p), torch.rand(b, l, h), -torch.rand(h)
+    B, C = torch.randn(b, l, g, n), torch.randn(b, l, g, n)
+    y, s = ssd(x, dt, A, B, C, chunk_size=8)
+    y1, s1 = ssd(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], chunk_size=8)
+    y2, s2 = ssd(x[:, 23:], dt[:, 23:], A, B[:, 23:], C[:, 23:], chunk_size=8, initial_state=s1)
+    assert max_rel_err(torch.cat([y1, y2], 1), y) < 1e-5 and max_rel_err(s2, s) < 1e-5
+
+
+def test_segsum_is_stable_for_long_chunks():
+    """exp(segsum) must not overflow where exp(cumsum_i) * exp(-cumsum_j) would."""
+    a = torch.full((512,), -5.0)  # cumsum reaches -2560: exp(+2560) overflows in float32
+    L = torch.exp(segsum(a))
+    assert torch.isfinite(L).all()
+    assert torch.equal(L.triu(1), torch.zeros_like(L))
+    assert torch.allclose(L.diagonal(), torch.ones(512))
+    assert torch.allclose(L[3, 1], torch.exp(torch.tensor(-10.0)))
+
+
+def test_bad_scan_inputs_are_named():
+    x, dt, A = torch.randn(1, 5, 4, 2), torch.rand(1, 5, 4), -torch.rand(4)
+    B = C = torch.randn(1, 5, 1, 3)
+    with pytest.raises(ValueError, match="dt must be"):
+        ssd(x, dt[:, :4], A, B, C, chunk_size=4)
+    with pytest.raises(ValueError, match="A must be"):
+        ssd(x, dt, -torch.rand(3), B, C, chunk_size=4)
+    with pytest.raises(ValueError, match="must divide"):
+        ssd(x, dt, A, torch.randn(1, 5, 3, 3), torch.randn(1, 5, 3, 3), chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(x, dt, A, B, C, chunk_size=0)
+    with pytest.raises(ValueError, match="state must be"):
+        kernels.ssd_chunked(x, dt, A, B, C, chunk_size=4, initial_state=torch.zeros(1, 4, 2, 2))
+
+
+@pytest.mark.slow
+def test_compiled_chunked_equals_eager_without_recompiling_per_length():
+    """fullgraph compile works; lengths whose chunk counts share a power-of-two bucket share a graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    fn = torch.compile(kernels.ssd_chunked, fullgraph=True, dynamic=True)
+    torch.manual_seed(0)
+    h, p, g, n, q = 4, 8, 2, 16, 16
+    for l in (70, 90, 100, 128, 111):  # 5..8 chunks: one bucket
+        x, dt, A = torch.randn(1, l, h, p), torch.rand(1, l, h), -torch.rand(h)
+        B, C, S0 = torch.randn(1, l, g, n), torch.randn(1, l, g, n), torch.randn(1, h, p, n)
+        y, s = fn(x, dt, A, B, C, chunk_size=q, D=torch.ones(h), initial_state=S0)
+        y0, s0 = kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=torch.ones(h), initial_state=S0)
+        assert max_rel_err(y, y0) < 1e-5 and max_rel_err(s, s0) < 1e-5
+    assert counts["stats"]["unique_graphs"] <= 1, dict(counts["stats"])
