@@ -911,10 +911,23 @@ def _atomic_write(path: Path, write):
         raise
 
 
-if __name__ == "__main__":  # a smoke test: python minimamba.py
+if __name__ == "__main__":  # a tour in a few seconds: python minimamba.py
+    import time
+
     torch.manual_seed(0)
-    model = Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16))
-    ids = torch.randint(0, 256, (2, 40))
-    logits, state = model(ids)
-    print("logits", tuple(logits.shape), "params", sum(p.numel() for p in model.parameters()))
-    print("generated", model.generate(ids[:, :5], 10, temperature=0).tolist()[0])
+    config = Mamba2Config(d_model=256, n_layer=4, vocab_size=256, d_state=64, headdim=32, chunk_size=64)
+    model = Mamba2LM(config).eval()
+    print(f"Mamba2LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, scan={config.scan}")
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model.save_pretrained(tmp)
+        again = Mamba2LM.from_pretrained(tmp).eval()
+        ids = torch.randint(0, 256, (1, 4096))
+        same = torch.equal(model(ids[:, :64])[0], again(ids[:, :64])[0])
+        print(f"save_pretrained -> from_pretrained gives identical logits: {same}")
+        t0 = time.perf_counter()
+        logits, state = model(ids)
+        t1 = time.perf_counter()
+        print(f"forward, l = 4096: {4096 / (t1 - t0):,.0f} tokens/s")
+        out = model.generate(ids[:, :16], 64, temperature=1.0, top_k=20)
+        t2 = time.perf_counter()
+        print(f"generate 64 tokens (prefill 16): {64 / (t2 - t1):,.0f} tokens/s; sample: {out[0, 16:32].tolist()}")
