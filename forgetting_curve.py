@@ -480,7 +480,8 @@ class ForgettingCurve:
 
         Regions follow the rules above: fine = tested lengths up to the fine-grained length, coarse =
         beyond it up to the coarse-grained length, amnesia = beyond both. `train_length` draws a
-        vertical marker at the model's training context length.
+        vertical marker at L = the model's training context length (dependencies of that distance
+        were the longest seen in training; the whole sequence is 2L + 3 tokens).
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg   # no pyplot: no global backend
         from matplotlib.figure import Figure
@@ -493,10 +494,13 @@ class ForgettingCurve:
         ax = fig.add_subplot(1, 1, 1)
         log_x = L.size > 1 and L[-1] / L[0] >= 10
         if log_x:
+            from matplotlib.ticker import FuncFormatter
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(
+                lambda v, _: f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"))
         # region edges halfway between tested lengths (geometric midpoints on a log axis)
         mid = np.sqrt(L[1:] * L[:-1]) if log_x else (L[1:] + L[:-1]) / 2
-        left = L[0] / 1.25 if log_x else L[0] - 0.5 * (L[1] - L[0] if L.size > 1 else 1)
+        left = L[0] / 1.25 if log_x else max(0.0, L[0] - 0.5 * (L[1] - L[0] if L.size > 1 else 1))
         right = L[-1] * 1.25 if log_x else L[-1] + 0.5 * (L[-1] - L[-2] if L.size > 1 else 1)
         edges = np.concatenate([[left], mid, [right]])              # (k+1,)
 
@@ -507,8 +511,9 @@ class ForgettingCurve:
         n = self.copy_acc.shape[1]
         coarse = self.coarse_grained_length(min_effect, alpha) if 2.0 ** -n < alpha else 0
         e_fine, e_coarse = edge_after(fine), max(edge_after(coarse), edge_after(fine))
-        ax.axvspan(edges[0], e_fine, color="tab:green", alpha=0.12,
-                   label=f"fine-grained (copy >= {threshold:g}): L <= {fine}")
+        if fine:
+            ax.axvspan(edges[0], e_fine, color="tab:green", alpha=0.12,
+                       label=f"fine-grained (copy >= {threshold:g}): L <= {fine}")
         if e_coarse > e_fine:
             ax.axvspan(e_fine, e_coarse, color="tab:orange", alpha=0.12,
                        label=f"coarse-grained (copy - LM >= {min_effect:g}, p < {alpha:g}): L <= {coarse}")
@@ -520,11 +525,14 @@ class ForgettingCurve:
                             alpha=0.25, lw=0)
         if train_length is not None:
             ax.axvline(train_length, color="k", ls="--", lw=1, label=f"training length {train_length}")
-        ax.set_xlim(edges[0], edges[-1])
+        lo_x, hi_x = edges[0], edges[-1]
+        if train_length is not None:             # keep the marker in view
+            lo_x, hi_x = min(lo_x, train_length / 1.25 if log_x else train_length), max(hi_x, train_length * 1.1)
+        ax.set_xlim(lo_x, hi_x)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("dependency length L (tokens)")
         ax.set_ylabel(f"accuracy, last half of x (mean +- std, n={n})")
-        ax.set_title(title or "Forgetting curve")
+        ax.set_title(title or "Forgetting curve", fontsize=9)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -553,9 +561,9 @@ class _Progress:
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
         elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        eta = f"~{elapsed / frac - elapsed:.0f}s left" if frac > 0 else "? left"
         sys.stderr.write(f"\rforgetting curve [{bar}] {100 * frac:5.1f}% {self.info} "
-                         f"{elapsed:6.1f}s elapsed, ~{eta:6.1f}s left ")
+                         f"{elapsed:.0f}s elapsed, {eta} ")
         sys.stderr.flush()
 
     def close(self) -> None:
