@@ -471,3 +471,222 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     if D is not None:
         y = y + D.to(ct)[:, None] * x.to(ct)
     return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Model level: swap each mixer's scan object for the duration of a `with` block
+# --------------------------------------------------------------------------------------------------
+# Every Mamba2Mixer calls self.scan.chunked(...) in forward() and self.scan.step(...) in step(), and
+# generate() is forward() then step(); so replacing mixer.scan changes all four paths at once. A state
+# made inside a block holds the mitigation's own objects (NormState, WindowState): continue it inside
+# the same kind of block, not outside.
+
+
+def _mixers(model) -> list:
+    layers = getattr(getattr(model, "backbone", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"expected a minimamba.Mamba2LM (with model.backbone.layers[i].mixer.scan), "
+                        f"got {type(model).__name__}")
+    return [layer.mixer for layer in layers]
+
+
+@contextmanager
+def _swapped_scans(model, make):
+    """Within the block, layer i uses make(its current scan, i); the old scans come back on exit."""
+    mixers = _mixers(model)
+    old = [m.scan for m in mixers]
+    new = [make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
+    for m, scan in zip(mixers, new):
+        m.scan = scan
+    try:
+        yield model
+    finally:
+        for m, scan in zip(mixers, old):
+            m.scan = scan
+
+
+def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
+    """`with rri(model, lambda_a=0.9999, lambda_B=0.75): ...` - RRI in every layer ([SC]: 370M values).
+
+    Rule of thumb ([SC]): 1 / (1 - lambda_a) tokens is the horizon the extra forgetting imposes.
+    """
+    RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
+    return _swapped_scans(model, lambda inner, i: RRIScan(inner, lambda_a, lambda_B))
+
+
+def delta_scaling(model, factor: float):
+    """`with delta_scaling(model, 0.5): ...` - every layer's dt multiplied by factor (LongMamba)."""
+    DeltaScaleScan(None, factor)
+    return _swapped_scans(model, lambda inner, i: DeltaScaleScan(inner, factor))
+
+
+def state_norm(model, taus: torch.Tensor, every: int = 128):
+    """`with state_norm(model, taus, every=128): ...` - clamp ||h||_F <= taus[layer, head] after every
+    `every`-th token (the official code's k = 128). taus (n_layer, h), e.g. from calibrate_state_norm."""
+    mixers = _mixers(model)
+    taus = torch.as_tensor(taus)
+    nheads = model.config.nheads
+    if tuple(taus.shape) != (len(mixers), nheads):
+        raise ValueError(f"taus must be (n_layer, h) = {(len(mixers), nheads)}, got {tuple(taus.shape)}")
+    return _swapped_scans(model, lambda inner, i: StateNormScan(inner, taus[i], every))
+
+
+def sliding_window(model, window: int):
+    """`with sliding_window(model, window=512): ...` - every layer reads only its last `window` tokens'
+    state (exact per layer given its inputs; an approximation of a window for the whole stack)."""
+    SlidingWindowScan(None, window)
+    return _swapped_scans(model, lambda inner, i: SlidingWindowScan(inner, window))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Diagnostics: state statistics, first-token retention, state size
+# --------------------------------------------------------------------------------------------------
+
+
+def state_size(config) -> int:
+    """[SC] state size N_S = n_layer * [H*P*N + (d_conv - 1) * (d_inner + 2*G*N)]: SSM + conv state.
+
+    Reproduces [SC] Table 2 (130M: 4.848M, 370M: 12.915M, 780M: 19.354M elements).
+    """
+    c = config
+    ssm = c.nheads * c.headdim * c.d_state  # H * P * N
+    conv = (c.d_conv - 1) * (c.d_inner + 2 * c.ngroups * c.d_state)  # what the conv remembers
+    return c.n_layer * (ssm + conv)
+
+
+def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]:
+    """Per-head statistics of a state, pooled over the batch and the P*N entries of each head.
+
+    Args: h (b, h, p, n); top_k channels to report.
+    Returns a dict of tensors:
+        mean, var (population variance), rms = sqrt(mean h^2), max_abs, norm (the largest Frobenius
+        norm ||h||_F over the batch): each (h,);
+        top_values (h, top_k): the largest mean-over-batch |h| entries, top_channels (h, top_k) their
+        flat index p_i * N + n_i into the head's (p, n) state.
+    """
+    if h.dim() != 4:
+        raise ValueError(f"h must be (b, h, p, n), got shape {tuple(h.shape)}")
+    b, nh, p, n = h.shape
+    k = min(top_k, p * n)
+    flat = h.double().permute(1, 0, 2, 3).reshape(nh, b * p * n)  # (h, b*p*n)
+    mag = h.double().abs().mean(0).reshape(nh, p * n)  # (h, p*n)
+    top_values, top_channels = mag.topk(k, dim=-1)
+    return {"mean": flat.mean(-1), "var": flat.var(-1, unbiased=False), "rms": flat.pow(2).mean(-1).sqrt(),
+            "max_abs": flat.abs().amax(-1), "norm": torch.linalg.vector_norm(h.double(), dim=(-2, -1)).amax(0),
+            "top_values": top_values, "top_channels": top_channels}
+
+
+def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """How much of the first token's write is left at each position ([SC] alpha_{1:t}, per head):
+
+        retention_t = prod_{j=2..t} alpha_j = exp(sum_{j=2..t} dt_j A_j),   retention_1 = 1.
+    Args: dt (b, l, h); A (h,) or (b, l, h). Returns (b, l, h) float64 (a float64 cumsum: no underflow
+    of a running product before the exp).
+    """
+    a = dt.double() * _per_token_A(A, dt).double()  # (b, l, h)
+    return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
+
+
+class _RetentionRecorder:
+    """Wraps a layer's scan for trace_states: sums log alpha over the stream, except the first token."""
+
+    def __init__(self, inner):
+        self.inner, self.log_retention, self.position = inner, None, 0
+
+    def _record(self, dt, A):
+        a = _log_decay(self.inner, dt if dt.dim() == 3 else dt[:, None], A if A.dim() != 2 else A[:, None])
+        if self.position == 0:
+            a = a[:, 1:]
+        s = a.sum(dim=1)  # (b, h)
+        self.log_retention = s if self.log_retention is None else self.log_retention + s
+        self.position += dt.shape[1] if dt.dim() == 3 else 1
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        self._record(dt, A)
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+
+    def step(self, x, dt, A, B, C, D, state):
+        self._record(dt, A)
+        return self.inner.step(x, dt, A, B, C, D, state)
+
+
+def _state_tensor(s) -> torch.Tensor:
+    """The (b, h, p, n) state a scan keeps: itself, a NormState's h, or a WindowState's window state."""
+    if isinstance(s, torch.Tensor):
+        return s
+    if hasattr(s, "window_state"):
+        return s.window_state()
+    if hasattr(s, "h"):
+        return s.h
+    raise TypeError(f"cannot read a (b, h, p, n) state from a {type(s).__name__}")
+
+
+@dataclass
+class StateTrace:
+    """State diagnostics of a long input, as plain data ready to plot: every array is indexed
+    [point, layer, head] (and [..., k] for the top channels); points are at `positions` tokens."""
+
+    positions: list[int]
+    mean: torch.Tensor  # (T, n_layer, h) over batch and the P*N entries
+    var: torch.Tensor
+    rms: torch.Tensor
+    max_abs: torch.Tensor
+    norm: torch.Tensor  # largest ||h||_F over the batch
+    top_values: torch.Tensor  # (T, n_layer, h, k)
+    top_channels: torch.Tensor  # (T, n_layer, h, k) flat index p_i * N + n_i
+    retention: torch.Tensor  # (T, n_layer, h) first-token retention alpha_{1:t}, mean over the batch
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Nested lists and numbers (json.dumps-able)."""
+        out = {"positions": list(self.positions), **self.extra}
+        for name in ("mean", "var", "rms", "max_abs", "norm", "top_values", "top_channels", "retention"):
+            out[name] = getattr(self, name).tolist()
+        return out
+
+
+@torch.no_grad()
+def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int = 4, on_progress=None) -> StateTrace:
+    """Stream input_ids (b, l) through the model `every` tokens at a time, carrying the state, and
+    record after each piece, per layer and head, the state statistics and first-token retention.
+
+    Runs whatever mitigation is active (call it inside `with rri(...)` etc.). on_progress(done, total)
+    is called after each piece (e.g. to draw a progress bar). Positions: every, 2*every, ..., and l.
+    """
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (tokens between records), got {every!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (b, l), got shape {tuple(input_ids.shape)}")
+    l = input_ids.shape[1]
+    recorders: list[_RetentionRecorder] = []
+
+    def make(inner, i):
+        recorders.append(_RetentionRecorder(inner))
+        return recorders[-1]
+
+    rows, positions, state = [], [], None
+    with _swapped_scans(model, make):
+        for start in range(0, l, every):
+            end = min(start + every, l)
+            _, state = model(input_ids[:, start:end], state)
+            per_layer = [state_statistics(_state_tensor(s), top_k) for s in state.ssm]
+            row = {k: torch.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) if r.log_retention is not None
+                                            else torch.ones(model.config.nheads, dtype=torch.float64)
+                                            for r in recorders])
+            rows.append(row)
+            positions.append(end)
+            if on_progress is not None:
+                on_progress(end, l)
+    stack = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return StateTrace(positions, **stack, extra={"every": every, "top_k": top_k,
+                                                  "state_size": state_size(model.config)})
+
+
+def calibrate_state_norm(model, input_ids: torch.Tensor, *, every: int = 128) -> torch.Tensor:
+    """Thresholds for state_norm: tau[layer, head] = the largest ||h||_F seen on input_ids, checked
+    every `every` tokens with the state carried. Use in-distribution text no longer than the training
+    length (the norms the model was trained to produce). Returns (n_layer, h) float32.
+    """
+    trace = trace_states(model, input_ids, every=every, top_k=1)
+    return trace.norm.amax(dim=0).float()
