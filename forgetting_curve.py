@@ -631,6 +631,12 @@ def forgetting_curve(
         tokens = torch.as_tensor(tokens).reshape(-1).long().cpu()
         if tokens.numel() == 0 or int(tokens.min()) < 0:
             raise ValueError("tokens must be a non-empty 1-D stream of non-negative token ids")
+        if vocab_size is not None and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"tokens hold id {int(tokens.max())} >= vocab_size={vocab_size}")
+    try:
+        json.dumps(meta or {})
+    except TypeError as err:
+        raise ValueError(f"meta must be JSON-serializable (it is saved with the results): {err}") from None
     if tokens is None and vocab_size is None:
         raise ValueError("random tokens (tokens=None) need vocab_size=, the model's vocabulary size")
     bos_id, eos_id = resolve_special_ids(tokens, vocab_size, bos_id, eos_id)
@@ -678,6 +684,9 @@ def forgetting_curve(
                 if not _is_out_of_memory(err):
                     raise
                 curve.errors[L] = f"{type(err).__name__}: {err}"
+                del err
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()                 # give the failed attempt's memory back
                 if out is not None:
                     curve.save(out)
                 break
