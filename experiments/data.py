@@ -53,6 +53,7 @@ HELDOUT_FRACTION = 0.05  # share of documents held out (by hash of their name)
 SINGLE_FILE_DOC_BYTES = 1 << 16  # a single --data file is cut into pseudo-documents of this many bytes
 STDLIB_SUFFIX = ".py"  # which stdlib files form the default corpus
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".html", ".js", ".tex", ".csv")
+COPY_STREAM_ID = 1  # keeps the copy task's random stream apart from Corpus.batch's
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")  # vary between installs
 
 
@@ -176,6 +177,31 @@ class Corpus:
         starts = np.linspace(0, len(self.heldout) - span, num=n).astype(np.int64)  # (n,)
         idx = starts[:, None] + np.arange(span)[None, :]
         return torch.from_numpy(self.heldout[idx].astype(np.int64))
+
+
+def copy_batch(step: int, *, seed: int, batch_size: int, seq_len: int, n_segments: int = 1,
+               copy_len: int = 8, rows: slice | None = None) -> torch.Tensor:
+    """A synthetic recall task: rows of copy episodes [r, r], r = copy_len random bytes.
+
+    The second half of an episode is predictable only by remembering the first half, so a model
+    is rewarded for keeping the current episode in its state. Episodes are laid end to end to fill
+    N*T+1 tokens, so a row longer than one episode also teaches the model to drop finished episodes
+    (to forget), and a row of at most one episode never does. Bytes are drawn from 1..255 (never
+    DOC_SEP). A pure function of (seed, step), like Corpus.batch.
+
+    Returns:
+        LongTensor (b_rows, N*T + 1)
+    """
+    if copy_len < 1:
+        raise ValueError(f"copy_len must be >= 1, got {copy_len}")
+    span = n_segments * seq_len + 1
+    g = np.random.default_rng([seed, step, COPY_STREAM_ID])
+    n_episodes = -(-span // (2 * copy_len))
+    r = g.integers(1, VOCAB_SIZE, size=(batch_size, n_episodes, 1, copy_len))  # (b, E, 1, copy_len)
+    ep = np.concatenate([r, r], axis=2).reshape(batch_size, -1)[:, :span]  # (b, N*T+1)
+    if rows is not None:
+        ep = ep[rows]
+    return torch.from_numpy(ep.astype(np.int64))
 
 
 def newline_probe(length: int, n: int = 1) -> torch.Tensor:

@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from experiments.common import CsvLog, ProgressBar, atomic_write_json, fsync_dir, run_metadata
-from experiments.data import VOCAB_SIZE, Corpus
+from experiments.data import VOCAB_SIZE, Corpus, copy_batch
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -68,6 +68,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint; a checkpoint without it is ignored
 NO_DECAY_NAMES = ("dt_bias", "A_log", "D")  # SSM parameters never decayed (official Mamba-2 practice)
+TASKS = ("lm", "copy", "mix")
 METRIC_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "heldout_loss", "wall_s")
 
 
@@ -85,8 +86,11 @@ class TrainConfig:
     chunk_size: int = 64  # q, SSD chunk length (any q gives the same function)
     dt_min: float = 1e-3  # Delta init range lower end (official 1e-3)
     dt_max: float = 1e-1  # Delta init range upper end (official 1e-1); smaller = slower initial decay
+    scan: str = "auto"  # minimamba scan implementation (a runtime choice; "chunked" is faster on CPU)
     # --- data ---
     data: str = ""  # text file or folder; "" = this Python's standard library
+    task: str = "lm"  # lm: the corpus | copy: random-byte copy episodes | mix: even rows lm, odd rows copy
+    copy_len: int = 8  # random bytes per copy episode (an episode is [r, r], 2*copy_len tokens)
     seq_len: int = 64  # T, tokens per segment (the paper's T_train)
     n_segments: int = 1  # N, chained segments per row, state carried detached (truncated BPTT)
     batch_size: int = 16  # b, global rows per optimizer step (summed over ranks and micro-batches)
@@ -118,7 +122,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "chunk_size",
                      "seq_len", "n_segments", "batch_size", "grad_accum", "steps", "log_every",
-                     "eval_windows", "ckpt_every", "keep_ckpts"):
+                     "eval_windows", "ckpt_every", "keep_ckpts", "copy_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if (self.expand * self.d_model) % self.headdim:
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size {self.batch_size} must be divisible by --grad_accum {self.grad_accum}")
 
@@ -136,7 +142,7 @@ class TrainConfig:
         return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=VOCAB_SIZE,
                             d_state=self.d_state, headdim=self.headdim, expand=self.expand,
                             ngroups=self.ngroups, chunk_size=self.chunk_size,
-                            dt_min=self.dt_min, dt_max=self.dt_max)
+                            dt_min=self.dt_min, dt_max=self.dt_max, scan=self.scan)
 
 
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
@@ -164,6 +170,18 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
 # ----------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ----------------------------------------------------------------------------------------------
+
+def training_rows(corpus: Corpus, cfg: TrainConfig, step: int, rows: slice) -> torch.Tensor:
+    """This rank's rows of the global batch for `step`: LongTensor (b_rank, N*T + 1)."""
+    kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len, n_segments=cfg.n_segments)
+    if cfg.task == "lm":
+        return corpus.batch(step, rows=rows, **kw)
+    copy = copy_batch(step, copy_len=cfg.copy_len, **kw)  # (b, N*T+1), global rows
+    if cfg.task == "mix":  # odd global rows are copy episodes, even rows corpus text
+        text = corpus.batch(step, **kw)
+        copy[0::2] = text[0::2]
+    return copy[rows]
+
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the end.
@@ -365,8 +383,7 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     for step in range(start_step, cfg.steps):
         # (a) this rank's rows of the global batch: a pure function of (seed, step)
-        rows = corpus.batch(step, seed=cfg.seed, batch_size=cfg.batch_size, seq_len=T, n_segments=N,
-                            rows=slice(rank * b_rank, (rank + 1) * b_rank)).to(device)  # (b_rank, N*T+1)
+        rows = training_rows(corpus, cfg, step, slice(rank * b_rank, (rank + 1) * b_rank)).to(device)
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr
