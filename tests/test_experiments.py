@@ -225,3 +225,47 @@ def test_collapse_criterion_on_hand_made_curves():
 
     with pytest.raises(ValueError, match="longer than"):
         collapse_criterion(flat[:50], t_train)
+
+
+# ------------------------------------------------------------------------------------------------
+# state_collapse.py: carried-state evaluation and the --checkpoint path
+# ------------------------------------------------------------------------------------------------
+
+def test_carried_state_loss_does_not_depend_on_chunking():
+    from minimamba import Mamba2Config, Mamba2LM
+    from experiments.state_collapse import per_position_loss
+    torch.manual_seed(0)
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=16, headdim=16,
+                                  chunk_size=16)).eval()
+    ids = torch.randint(0, 256, (3, 97))
+    one = per_position_loss(model, ids, chunk_len=96)
+    for k in (7, 32):
+        many = per_position_loss(model, ids, chunk_len=k)
+        diff = (one - many).abs()
+        assert one.shape == many.shape == (96,)
+        assert diff.max() < 1e-4, f"chunk_len={k}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+
+
+@pytest.mark.parametrize("vocab", [256, 300])
+def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
+    """The --checkpoint path on a checkpoint this test writes (the hub is unreachable here)."""
+    import json
+    from minimamba import Mamba2Config, Mamba2LM
+    from experiments import state_collapse as SC
+    torch.manual_seed(0)
+    Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
+                          chunk_size=16)).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    SC.main(["--checkpoint", str(tmp_path / "ckpt"), "--t_train", "16", "--eval_length", "80",
+             "--chunk_len", "32", "--eval_prompts", "2", "--trace_prompts", "1", "--out_dir", str(out)])
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["newline_id"] == (10 if vocab == 256 else SC.GPT_NEOX_NEWLINE_ID)
+    entry = res["models"]["16"]
+    assert set(entry["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
+    assert set(entry["mitigations"]) == {"rri", "state_norm", "sliding_window", "delta_scaling"}
+    s = entry["base"]["newline"]
+    assert s["bins"][-1]["to"] == 80 and isinstance(s["collapsed"], bool)
+    assert entry["trace"]["newline"]["positions"][-1] == 80
+    for f in ("metrics.csv", "config.json", "state_collapse_loss.png", "state_collapse_mitigations.png",
+              "state_collapse_state.png"):
+        assert (out / f).is_file(), f
