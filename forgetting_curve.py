@@ -273,13 +273,15 @@ def predict_scored(
             position hi are skipped (a causal model's scored logits cannot depend on them).
         vocab_size: if given, the argmax runs over logits[..., :vocab_size] only (a padded vocabulary's
             extra rows are not tokens; minimamba pads to a multiple of 16); None = all V logits.
-        on_batch: called with the number of tokens processed after each batch (progress).
+        on_batch: called with numbers of tokens processed (per chunk, and per batch), summing to
+            ids.numel() (progress).
     Returns:
         (B, hi - lo) long predictions (on the model's device).
     """
     preds = []
     for r in range(0, ids.shape[0], batch_size):
         batch = ids[r:r + batch_size]                                            # (b, l)
+        done = 0                                        # tokens of this batch reported so far
         if chunk_size is None:
             logits = _logits_of(model(batch), batch)                            # (b, l, V)
             preds.append(logits[:, lo:hi, :vocab_size].argmax(-1))              # (b, hi-lo)
@@ -297,9 +299,12 @@ def predict_scored(
                 if a < z:
                     pieces.append(logits[:, a - s:z - s, :vocab_size].argmax(-1))  # (b, z-a)
                 del logits, out
+                if on_batch is not None:                # progress per chunk (long L: minutes each)
+                    on_batch(piece.numel())
+                    done += piece.numel()
             preds.append(torch.cat(pieces, dim=1))                              # (b, hi-lo)
         if on_batch is not None:
-            on_batch(batch.numel())
+            on_batch(batch.numel() - done)              # the rest of the batch (all of it unchunked)
     return torch.cat(preds, dim=0)
 
 

@@ -415,3 +415,15 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random-tokens",
                     "--n-samples", "5", "--out", str(tmp_path / "rand")])
     assert rand.meta["text"] == "random" and rand.copy_acc.shape == (1, 5)
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 64])
+def test_progress_counts_every_token_once(chunk):
+    ids = torch.randint(1, V, (7, 2 * 20 + 3))
+    seen = []
+    model = StatefulCopier() if chunk else Copier()
+    lo, hi = fc.scored_slice(20)
+    fc.predict_scored(model, ids, lo, hi, chunk_size=chunk, batch_size=3, on_batch=seen.append)
+    assert sum(seen) == ids.numel() and all(n >= 0 for n in seen)
+    if chunk:
+        assert len(seen) > ids.shape[0] // 3 + 1                     # updates within a batch
