@@ -49,10 +49,12 @@ import torch
 import minimamba
 from minimamba import check_scan_inputs
 
-# A state whose Frobenius norm is exactly 0 is left alone by the clamp (tau / 0 = inf).
-# The streaming window decay is accumulated in float64: over 10^6 add/subtract steps a float32
-# running sum would drift by ~1e-4 relative in the exponent, float64 by ~1e-13.
+# Window decays and retentions are summed in float64: a running sum over s add/subtract steps carries
+# a rounding error of order sqrt(s) * eps * |sum|, about 6e-5 relative after 10^6 steps in float32
+# (eps 6e-8), about 1e-13 in float64.
 WINDOW_DECAY_DTYPE = torch.float64
+# Chunk size q of the SSD scan behind sliding_window_ssd when none is given (any q gives the same y).
+DEFAULT_CHUNK_SIZE = 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +440,7 @@ class SlidingWindowScan:
         return y.to(x.dtype), WindowState(h, anchor, *cache, log_decay, st.seen + 1)
 
 
-def sliding_window_ssd(x, dt, A, B, C, *, window, D=None, chunk_size=64):
+def sliding_window_ssd(x, dt, A, B, C, *, window, D=None, chunk_size=DEFAULT_CHUNK_SIZE):
     """y_t = (h_t - alpha_{t-window+1..t} h_{t-window}) C_t + D x_t from a zero initial state.
 
     Args: x (b, l, h, p); dt (b, l, h) > 0; A (h,) or (b, l, h) < 0; B, C (b, l, g, n); D (h,) or None;
