@@ -673,9 +673,7 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
             _, state = model(input_ids[:, start:end], state)
             per_layer = [state_statistics(_state_tensor(s), top_k) for s in state.ssm]
             row = {k: torch.stack([d[k] for d in per_layer]) for k in per_layer[0]}
-            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) if r.log_retention is not None
-                                            else torch.ones(model.config.nheads, dtype=torch.float64)
-                                            for r in recorders])
+            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) for r in recorders])  # (n_layer, h)
             rows.append(row)
             positions.append(end)
             if on_progress is not None:

@@ -148,6 +148,10 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
     assert state.cache_x.shape[1] == min(l, window)
     _, h_full = oracle(x, dt, A, B, C)
     assert_close(state.h, h_full, "carried h_T vs oracle final state", **TOL[torch.float64])
+    # its window state h_T - alpha h_{T-r} is the state of a zero-state run over the last r tokens
+    lo = max(0, l - window)
+    _, h_win = oracle(x[:, lo:], dt[:, lo:], A if A.dim() == 1 else A[:, lo:], B[:, lo:], C[:, lo:])
+    assert_close(state.window_state(), h_win, "window state vs last-r-tokens state", **TOL[torch.float64])
 
 
 def test_sliding_window_memory_is_bounded_by_the_window():
@@ -319,7 +323,7 @@ MODEL_TOL = dict(rtol=1e-5, atol=2e-6)  # float32 model; the paths differ by ~2e
 def tiny():
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(**TINY)).eval()
-    ids = torch.randint(0, TINY["vocab_size"], (2, 26), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
     return model, ids
 
 
@@ -348,7 +352,7 @@ def _both(first, make_second):
 
 
 @torch.no_grad()
-def run_paths(model, ids, cuts=(7, 8, 9)):
+def run_paths(model, ids, cuts=(7, 8, 13)):
     """Logits from one forward, from a streamed forward in pieces, and from prefill + step."""
     full, _ = model(ids)
     pieces, state, start = [], None, 0
@@ -486,8 +490,8 @@ def test_trace_states_matches_direct_computation(tiny):
         _, state = model(ids[:, :every * 2])
     trace = mit.trace_states(model, ids, every=every, top_k=3)
     l = ids.shape[1]
-    assert trace.positions == [6, 12, 18, 24, 26]
-    assert trace.mean.shape == (5, 2, model.config.nheads) and trace.top_channels.shape == (5, 2, model.config.nheads, 3)
+    assert trace.positions == [6, 12, 18, 20]
+    assert trace.mean.shape == (4, 2, model.config.nheads) and trace.top_channels.shape == (4, 2, model.config.nheads, 3)
     direct = mit.state_statistics(state.ssm[1], top_k=3)
     for key in ("mean", "var", "rms", "max_abs", "norm", "top_values"):
         assert_close(trace.__dict__[key][1, 1], direct[key], f"trace {key} at 12 tokens", rtol=1e-5, atol=1e-6)
@@ -498,4 +502,10 @@ def test_trace_states_matches_direct_computation(tiny):
     with mit.rri(model, lambda_a=0.9, lambda_B=1.0):
         tr = mit.trace_states(model, ids[:, :every * 2], every=every)
     assert_close(tr.retention[1, 0], ret * 0.9 ** (every * 2 - 1), "retention under RRI", rtol=1e-5, atol=1e-9)
-    assert l == 26 and "state_size" in trace.as_dict()
+    assert l == 20 and "state_size" in trace.as_dict()
+    # it runs under the methods whose state is an object (reads NormState.h / WindowState.window_state())
+    for ctx in (mit.sliding_window(model, 4), mit.state_norm(model, torch.full((2, model.config.nheads), 0.1), every=2)):
+        with ctx:
+            tr = mit.trace_states(model, ids[:, :8], every=4)
+        assert tr.mean.shape == (2, 2, model.config.nheads) and bool(torch.isfinite(tr.rms).all())
+    assert bool((tr.norm <= 0.1 * (1 + 1e-5)).all()), "state_norm trace: norms above tau at the clamp points"
