@@ -132,8 +132,10 @@ class RRIScan:
 
     def _transform(self, dt, A, B):
         if self.lambda_a != 1.0:
-            # A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a)
-            A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt
+            # A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a).
+            # A token with dt = 0 exactly (softplus underflow) would give 0 * inf = nan; the floor makes
+            # it finite, and that token then gets no extra forgetting (dt_t A'_t = 0).
+            A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt.clamp_min(torch.finfo(dt.dtype).tiny)
         if self.lambda_B != 1.0:
             B = B * self.lambda_B
         return A, B
