@@ -1,0 +1,344 @@
+"""Passkey retrieval at toy scale: how far back can a byte-level Mamba-2 fetch 5 digits, vs state size?
+
+Commands (run from the repository root)
+    # CPU-sized, ~10 min on 2 shared cores: 3 state sizes, T_train = 128, contexts 128..2048
+    python -m experiments.passkey --quick
+    # the default sweep (meant for a GPU or a long CPU run)
+    python -m experiments.passkey
+    # rerun after a kill: finished models and evaluations are reused
+    python -m experiments.passkey --quick
+
+Paper
+    Stuffed Mamba (arXiv 2410.07145), appendix "Passkey retrieval" and section "State capacity":
+    filler text repeated to the target length, a needle "The passkey is XXXXX. Remember it. XXXXX is
+    the passkey." at a depth, then "What is the passkey? The passkey is"; 5 random digits; greedy
+    decoding of 5 tokens; correct iff the digits appear in the output. The paper's law for the
+    longest context with >= 95% accuracy: T_recall = 4.756 (1.365^N_S - 1) - 0.742 (K tokens, N_S in
+    M elements) - an exponential in the state size.
+
+Protocol (numbered as the code below)
+    1. make_prompt: filler cut to fill `length` bytes, the needle inserted at byte offset
+       round(depth * filler_bytes), the question last (bytes = tokens: no tokenizer).
+    2. Training rows (passkey_rows): even rows are stdlib text (experiments/data.py), odd rows are a
+       passkey prompt of T_train + 1 - 5 bytes followed by its 5 answer digits (uniform random depth),
+       so the model is trained on passkey examples mixed into language-model data at T_train.
+    3. One Mamba-2 per state size, trained with experiments/sweep.train_model (train.py's optimizer,
+       schedule and loss).
+    4. evaluate: for every context length and depth, n prompts, greedy 5 bytes with the state
+       carried; accuracy = share whose 5 output bytes contain the digits.
+    5. T_recall(state) = longest tested context such that it and every shorter one reach >= 95% mean
+       accuracy over depths (0 if the shortest fails); exponential fit against N_S when >= 3 state
+       sizes have T_recall > 0, shown next to the paper's law.
+
+Outputs (run folder, default runs/passkey[_quick]/)
+    config.json, points/*.json (resumable), models/<key>/ (save_pretrained), summary.md,
+    passkey_heatmap.png (accuracy over context length x depth per state size), passkey_recall.png
+    (T_recall vs N_S with the fit and the paper's law), both copied to figures/.
+
+Glossary
+    C  context length of a prompt in bytes      d  needle depth in [0, 1] (0 = right after the start)
+    N_S  state size (mitigations.state_size)    T  T_train
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from experiments.common import atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.sweep import (PAPER_RECALL, PointStore, exp_fit, mamba_train_config, parse_config,  # noqa: E402
+                               parse_ints, parse_states, point_key, train_model)
+
+# [SC] appendix: the passkey prompt
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey. "
+QUESTION = "What is the passkey? The passkey is "
+KEY_DIGITS = 5  # [SC]: 5 random digits, greedy decoding of 5 tokens
+RECALL_ACCURACY = 0.95  # [SC]: the longest context with >= 95% accuracy
+PASSKEY_STREAM_ID = 2  # keeps the passkey rows' random stream apart from data.py's streams
+EVAL_SEED = 4242  # seed of the evaluation prompts (never a training (seed, step) stream)
+FIGURE_PREFIX = "passkey"
+
+
+def overhead_bytes() -> int:
+    """Bytes of a prompt that are not filler: the needle and the question."""
+    return len(NEEDLE.format(key="0" * KEY_DIGITS)) + len(QUESTION)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The prompt
+# ----------------------------------------------------------------------------------------------
+
+def make_prompt(length: int, depth: float, key: str) -> tuple[bytes, int]:
+    """A passkey prompt of exactly `length` bytes and the byte offset where its needle starts.
+
+    filler_bytes = length - len(needle) - len(question); the filler is FILLER repeated and cut to
+    filler_bytes; the needle goes in at offset round(depth * filler_bytes) (depth 0: first, 1: right
+    before the question). Raises if the length cannot hold the needle and the question.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if len(key) != KEY_DIGITS or not key.isdigit():
+        raise ValueError(f"key must be {KEY_DIGITS} digits, got {key!r}")
+    n_fill = length - overhead_bytes()
+    if n_fill < 0:
+        raise ValueError(f"length={length} is shorter than the needle + question ({overhead_bytes()} bytes)")
+    fill = (FILLER * (n_fill // len(FILLER) + 1))[:n_fill]
+    pos = round(depth * n_fill)
+    text = fill[:pos] + NEEDLE.format(key=key) + fill[pos:] + QUESTION
+    return text.encode("ascii"), pos
+
+
+def random_keys(rng: np.random.Generator, n: int) -> list[str]:
+    return ["".join(str(d) for d in rng.integers(0, 10, KEY_DIGITS)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Training rows: passkey examples mixed into LM data
+# ----------------------------------------------------------------------------------------------
+
+def passkey_rows(corpus, *, step: int, seed: int, batch_size: int, t_train: int) -> torch.Tensor:
+    """LongTensor (b, T+1): even rows corpus text, odd rows prompt(T+1-5 bytes) + the 5 answer digits.
+
+    A pure function of (seed, step), like experiments/data.py's batches.
+    """
+    rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=t_train)  # (b, T+1)
+    rng = np.random.default_rng([seed, step, PASSKEY_STREAM_ID])
+    for i in range(1, batch_size, 2):
+        key = random_keys(rng, 1)[0]
+        prompt, _ = make_prompt(t_train + 1 - KEY_DIGITS, float(rng.uniform()), key)
+        rows[i] = torch.tensor(list(prompt + key.encode("ascii")), dtype=torch.long)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Evaluation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_bytes(model, prompts: torch.Tensor, n_new: int, chunk: int) -> torch.Tensor:
+    """Greedy decoding with the state carried: prompts (b, C) -> (b, n_new) new bytes."""
+    state, logits = None, None
+    for s in range(0, prompts.shape[1], chunk):
+        logits, state = model(prompts[:, s:s + chunk], state)  # (b, c, V)
+    out = []
+    for _ in range(n_new):
+        nxt = logits[:, -1, :256].argmax(-1)  # (b,)
+        out.append(nxt)
+        logits, state = model(nxt[:, None], state)  # (b, 1, V)
+    return torch.stack(out, 1)  # (b, n_new)
+
+
+def evaluate(model, lengths: list[int], depths: list[float], n: int, chunk: int) -> np.ndarray:
+    """Accuracy (len(lengths), len(depths)) of greedy 5-byte answers containing the key."""
+    rng = np.random.default_rng(EVAL_SEED)
+    acc = np.zeros((len(lengths), len(depths)))
+    for i, C in enumerate(lengths):
+        keys, prompts = [], []
+        for d in depths:
+            for key in random_keys(rng, n):
+                keys.append(key)
+                prompts.append(list(make_prompt(C, d, key)[0]))
+        out = greedy_bytes(model, torch.tensor(prompts, dtype=torch.long), KEY_DIGITS, chunk)  # (D*n, 5)
+        ok = [key.encode("ascii") in bytes(row.tolist()) for key, row in zip(keys, out)]
+        acc[i] = np.asarray(ok, float).reshape(len(depths), n).mean(1)
+    return acc
+
+
+def recall_length(lengths: list[int], acc: np.ndarray, threshold: float = RECALL_ACCURACY) -> int:
+    """Longest tested context C with every tested C' <= C at mean accuracy (over depths) >= threshold."""
+    ok = acc.mean(1) >= threshold
+    bad = np.flatnonzero(~ok)
+    end = ok.size if bad.size == 0 else int(bad[0])
+    return int(lengths[end - 1]) if end > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PasskeyConfig:
+    """All defaults in one block. Each field is a flag: --name value."""
+
+    out_dir: str = "runs/passkey"
+    d_model: int = 64
+    n_layer: int = 2
+    states: str = "16x16,32x16,64x16,128x32,256x32"  # d_state x headdim
+    t_train: int = 256  # T_train: passkey rows and text rows have this many tokens
+    tokens_per_step: int = 2048
+    steps: int = 3000
+    lr: float = 3e-3
+    seed: int = 0
+    lengths: str = "256,512,1024,2048,4096,8192"  # evaluated context lengths C (bytes)
+    depths: str = "0,0.25,0.5,0.75,1"
+    n_eval: int = 10  # prompts per (C, depth)
+    chunk: int = 1024  # tokens per forward call during evaluation (state carried)
+    device: str = "cpu"
+    threads: int = 1
+    figures: bool = True
+    quick: bool = False
+
+    def __post_init__(self):
+        parse_states(self.states)
+        lens = parse_ints(self.lengths, "lengths")
+        if self.t_train + 1 - KEY_DIGITS < overhead_bytes():
+            raise ValueError(f"--t_train must be >= {overhead_bytes() + KEY_DIGITS - 1} to hold a passkey example")
+        if min(lens) < overhead_bytes():
+            raise ValueError(f"--lengths must be >= {overhead_bytes()} (needle + question)")
+        if any(not 0 <= d <= 1 for d in self.depth_list):
+            raise ValueError(f"--depths must lie in [0, 1], got {self.depths}")
+
+    @property
+    def depth_list(self) -> list[float]:
+        return [float(d) for d in self.depths.split(",")]
+
+
+QUICK = dict(out_dir="runs/passkey_quick", states="16x16,64x16,256x32", t_train=128, tokens_per_step=512,
+             steps=1000, lengths="128,256,512,1024,2048", n_eval=8)
+
+
+def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:
+    from minimamba import Mamba2LM
+    from mitigations import state_size
+    t0 = time.perf_counter()
+    key = point_key(d_state=n, headdim=p)
+    tcfg = mamba_train_config(out_dir=out / "models" / key, d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=n,
+                              headdim=p, t_train=cfg.t_train, tokens_per_step=cfg.tokens_per_step, steps=cfg.steps,
+                              lr=cfg.lr, task="lm", copy_len=1, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
+    model = Mamba2LM(tcfg.model_config())
+    losses = train_model(model, lambda step: passkey_rows(corpus, step=step, seed=cfg.seed,
+                                                          batch_size=tcfg.batch_size, t_train=cfg.t_train),
+                         steps=cfg.steps, lr=cfg.lr, warmup_steps=tcfg.warmup_steps, seed=cfg.seed,
+                         desc=f"train passkey n={n} p={p}")
+    model.save_pretrained(str(out / "models" / key))
+    return {"model_dir": str(out / "models" / key), "state_size": state_size(model.config),
+            "n_params": sum(q.numel() for q in model.parameters()), "final_loss": float(np.mean(losses[-10:])),
+            "train_seconds": time.perf_counter() - t0}
+
+
+def run(cfg: PasskeyConfig) -> dict:
+    from minimamba import Mamba2LM
+    from experiments.data import Corpus
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata()})
+    store, corpus = PointStore(out), Corpus.load()
+    lengths, depths = parse_ints(cfg.lengths, "lengths"), cfg.depth_list
+    results = []
+    for n, p in parse_states(cfg.states):
+        print(f"[passkey] d_state={n} headdim={p}", file=sys.stderr)
+        tr = store.run(point_key(kind="train", d_state=n, headdim=p), {"d_state": n, "headdim": p},
+                       lambda: train_point(cfg, n, p, out, corpus))
+
+        def ev():
+            model = Mamba2LM.from_pretrained(tr["model_dir"]).eval()
+            t1 = time.perf_counter()
+            acc = evaluate(model, lengths, depths, cfg.n_eval, cfg.chunk)
+            return {"acc": acc.tolist(), "t_recall": recall_length(lengths, acc), "seconds": time.perf_counter() - t1}
+        res = store.run(point_key(kind="eval", d_state=n, headdim=p),
+                        {"d_state": n, "headdim": p, "lengths": lengths, "depths": depths, "n": cfg.n_eval}, ev)
+        results.append({"d_state": n, "headdim": p, **tr, **res})
+        print(f"[passkey]   N_S={tr['state_size']} final loss {tr['final_loss']:.3f} T_recall={res['t_recall']} "
+              f"acc by C={np.asarray(res['acc']).mean(1).round(2).tolist()}", file=sys.stderr)
+
+    # 5. fit and report
+    fit, fit_note = None, ""
+    pts = [(r["state_size"], r["t_recall"]) for r in results if r["t_recall"] > 0]
+    if len(pts) >= 3 and len({x for x, _ in pts}) >= 3:
+        fit = exp_fit([x / 1e3 for x, _ in pts], [y for _, y in pts])  # N_S in K elements, T in tokens
+    else:
+        fit_note = (f"no exponential fit: {len(pts)} state size(s) with T_recall > 0 (needs >= 3)")
+    md = ["| d_state x headdim | N_S | params | final train loss | T_recall (>= 95%) | accuracy by context length |",
+          "|---|---|---|---|---|---|"]
+    for r in results:
+        md.append(f"| {r['d_state']}x{r['headdim']} | {r['state_size']} | {r['n_params'] / 1e3:.0f}K | "
+                  f"{r['final_loss']:.3f} | {r['t_recall']} | "
+                  + ", ".join(f"{C}: {a:.2f}" for C, a in zip(lengths, np.asarray(r["acc"]).mean(1))) + " |")
+    if fit is not None:
+        md.append(f"\nFit: T_recall = {fit.a:.4g} ({fit.b:.4g}^(N_S/1K) - 1) + {fit.c:.4g} tokens, R^2 = {fit.r2:.4f} "
+                  f"(n = {fit.n}). Paper: {PAPER_RECALL[0]} ({PAPER_RECALL[1]}^(N_S/1M) - 1) + {PAPER_RECALL[2]} K tokens.")
+    else:
+        md.append("\n" + fit_note)
+    summary = {"results": results, "lengths": lengths, "depths": depths,
+               "fit": dataclasses.asdict(fit) if fit else None, "fit_note": fit_note}
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    figs = plot(cfg, results, lengths, depths, fit, out)
+    wall = time.perf_counter() - t0
+    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata(),
+                                            "wall_s_last_invocation": wall, "points_computed": store.computed})
+    if cfg.figures:
+        (REPO / "figures").mkdir(exist_ok=True)
+        for f in figs:
+            shutil.copyfile(f, REPO / "figures" / f.name)
+        shutil.copyfile(out / "summary.md", REPO / "figures" / f"{FIGURE_PREFIX}_summary.md")
+    print("\n".join(md))
+    print(f"[passkey] wall {wall:.0f}s, run folder {out}", file=sys.stderr)
+    return summary
+
+
+def plot(cfg, results, lengths, depths, fit, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        acc = np.asarray(r["acc"])  # (C, d)
+        im = ax.imshow(acc.T, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(c) for c in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_xlabel("context length (bytes)")
+        ax.set_title(f"n={r['d_state']} p={r['headdim']}, N_S={r['state_size'] / 1e3:.1f}K\n"
+                     f"T_recall={r['t_recall']}", fontsize=9)
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                ax.text(i, j, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=6,
+                        color="w" if acc[i, j] < 0.5 else "k")
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"Passkey retrieval, byte-level Mamba-2 trained at T_train={cfg.t_train} "
+                 f"(n={cfg.n_eval} per cell)", fontsize=10)
+    p1 = out / f"{FIGURE_PREFIX}_heatmap.png"
+    fig.savefig(p1, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    xs = np.array([r["state_size"] for r in results], float)
+    ys = np.array([r["t_recall"] for r in results], float)
+    ax.plot(xs / 1e3, ys, "o", label="ours: longest context with >= 95% (0 = none)")
+    if fit is not None:
+        grid = np.linspace(xs.min(), xs.max(), 100) / 1e3
+        ax.plot(grid, fit(grid), "-", label=f"fit {fit.a:.3g}({fit.b:.3g}^x-1)+{fit.c:.3g}, R^2={fit.r2:.3f}")
+    a, b, c = PAPER_RECALL
+    ax.set_xlabel("state size N_S (K elements)")
+    ax.set_ylabel("T_recall (tokens)")
+    ax.axhline(cfg.t_train, color="gray", ls=":", lw=0.8, label="T_train")
+    ax.set_title(f"paper (N_S in M, T in K): T = {a}({b}^N_S - 1) {c}\n"
+                 f"= ~{1e3 * (a * (b ** (xs.max() / 1e6) - 1) + c):.0f} tokens at our largest N_S", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p2 = out / f"{FIGURE_PREFIX}_recall.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(PasskeyConfig, argv, QUICK, __doc__.split("\n")[0]))
+
+
+if __name__ == "__main__":
+    main()
