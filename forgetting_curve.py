@@ -47,6 +47,7 @@ Deliberate differences from the official code (all written down where they happe
 This file imports only torch, numpy and the standard library (matplotlib inside `plot`); minimamba is
 imported only by the command line:
     python forgetting_curve.py --checkpoint DIR --lengths 16 64 256 1024 --out runs/fc
+    python forgetting_curve.py --from-json runs/fc/curve.json --out runs/fc     # redraw the figure only
 """
 
 from __future__ import annotations
@@ -523,9 +524,11 @@ class ForgettingCurve:
             ax.axvspan(e_fine, e_coarse, color="tab:orange", alpha=0.12,
                        label=f"coarse-grained (copy - LM >= {min_effect:g}, p < {alpha:g}): L <= {coarse}")
         ax.axvspan(e_coarse, edges[-1], color="tab:gray", alpha=0.12, label="amnesia")
-        for acc, name, color in ((self.copy_acc, "copy", "tab:blue"), (self.lm_acc, "LM", "tab:red")):
+        # LM first and dashed, copy on top: where the curves coincide (amnesia) both stay visible
+        for acc, name, color, style in ((self.lm_acc, "LM", "tab:red", "s--"),
+                                        (self.copy_acc, "copy", "tab:blue", "o-")):
             mean, std = acc.mean(axis=1), acc.std(axis=1)
-            ax.plot(L, mean, "o-", color=color, ms=3, label=f"{name} accuracy")
+            ax.plot(L, mean, style, color=color, ms=3, lw=1.2, label=f"{name} accuracy")
             ax.fill_between(L, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color,
                             alpha=0.25, lw=0)
         if train_length is not None:
@@ -597,7 +600,8 @@ def forgetting_curve(
     vocab_size: int | None = None, n_samples: int = DEFAULT_N_SAMPLES, bos_id: int | None = None,
     eos_id: int | None = None, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
     chunk_size: int | None | str = "auto", device: torch.device | str | None = None,
-    out: str | os.PathLike | None = None, progress: bool = True, meta: dict[str, Any] | None = None,
+    out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> ForgettingCurve:
     """Measure the forgetting curve of `model` at each dependency length (protocol in the module doc).
 
@@ -624,6 +628,11 @@ def forgetting_curve(
         device: where the inputs go; default: the device of the model's first parameter, else CPU.
         out: optional JSON path; rewritten atomically after every length, so a killed or failed
             sweep keeps every length already measured.
+        resume: reuse the lengths already in `out` (a killed sweep, or a grid extended later) and
+            measure only the others. Since each length has its own seed the result equals a fresh
+            run. The file's n_samples, seed, bos_id, eos_id, vocab_size and data must match (else
+            ValueError); its recorded errors are dropped, so those lengths are tried again, and
+            lengths of the file that are not in `lengths` are left out of the result.
         progress: draw a progress bar on stderr.
         meta: extra JSON-able information stored with the result (e.g. checkpoint, data source).
     Returns:
@@ -669,11 +678,34 @@ def forgetting_curve(
                             lm_acc=np.zeros((0, n_samples)), seconds=np.zeros(0),
                             meta={**asdict(cfg), "lengths": list(cfg.lengths), "torch": torch.__version__,
                                   "numpy": np.__version__, "device": str(device), **(meta or {})})
-    total = sum(2 * n_samples * (2 * L + 3) for L in cfg.lengths)
+    done: dict[int, tuple] = {}                      # L -> (copy (n,), lm (n,), seconds) from `out`
+    if resume and out is not None and Path(out).exists():
+        prev = ForgettingCurve.load(out)
+        keys = ("n_samples", "seed", "bos_id", "eos_id", "vocab_size", "data")
+        diff = {k: (prev.meta.get(k), curve.meta[k]) for k in keys if prev.meta.get(k) != curve.meta[k]}
+        if diff:
+            raise ValueError(f"cannot resume from {out}: settings differ (file, now): {diff}")
+        done = {int(L): (c, m, t) for L, c, m, t in zip(prev.lengths, prev.copy_acc, prev.lm_acc, prev.seconds)}
+    total = sum(2 * n_samples * (2 * L + 3) for L in cfg.lengths if L not in done)
     bar = _Progress(total, progress)
     rows: dict[str, list] = {"lengths": [], "copy": [], "lm": [], "seconds": []}
+    errors: dict[int, str] = {}
+
+    def snapshot() -> ForgettingCurve:
+        """The curve of every length so far, saved atomically to `out` if given."""
+        now = ForgettingCurve(lengths=rows["lengths"], copy_acc=rows["copy"], lm_acc=rows["lm"],
+                              seconds=rows["seconds"], errors=errors, meta=curve.meta)
+        if out is not None:
+            now.save(out)
+        return now
+
     try:
         for L in cfg.lengths:
+            if L in done:                            # measured by an earlier (killed) run
+                for key, value in zip(("copy", "lm", "seconds"), done[L]):
+                    rows[key].append(value)
+                rows["lengths"].append(L)
+                continue
             bar.update(info=f"L={L}", force=True)
             t0 = time.time()
             try:
@@ -688,12 +720,10 @@ def forgetting_curve(
             except Exception as err:                                           # noqa: BLE001
                 if not _is_out_of_memory(err):
                     raise
-                curve.errors[L] = f"{type(err).__name__}: {err}"
+                errors[L] = f"{type(err).__name__}: {err}"
                 del err
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()                 # give the failed attempt's memory back
-                if out is not None:
-                    curve.save(out)
                 break
             # step 4: accuracy over the last half of the second x
             acc = (pred.cpu() == lay.targets).double().mean(dim=1).numpy()       # (2n,)
@@ -701,15 +731,12 @@ def forgetting_curve(
             rows["copy"].append(acc[:n_samples])
             rows["lm"].append(acc[n_samples:])
             rows["seconds"].append(time.time() - t0)
-            curve = ForgettingCurve(lengths=rows["lengths"], copy_acc=rows["copy"], lm_acc=rows["lm"],
-                                    seconds=rows["seconds"], errors=curve.errors, meta=curve.meta)
-            if out is not None:
-                curve.save(out)
+            snapshot()                                       # nothing measured is lost from here on
     finally:
         bar.close()
         if was_training:
             model.train()
-    return curve
+    return snapshot()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -737,8 +764,11 @@ def read_byte_tokens(paths: Sequence[str | os.PathLike], max_tokens: int | None 
 def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
     ap = argparse.ArgumentParser(description="Forgetting curve of a minimamba.Mamba2LM checkpoint "
                                  "(byte tokens from text files, or random tokens).")
-    ap.add_argument("--checkpoint", required=True, help="a Mamba2LM.from_pretrained directory")
-    ap.add_argument("--lengths", type=int, nargs="+", required=True, help="dependency lengths L")
+    ap.add_argument("--checkpoint", help="a Mamba2LM.from_pretrained directory")
+    ap.add_argument("--lengths", type=int, nargs="+", help="dependency lengths L")
+    ap.add_argument("--from-json", default=None, help="only redraw OUT/curve.png from this curve.json "
+                    "(no model is run; --train-length and --title apply)")
+    ap.add_argument("--title", default=None, help="plot title")
     ap.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
     ap.add_argument("--text", nargs="*", default=None,
                     help="text files read as bytes (default: the stdlib's top-level *.py files)")
@@ -757,6 +787,16 @@ def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.from_json:
+        curve = ForgettingCurve.load(args.from_json)
+        train_length = args.train_length if args.train_length is not None else curve.meta.get("train_length")
+        curve.plot(out / "curve.png", train_length=train_length, title=args.title)
+        print(curve.table())
+        print(json.dumps(curve.summary()))
+        return curve
+    if args.checkpoint is None or args.lengths is None:
+        ap.error("--checkpoint and --lengths are required (unless --from-json)")
 
     import minimamba  # the CLI is the only place that needs it
     model = minimamba.Mamba2LM.from_pretrained(args.checkpoint).to(args.device).eval()
@@ -773,14 +813,13 @@ def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
             raise SystemExit(f"byte tokens need vocab_size >= 256; the checkpoint has {vocab_size}")
     if args.train_length is not None:
         meta["train_length"] = args.train_length
-    out = Path(args.out)
     curve = forgetting_curve(model, lengths=args.lengths, tokens=tokens, vocab_size=vocab_size,
                              n_samples=args.n_samples, bos_id=args.bos_id, eos_id=args.eos_id,
                              seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size,
                              device=args.device, out=out / "curve.json", meta=meta)
     if curve.lengths.size:
         curve.plot(out / "curve.png", train_length=args.train_length,
-                   title=f"Forgetting curve: {Path(args.checkpoint).name}")
+                   title=args.title or f"Forgetting curve: {args.checkpoint}")
         print(curve.table())
         print(json.dumps(curve.summary()))
     for L, e in curve.errors.items():

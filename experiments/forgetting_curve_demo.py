@@ -182,13 +182,14 @@ def main(argv=None) -> fc.ForgettingCurve:
     curve = fc.forgetting_curve(model, lengths=args.lengths, tokens=tokens, vocab_size=VOCAB_SIZE,
                                 n_samples=args.n_samples, bos_id=DOC_SEP, eos_id=DOC_SEP, seed=args.seed,
                                 batch_size=args.eval_batch_size, chunk_size=args.chunk_size,
-                                out=out / "curve.json", meta=meta)
+                                out=out / "curve.json", resume=True, meta=meta)   # rerun = resume
     # step 3: figure and summary
     if curve.lengths.size:
         curve.plot(out / "curve.png", train_length=train_length,
                    title=f"byte-level Mamba2LM, {sum(p.numel() for p in model.parameters()) / 1e3:.0f}K params, "
-                         f"T_train={train_length}\n" + ("trained on the copy task, random bytes" if args.task == "copy"
-                                                       else "held-out Python stdlib source") + f", n={args.n_samples} per L")
+                         + (f"trained on the copy layout with L <= {train_length}\nrandom bytes"
+                            if args.task == "copy" else f"T_train={train_length}\nheld-out Python stdlib source")
+                         + f", n={args.n_samples} per L")
     print(curve.table())
     print(json.dumps(curve.summary()))
     if args.figure and curve.lengths.size:

@@ -415,6 +415,9 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random-tokens",
                     "--n-samples", "5", "--out", str(tmp_path / "rand")])
     assert rand.meta["text"] == "random" and rand.copy_acc.shape == (1, 5)
+    redrawn = fc.main(["--from-json", str(tmp_path / "out" / "curve.json"), "--out", str(tmp_path / "re")])
+    np.testing.assert_array_equal(redrawn.copy_acc, curve.copy_acc)
+    assert (tmp_path / "re" / "curve.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("chunk", [None, 5, 64])
@@ -427,3 +430,32 @@ def test_progress_counts_every_token_once(chunk):
     assert sum(seen) == ids.numel() and all(n >= 0 for n in seen)
     if chunk:
         assert len(seen) > ids.shape[0] // 3 + 1                     # updates within a batch
+
+
+def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
+    out = tmp_path / "c.json"
+    calls = []
+
+    def model(ids):
+        calls.append(ids.shape[1])
+        return Copier(K=40, K2=90, p=0.5)(ids)
+
+    run(model, [8, 64], out=out, seed=3)
+    calls.clear()
+    resumed = run(model, [8, 32, 64, 128], out=out, seed=3, resume=True)
+    assert sorted(set(calls)) == [2 * 32 + 3, 2 * 128 + 3]            # only the new lengths ran
+    fresh = run(model, [8, 32, 64, 128], seed=3)
+    np.testing.assert_array_equal(resumed.copy_acc, fresh.copy_acc)
+    np.testing.assert_array_equal(resumed.lm_acc, fresh.lm_acc)
+    assert fc.ForgettingCurve.load(out).lengths.tolist() == [8, 32, 64, 128]
+    calls.clear()
+    again = run(model, [8, 32, 64, 128], out=out, seed=3, resume=True)   # everything done already
+    assert calls == [] and again.lengths.tolist() == [8, 32, 64, 128]
+    np.testing.assert_array_equal(again.copy_acc, fresh.copy_acc)
+    # an out-of-memory error after resumed lengths keeps them in the file too
+    failing = run(FailsBeyond(2 * 128 + 3, MemoryError()), [8, 32, 64, 128, 256], out=out, seed=3,
+                  resume=True)
+    assert failing.lengths.tolist() == [8, 32, 64, 128] and list(failing.errors) == [256]
+    assert fc.ForgettingCurve.load(out).lengths.tolist() == [8, 32, 64, 128]
+    with pytest.raises(ValueError, match="settings differ"):
+        run(model, [8], out=out, seed=4, resume=True)
