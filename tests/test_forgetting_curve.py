@@ -459,3 +459,11 @@ def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
     assert fc.ForgettingCurve.load(out).lengths.tolist() == [8, 32, 64, 128]
     with pytest.raises(ValueError, match="settings differ"):
         run(model, [8], out=out, seed=4, resume=True)
+
+
+def test_module_is_standalone():
+    import subprocess
+    import sys
+    code = ("import sys, forgetting_curve; "
+            "assert not {'minimamba', 'matplotlib', 'experiments'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(fc.Path(fc.__file__).parent))
