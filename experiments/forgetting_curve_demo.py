@@ -18,6 +18,9 @@ Commands (run from the repository root)
     python -m experiments.forgetting_curve_demo --out runs/fc_smoke --train_steps 20 --lengths 8 64 --n_samples 5
     # a model trained on the copy layout itself (so that it has memory to measure), curve on random bytes
     python -m experiments.forgetting_curve_demo --task copy --out runs/fc_copy --train_steps 1500 --figure forgetting_curve_copy
+    # peak memory at L = 65536 (2 sequences of 131K tokens): chunked vs one call, same answer
+    python -m experiments.forgetting_curve_demo --out runs/fc_demo --memory_probe 65536 --chunk_size 4096
+    python -m experiments.forgetting_curve_demo --out runs/fc_demo --memory_probe 65536 --chunk_size 0
     # any trained checkpoint instead of training one
     python -m experiments.forgetting_curve_demo --checkpoint runs/x/checkpoints/step_00001000/model --train_length 256 --out runs/fc_x
 
@@ -63,6 +66,8 @@ DEFAULTS = dict(
     task="lm",             # "lm": train a language model on stdlib text (experiments/train.py);
                            # "copy": train on the copy layout itself (a model that has memory to measure)
     copy_max_len=64,       # --task copy: longest span L in training (the training-length marker)
+    memory_probe=0,        # > 0: only measure peak memory of one length L (n_samples=1, batch 2) with
+                           # --chunk_size (0 = the whole sequence in one call), then exit
 )
 
 
@@ -154,6 +159,24 @@ def train_copy_model(args) -> tuple[Path, int]:
     return model_dir, args.copy_max_len
 
 
+def memory_probe(args, model) -> fc.ForgettingCurve:
+    """Peak resident memory (ru_maxrss, a process-wide high-water mark: run once per setting) of one
+    held-out length with chunking (--chunk_size c) or in one call (--chunk_size 0)."""
+    import resource
+    import time
+    tokens = torch.from_numpy(Corpus.load().heldout.astype("int64"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # MB (Linux: KB)
+    t0 = time.perf_counter()
+    curve = fc.forgetting_curve(model, lengths=[args.memory_probe], tokens=tokens, vocab_size=VOCAB_SIZE,
+                                n_samples=1, bos_id=DOC_SEP, seed=args.seed, batch_size=2,
+                                chunk_size=args.chunk_size or None, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"L={args.memory_probe} chunk_size={args.chunk_size or None}: peak RSS {peak:.0f} MB (before the "
+          f"sweep {before:.0f} MB), {time.perf_counter() - t0:.1f} s, copy {curve.copy_acc.ravel()}, "
+          f"LM {curve.lm_acc.ravel()}")
+    return curve
+
+
 def main(argv=None) -> fc.ForgettingCurve:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,6 +192,8 @@ def main(argv=None) -> fc.ForgettingCurve:
     # step 2: the curve (held-out documents; random bytes for --task copy)
     from minimamba import Mamba2LM
     model = Mamba2LM.from_pretrained(model_dir).eval()
+    if args.memory_probe:
+        return memory_probe(args, model)
     command = "python -m experiments.forgetting_curve_demo " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"checkpoint": str(model_dir), "train_length": train_length, "command": command,
             "torch_threads": torch.get_num_threads(), "task": args.task}
