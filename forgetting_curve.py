@@ -778,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                    help="tokens per forward call; the state is carried between chunks")
+                    help="tokens per forward call, the state carried between chunks; 0 = one call")
     ap.add_argument("--bos-id", type=int, default=None, help="default: smallest id absent from data")
     ap.add_argument("--eos-id", type=int, default=None, help="default: = BOS")
     ap.add_argument("--train-length", type=int, default=None, help="marker on the plot")
@@ -815,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
         meta["train_length"] = args.train_length
     curve = forgetting_curve(model, lengths=args.lengths, tokens=tokens, vocab_size=vocab_size,
                              n_samples=args.n_samples, bos_id=args.bos_id, eos_id=args.eos_id,
-                             seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                             seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size or None,
                              device=args.device, out=out / "curve.json", meta=meta)
     if curve.lengths.size:
         curve.plot(out / "curve.png", train_length=args.train_length,
