@@ -16,6 +16,20 @@ Paper
     - per-head state statistics every k tokens and the retention of the first token alpha_{1:t};
     - training-free mitigations (RRI, state normalization, sliding window, LongMamba Delta scaling).
 
+The regime (why these defaults; experiments/LOG.md has every run, negative ones included)
+    Tiny byte-level models trained on plain text at T_train 32-512 learn to forget and do not
+    collapse. Collapse needs (a) an over-sized state for T_train: a large per-head state
+    (headdim x d_state) against a very short T_train, and (b) data where keeping the whole window
+    pays: half of each batch is copy episodes (random bytes, then the same bytes again). Trained on
+    one episode per row, the model never sees a reason to forget; beyond T_train its state keeps old
+    content, a few channels grow, and the loss climbs on newlines, on text and on later episodes.
+    A longer T_train (several episodes per row) teaches it to forget.
+
+Probes (each prompt is locally in-distribution; only the amount of carried context grows)
+    text     held-out standard-library source (documents never trained on)
+    copy     a stream of fresh copy episodes [r1 r1 r2 r2 ...], copy_len random bytes each
+    newline  the paper's "\\n" * l prompt
+
 Reading order
     1. DemoConfig                            sizes, training lengths, evaluation length, mitigations
     2. collapse_criterion                    the paper's rule on a per-position loss curve
@@ -183,8 +197,8 @@ class DemoConfig:
     # --- the model (the same for every T_train) ---
     d_model: int = 128  # d
     n_layer: int = 2
-    d_state: int = 64  # n, per-head state is headdim x d_state
-    headdim: int = 16  # p
+    d_state: int = 256  # n, per-head state is headdim x d_state: over-sized on purpose
+    headdim: int = 32  # p
     # --- training (experiments/train.py) ---
     train_lens: str = "16,64,256"  # T_train values, comma-separated
     tokens_per_step: int = 1024  # batch rows per step = tokens_per_step / T_train (same tokens for every T)
@@ -210,6 +224,7 @@ class DemoConfig:
     device: str = "auto"
     threads: int = 0  # torch threads on CPU (0 = torch default)
     quick: bool = False  # the README demo size (overrides sizes, see QUICK)
+    figures_dir: str = ""  # also write the figures here (the README's copies live in figures/)
 
     def __post_init__(self):
         lens = self.lens
@@ -230,14 +245,15 @@ class DemoConfig:
 
 
 # The README demo: small enough for 2 CPU cores in under 10 minutes (see LOG.md for why these values)
-QUICK = dict(out_dir="runs/state_collapse_quick", d_model=64, n_layer=2, d_state=64, headdim=16,
-             train_lens="16,64", tokens_per_step=512, steps=2500, eval_prompts=16, eval_mult=64)
+QUICK = dict(out_dir="runs/state_collapse_quick", d_model=64, n_layer=2, d_state=256, headdim=32,
+             train_lens="16,64", tokens_per_step=512, steps=3000, eval_prompts=16, eval_mult=64)
 
 
 def parse_demo_config(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
     hints = typing.get_type_hints(DemoConfig)
     p = argparse.ArgumentParser(description="State collapse at toy scale (see the module docstring).")
     p.add_argument("--checkpoint", default="", help="analyse this from_pretrained directory instead of training")
+    p.add_argument("--replot", action="store_true", help="only redraw the figures from out_dir/metrics.json")
     p.add_argument("--t_train", type=int, default=8192, help="--checkpoint: its training length (official: 8K)")
     p.add_argument("--newline_id", type=int, default=-1, help="--checkpoint: token id of '\\n' "
                    "(default: 10 for byte vocabularies, 187 = GPT-NeoX otherwise)")
@@ -249,7 +265,7 @@ def parse_demo_config(argv: list[str] | None = None) -> tuple[DemoConfig, dict]:
         else:
             p.add_argument(f"--{f.name}", type=typ, default=None)
     args = vars(p.parse_args(argv))
-    extra = {k: args.pop(k) for k in ("checkpoint", "t_train", "newline_id")}
+    extra = {k: args.pop(k) for k in ("checkpoint", "t_train", "newline_id", "replot")}
     given = {k: v for k, v in args.items() if v is not None}
     base = dict(QUICK) if given.get("quick") else {}
     base.update(given)
@@ -400,13 +416,20 @@ def write_outputs(cfg: DemoConfig, results: dict, out: Path) -> None:
     atomic_write_json(out / "config.json", {"demo": dataclasses.asdict(cfg), "eval_len": cfg.eval_len,
                                             "state_size_N_S": M.state_size(mcfg),
                                             "wall_s": results.get("wall_s"), "meta": run_metadata()})
-    plot(results, out)
+    written = plot(results, out)
+    if cfg.figures_dir:
+        import shutil
+        Path(cfg.figures_dir).mkdir(parents=True, exist_ok=True)
+        for f in written:
+            shutil.copyfile(f, Path(cfg.figures_dir) / f.name)
 
 
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
 
+PROBE_ORDER = ("text", "copy", "newline")  # panel order (metrics.json stores keys sorted)
+METHOD_ORDER = ("rri", "state_norm", "sliding_window", "delta_scaling")
 PROBE_TITLES = {"text": "held-out text (stdlib source)", "copy": "stream of copy episodes",
                 "newline": 'newline prompt "\\n" * l'}
 
@@ -419,7 +442,8 @@ def plot(results: dict, out: Path) -> list[Path]:
     models = results["models"]
     lens = sorted(int(t) for t in models)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    probes = list(next(iter(models.values()))["base"].keys())
+    present = list(next(iter(models.values()))["base"].keys())
+    probes = [p for p in PROBE_ORDER if p in present] + [p for p in present if p not in PROBE_ORDER]
     written = []
 
     # 1. loss vs position per training length
@@ -445,7 +469,9 @@ def plot(results: dict, out: Path) -> list[Path]:
     t0 = str(lens[0])
     if "mitigations" in models[t0]:
         fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 3.8), squeeze=False)
-        methods = {"base": models[t0]["base"], **models[t0]["mitigations"]}
+        mits = models[t0]["mitigations"]
+        methods = {"base": models[t0]["base"], **{k: mits[k] for k in METHOD_ORDER if k in mits},
+                   **{k: v for k, v in mits.items() if k not in METHOD_ORDER}}
         for ax, probe in zip(axes[0], probes):
             for i, (name, per) in enumerate(methods.items()):
                 s = per[probe]
@@ -456,15 +482,16 @@ def plot(results: dict, out: Path) -> list[Path]:
             ax.set_title(PROBE_TITLES.get(probe, probe), fontsize=10)
             ax.set_xlabel(f"position (dashed: T_train={t0})")
             ax.set_ylabel("loss (nats/byte)")
-            ax.legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
         fig.suptitle(f"Training-free mitigations on the T_train={t0} model", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(out / "state_collapse_mitigations.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-    # 3. state statistics over time (the copy probe if present, else the first probe)
-    probe = "copy" if "copy" in probes else probes[0]
+    # 3. state statistics over time on the paper's probe (newlines)
+    probe = "newline" if "newline" in probes else probes[0]
     n_layer = len(models[str(lens[0])]["trace"][probe]["rms_max_head"])
     fig, axes = plt.subplots(2, n_layer, figsize=(4.5 * n_layer, 6.5), squeeze=False)
     for i, t in enumerate(lens):
@@ -543,6 +570,15 @@ def run_checkpoint(path: str, cfg: DemoConfig, t_train: int, newline_id: int = -
 
 def main(argv: list[str] | None = None) -> None:
     cfg, extra = parse_demo_config(argv)
+    if extra["replot"]:
+        results = json.loads((Path(cfg.out_dir) / "metrics.json").read_text())
+        written = plot(results, Path(cfg.out_dir))
+        if cfg.figures_dir:
+            import shutil
+            for f in written:
+                shutil.copyfile(f, Path(cfg.figures_dir) / f.name)
+        print("redrew " + " ".join(str(f) for f in written), file=sys.stderr)
+        return
     if extra["checkpoint"]:
         if cfg.out_dir == DemoConfig.out_dir:
             cfg = dataclasses.replace(cfg, out_dir=str(Path(DemoConfig.out_dir + "_checkpoint")))

@@ -11,6 +11,8 @@ Commands (run from the repository root)
     torchrun --nproc_per_node 2 -m experiments.train --out_dir runs/ddp --batch_size 32
     # any text file or folder instead of the standard library
     python -m experiments.train --data path/to/text --out_dir runs/mytext
+    # half the rows copy episodes (the regime in which toy models collapse; see state_collapse.py)
+    python -m experiments.train --task mix --seq_len 16 --d_state 256 --headdim 32 --out_dir runs/mix
 
 Paper
     Stuffed Mamba (arXiv 2410.07145), "Training": models are trained on length-T_train segments with
