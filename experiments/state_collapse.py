@@ -30,12 +30,14 @@ Probes (each prompt is locally in-distribution; only the amount of carried conte
     copy     a stream of fresh copy episodes [r1 r1 r2 r2 ...], copy_len random bytes each
     newline  the paper's "\\n" * l prompt
 
-Reading order
-    1. DemoConfig                            sizes, training lengths, evaluation length, mitigations
-    2. collapse_criterion                    the paper's rule on a per-position loss curve
-    3. RetentionRecorder, analyse()          carried-state evaluation in chunks with state statistics
-    4. run_demo()                            train (or reuse) one model per T_train, analyse, mitigate, plot
-    5. run_checkpoint()                      the same analysis for any from_pretrained directory
+Reading order (the file's sections)
+    1. collapse_criterion                    the paper's rule on a per-position loss curve
+    2. per_position_loss, summarize          carried-state evaluation in bounded memory
+    3. DemoConfig, QUICK                     sizes, training lengths, evaluation length, mitigations
+    4. run_demo()                            train (or reuse) one model per T_train, analyse, mitigate;
+                                             trace() uses mitigations.trace_states for the state stats
+    5. plot()                                the three figures
+    6. run_checkpoint()                      the same analysis for any from_pretrained directory
 
 Glossary
     T  T_train, training length      l  evaluation length      k  chunk: tokens per forward call
@@ -58,7 +60,7 @@ import math
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,7 +77,7 @@ EVAL_STEP = 10**9
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The collapse criterion
+# 1. The collapse criterion
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def collapse_criterion(loss: torch.Tensor, t_train: int, factor: float = COLLAPS
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Carried-state evaluation with state statistics
+# 2. Carried-state evaluation
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -186,7 +188,7 @@ def log_curve(loss: torch.Tensor, n_points: int = PLOT_POINTS) -> tuple[list[flo
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Demo configuration
+# 3. Demo configuration
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -425,7 +427,7 @@ def write_outputs(cfg: DemoConfig, results: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures
+# 5. Figures
 # ----------------------------------------------------------------------------------------------
 
 PROBE_ORDER = ("text", "copy", "newline")  # panel order (metrics.json stores keys sorted)
@@ -520,7 +522,7 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Any checkpoint (e.g. the official state-spaces/mamba2-130m, downloaded by the user)
+# 6. Any checkpoint (e.g. the official state-spaces/mamba2-130m, downloaded by the user)
 # ----------------------------------------------------------------------------------------------
 
 def run_checkpoint(path: str, cfg: DemoConfig, t_train: int, newline_id: int = -1) -> dict:
