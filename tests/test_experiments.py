@@ -67,6 +67,23 @@ def test_loader_deterministic_and_split_disjoint(corpus_dir):
     assert probe.shape == (1, 11) and (probe == ord("\n")).all()
 
 
+def test_copy_episodes_and_mix_rows(corpus_dir):
+    from experiments.data import copy_batch
+    x = copy_batch(3, seed=0, batch_size=4, seq_len=20, n_segments=2, copy_len=5)  # (4, 41)
+    assert x.shape == (4, 41) and torch.equal(x, copy_batch(3, seed=0, batch_size=4, seq_len=20, n_segments=2,
+                                                              copy_len=5))
+    for e in range(4):  # every episode is r then r again; DOC_SEP never drawn
+        ep = x[:, e * 10:(e + 1) * 10]
+        assert torch.equal(ep[:, :5], ep[:, 5:]), f"episode {e} is not a copy"
+    assert not torch.equal(x[:, :5], x[:, 10:15]) and int(x.min()) >= 1
+    cfg = T.TrainConfig(task="mix", seq_len=20, n_segments=2, batch_size=4, copy_len=5, data=str(corpus_dir))
+    c = Corpus.load(corpus_dir)
+    rows = T.training_rows(c, cfg, 3, slice(0, 4))
+    text = c.batch(3, seed=0, batch_size=4, seq_len=20, n_segments=2)
+    assert torch.equal(rows[0::2], text[0::2]) and torch.equal(rows[1::2], x[1::2])
+    assert torch.equal(T.training_rows(c, cfg, 3, slice(2, 4)), rows[2:4]), "a rank's slice must match"
+
+
 def test_default_corpus_is_the_stdlib():
     c = Corpus.load()
     assert len(c.train_docs) > 100 and len(c.heldout_docs) > 5
