@@ -5,20 +5,30 @@ Same signatures and shapes as minimamba.ssd (see its glossary: b, l, h, p, g, n,
                      tested against (slow; O(l) Python steps).
     ssd_chunked      the chunked SSD [SSD, arXiv 2405.21060, Listing 1] restructured for speed:
                      every heavy term is a batched matmul, C B^T is computed once per group (not per
-                     head), the chunk-to-chunk pass is linear in the number of chunks, and the whole
-                     function compiles with torch.compile(fullgraph=True) without recompiling for
-                     every new length.
+                     head), the chunk-to-chunk pass is linear in the number of chunks, x keeps its
+                     own memory layout (no transposed copies for steps 2 and 4), inference builds its
+                     big temporaries in place, and the whole function compiles with
+                     torch.compile(fullgraph=True) without recompiling for every new length.
     ssd_chunked_compiled   torch.compile(ssd_chunked, fullgraph=True, dynamic=True), built on first use.
+
+Speed on CPU (experiments/bench.py measures it; README "Performance"): apart from the matmuls, the
+scan is bound by memory traffic, and a fresh multi-megabyte tensor costs page faults on first touch
+(several times a pass over memory that is already mapped). Hence: few temporaries, in place where
+autograd allows (no autograd, or tensors autograd does not keep), and one fused multiply-add per chunk
+in the chunk-to-chunk loop. Compiling does not pay off on CPU (minutes of compile time, no speed-up
+measured at l = 4096); it is for GPUs.
 
 Reading order: ssd_sequential (what is computed), then ssd_chunked (how it is computed fast).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from minimamba import _compute_dtype, check_scan_inputs, segsum
+from minimamba import _compute_dtype, check_scan_inputs
 
 # ---------------------------------------------------------------------------------------------------
 # The oracle: the recurrence itself
@@ -59,34 +69,52 @@ def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_s
 # ---------------------------------------------------------------------------------------------------
 
 
-def _pass_states_loop(states, log_decay, S0):
+def _pass_states_loop(states, decay, S0):
     """Step 3 as a loop over chunks (cheapest in eager mode: one pass over the states).
-    states (b, c, h, p, n), log_decay (b, c, h), S0 (b, h, p, n) -> (states entering each chunk, final)."""
-    S, entering = S0, []
-    for i in range(states.shape[1]):
-        entering.append(S)
-        S = torch.exp(log_decay[:, i])[..., None, None] * S + states[:, i]
-    return torch.stack(entering, dim=1), S
 
+    S_in[0] = S0;  S_in[c+1] = decay_c * S_in[c] + states_c.
+    states (b, c, h, p, n), decay (b, c, h) = exp(sum of a over each chunk), S0 (b, h, p, n)
+    -> (states entering each chunk (b, c, h, p, n), final state (b, h, p, n)).
 
-def _pass_states_doubling(states, log_decay, S0):
-    """Step 3 as a parallel prefix scan (Hillis-Steele doubling) over chunks, for torch.compile.
-
-    Elements (a_c, s_c) combine as (a1, s1) then (a2, s2) -> (a1 + a2, exp(a2) s1 + s2). After the
-    round with shift d, position c holds the combination of chunks c-2d+1 .. c. ceil(log2 c) rounds
-    of O(c) work: O(c log c), no c x c matrix, and no Python loop whose length is the number of
-    chunks (such a loop would make the compiler specialize on every length; here it only sees
-    comparisons d < c, so one graph serves every c between two powers of two).
+    Without autograd every step is one fused multiply-add written in place into a preallocated
+    buffer: on CPU a fresh multi-megabyte tensor per chunk costs more in page faults than the
+    arithmetic. With autograd the steps must stay out of place (autograd keeps each S_in[c]).
     """
     b, c = states.shape[:2]
-    # fold the initial state into chunk 0: S_end[0] = exp(a_0) S0 + s_0
-    first = torch.exp(log_decay[:, :1])[..., None, None] * S0[:, None] + states[:, :1]
+    d = decay[..., None, None]  # (b, c, h, 1, 1)
+    if not (torch.is_grad_enabled() and (states.requires_grad or decay.requires_grad or S0.requires_grad)):
+        entering = torch.empty_like(states)  # (b, c, h, p, n)
+        entering[:, 0] = S0
+        for i in range(c - 1):
+            torch.addcmul(states[:, i], d[:, i], entering[:, i], out=entering[:, i + 1])
+        return entering, torch.addcmul(states[:, -1], d[:, -1], entering[:, -1])
+    S, out = S0, []
+    for i in range(c):
+        out.append(S)
+        S = torch.addcmul(states[:, i], d[:, i], S)
+    return torch.stack(out, dim=1), S
+
+
+def _pass_states_doubling(states, decay, S0):
+    """Step 3 as a parallel prefix scan (Hillis-Steele doubling) over chunks, for torch.compile.
+
+    Elements (alpha_c, s_c) combine as (alpha1, s1) then (alpha2, s2) -> (alpha1 alpha2, alpha2 s1 + s2).
+    After the round with shift d, position c holds the combination of chunks c-2d+1 .. c.
+    ceil(log2 c) rounds of O(c) work: O(c log c), no c x c matrix, and no Python loop whose length
+    is the number of chunks (such a loop would make the compiler specialize on every length; here
+    it only sees comparisons d < c, so one graph serves every c between two powers of two).
+    Shapes as _pass_states_loop. The decays multiply (no log-space sum): each factor is in (0, 1],
+    so products underflow gracefully to 0 and never overflow.
+    """
+    b, c = states.shape[:2]
+    # fold the initial state into chunk 0: S_end[0] = alpha_0 S0 + s_0
+    first = decay[:, :1, :, None, None] * S0[:, None] + states[:, :1]
     s = torch.cat([first, states[:, 1:]], dim=1)  # (b, c, h, p, n)
-    a = log_decay  # (b, c, h)
+    alpha = decay  # (b, c, h)
     d = 1
     while d < c:
-        s = s + torch.exp(a)[..., None, None] * F.pad(s, (0, 0, 0, 0, 0, 0, d, 0))[:, :c]
-        a = a + F.pad(a, (0, 0, d, 0))[:, :c]
+        s = s + alpha[..., None, None] * F.pad(s, (0, 0, 0, 0, 0, 0, d, 0))[:, :c]
+        alpha = alpha * F.pad(alpha, (0, 0, d, 0), value=1.0)[:, :c]
         d *= 2
     entering = torch.cat([S0[:, None], s[:, :-1]], dim=1)  # state before chunk c = after chunk c-1
     return entering, s[:, -1]
@@ -97,48 +125,68 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
 
     Layout: heads are split as h = g * r (r = h / g heads per group), so every term that depends
     only on B or C is computed once per group, and heads of a group are batched into one matmul.
+    x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
+    (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
+    Without autograd (inference) the big per-head (q, q) decay blocks are built in place: on CPU
+    every fresh multi-megabyte temporary costs page faults, so fewer temporaries is most of the speed.
     Args/Returns: as minimamba.ssd.
     """
     b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
     ct = _compute_dtype(x.dtype)
     q, r = chunk_size, h // g
-    pad = (-l) % q  # zero-dt padding: padded steps neither decay nor write
+    pad = (-l) % q  # zero-dt padding to whole chunks: padded steps neither decay nor write
     c = (l + pad) // q
-    dtf = dt.to(ct)
-    a = dtf * A.to(ct)  # (b, l, h)   log decay per token
-    X = x.to(ct) * dtf[..., None]  # (b, l, h, p)
-    a = F.pad(a, (0, 0, 0, pad)).reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
-    X = F.pad(X, (0, 0, 0, 0, 0, pad)).reshape(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, q, p)
-    Bc = F.pad(B.to(ct), (0, 0, 0, 0, 0, pad)).reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cc = F.pad(C.to(ct), (0, 0, 0, 0, 0, pad)).reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state))
+    xf, dtf = x.to(ct), dt.to(ct)
+    Bf, Cf = B.to(ct), C.to(ct)
+    # Compiled, the pad is always applied (a Python `if pad` would be one more guard). Known limit:
+    # padding (F.pad, or a cat) by a symbolic amount still guards on "l % q == 0", so lengths that
+    # are a multiple of q compile one extra graph per power-of-two bucket.
+    if torch.compiler.is_compiling() or pad:
+        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+    # Discretize: X = x * dt (what gets written), a = dt * A (log of the decay alpha).
+    a = dtf * (A.to(ct) if A.dim() == 1 else F.pad(A.to(ct), (0, 0, 0, pad)))  # (b, l, h)
+    X = (xf * dtf[..., None]).reshape(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p) a view
+    a = a.reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
+    Bc = Bf.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cc = Cf.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
     a_cumsum = torch.cumsum(a, dim=-1)  # (b, c, g, r, q)
 
-    # Step 1: Y_diag = (C B^T o L) X. C B^T once per group, the decay mask L per head.
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, g, q, q)
-    L = torch.exp(segsum(a))  # (b, c, g, r, q, q)
-    Y = (CB[:, :, :, None] * L) @ X  # (b, c, g, r, q, p)
+    # Step 1: Y_diag = (C B^T o L) X. C B^T once per group (masked to the causal triangle), the
+    # decay mask L[i, s] = exp(a_cumsum[i] - a_cumsum[s]) per head (the difference of cumsums,
+    # as the official kernel does; a chunk is short, so the cancellation error stays ~1e-7 relative).
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
+    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
+    if grad:
+        M = torch.exp(seg.masked_fill(~causal, -math.inf)) * CB[:, :, :, None]
+    else:  # the same three operations in place: one (b, c, g, r, q, q) buffer instead of three
+        M = seg.clamp_(max=0.0).exp_().mul_(CB[:, :, :, None])  # above the diagonal CB = 0
+    Y_diag = M @ X.transpose(3, 4)  # (b, c, g, r, q, p)
 
     # Step 2: chunk states S_c = sum_s exp(a_cumsum[last] - a_cumsum[s]) X_s B_s^T, the r heads of a
     # group stacked into one (r*p, q) @ (q, n) matmul.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, c, g, r, q)
-    Xd = (X * decay_to_end[..., None]).permute(0, 1, 2, 3, 5, 4).reshape(b, c, g, r * p, q)
-    states = (Xd @ Bc).reshape(b, c, h, p, n)  # (b, c, h, p, n)
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum).transpose(3, 4)  # (b, c, g, q, r)
+    Xd = (X * decay_to_end[..., None]).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
+    states = (Xd.transpose(-1, -2) @ Bc).view(b, c, h, p, n)  # (b, c, h, p, n)
 
     # Step 3: pass states between chunks, linear in c.
     S0 = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
-    chunk_log_decay = a_cumsum[..., -1].reshape(b, c, h)  # (b, c, h)
+    chunk_decay = torch.exp(a_cumsum[..., -1]).reshape(b, c, h)  # (b, c, h)
     pass_states = _pass_states_doubling if torch.compiler.is_compiling() else _pass_states_loop
-    entering, final = pass_states(states, chunk_log_decay, S0)  # (b, c, h, p, n), (b, h, p, n)
+    entering, final = pass_states(states, chunk_decay, S0)  # (b, c, h, p, n), (b, h, p, n)
 
-    # Step 4: Y_off = exp(a_cumsum) * (C S_in^T), one (q, n) @ (n, r*p) matmul per group.
-    S_in = entering.reshape(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, n, r*p)
-    Y_off = (Cc @ S_in).reshape(b, c, g, q, r, p).transpose(3, 4)  # (b, c, g, r, q, p)
-    Y = Y + torch.exp(a_cumsum)[..., None] * Y_off
-
-    y = Y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
+    # Step 4: Y_off = exp(a_cumsum) * (C S_in^T), one (q, n) @ (n, r*p) matmul per group, which
+    # lands in x's own (q, r, p) layout; then Y = Y_off + Y_diag (+ D x) accumulated in place.
+    S_in = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, n, r*p)
+    Y_off = (Cc @ S_in).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
+    Y = Y_off * torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, p)
+    Y = Y.add_(Y_diag.transpose(3, 4)).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
     if D is not None:
-        y = y + D.to(ct)[:, None] * x.to(ct)
-    return y.to(x.dtype), final
+        Y = Y.addcmul_(xf, D.to(ct)[:, None])
+    return Y[:, :l].to(x.dtype), final  # (b, l, h, p)
 
 
 _compiled = None
