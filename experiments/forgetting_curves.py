@@ -18,9 +18,22 @@ Papers
         to the same models, to see what they do to memory.
 
 Protocol (numbered as the code below)
-    1. Train one Mamba-2 per (state size, T_train) with experiments/train.py, and one TinyTransformer
-       per T_train with the SAME rows (train.training_rows with the same seed: half stdlib text,
-       half random-byte copy episodes, the project's "mix" task).
+    1. Train one Mamba-2 per (state size, T_train) and one TinyTransformer per T_train on the SAME
+       rows (a pure function of (seed, step)), with the same optimizer, schedule and loss:
+       --task copymix (default): even rows stdlib text, odd rows back-to-back copy episodes in the
+           forgetting-curve layout [SEP] x [SEP] x with random bytes and a span length drawn per
+           episode, L ~ U{1..L_max}, L_max growing from COPY_CURRICULUM_START to T_train/2 - 1 over
+           the first half of training (so both copies of an episode fit in T_train). SEP is the
+           corpus' document separator, which the curves use as BOS. The loss counts every text
+           target and, in copy rows, only the targets that can be predicted: the second x of each
+           episode (the random first half and the separators are masked out, as the forgetting
+           curve scores only the second x).
+           Why: the paper measures base LMs whose copying skill comes from web-scale text; a toy
+           model trained for minutes on stdlib text learns no copying at all (our first --quick run
+           with --task mix: copy = LM = ~0 for every model, the Transformer included), which would
+           make "zero fine-grained memory" say nothing. Training on variable-length copy episodes
+           gives every model the skill inside T_train; the curve then shows how far it reaches.
+       --task mix: the project's train.py "mix" task (fixed 8-byte episodes; Mamba via train.py).
     2. For every model, (Mamba: every mitigation), and both data modes - random bytes and held-out
        stdlib text - measure forgetting_curve.forgetting_curve (n samples per L, BOS = the corpus'
        document separator byte, the state carried across chunks for Mamba).
@@ -55,6 +68,9 @@ from experiments.sweep import (PointStore, final_train_loss, mamba_train_config,
                                parse_ints, parse_states, point_key, train_model, train_or_reuse_mamba)
 
 MODES = ("random", "text")
+TASKS = ("copymix", "mix")
+COPY_CURRICULUM_START = 4  # longest copy span at step 0 of --task copymix (tokens)
+COPYMIX_STREAM_ID = 3  # keeps the copymix episodes' random stream apart from data.py's streams
 MITIGATIONS = ("none", "rri", "sliding_window")
 FIGURE_PREFIX = "fcurves"
 
@@ -72,7 +88,7 @@ class FCurvesConfig:
     n_head: int = 4  # Transformer heads
     # --- training (identical rows for every model of a T_train) ---
     train_lens: str = "32,64,128"  # T_train values
-    task: str = "mix"  # train.py task: half stdlib text, half copy episodes
+    task: str = "copymix"  # copymix | mix (see the protocol above)
     copy_len: int = 8  # random bytes per copy episode
     tokens_per_step: int = 1024
     steps: int = 3000
@@ -100,13 +116,15 @@ class FCurvesConfig:
             bad = [m for m in getattr(self, name).split(",") if m not in allowed]
             if bad:
                 raise ValueError(f"--{name}: unknown {bad}; choose from {allowed}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.n_samples < 5:
             raise ValueError(f"--n_samples must be >= 5 (the paired test cannot reach p < 0.05 below), "
                              f"got {self.n_samples}")
 
 
 QUICK = dict(out_dir="runs/fcurves_quick", states="32x16,256x32", train_lens="64", tokens_per_step=512,
-             steps=1200, lengths="2,4,8,16,32,64,128,256,512", tf_max_len=512)
+             steps=3000, lr=1e-2, lengths="2,4,8,16,32,64,128,256,512", tf_max_len=512)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +144,33 @@ def model_specs(cfg: FCurvesConfig) -> list[dict]:
     return specs
 
 
+def copymix_rows(corpus, *, step: int, steps: int, seed: int, batch_size: int,
+                 t_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """--task copymix (rows (b, T+1), loss mask (b, T)): even rows corpus text (all targets in the
+    loss), odd rows copy episodes [SEP] x [SEP] x ... (only the second x's targets in the loss).
+
+    Span lengths L ~ U{1..L_max(step)}, L_max = COPY_CURRICULUM_START + (T/2 - 1 - start) * min(1, 2 step /
+    steps) (capped at T/2 - 1), bytes of x uniform in 1..255 (never SEP). A pure function of (seed, step).
+    """
+    from experiments.data import DOC_SEP, VOCAB_SIZE
+    rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=t_train)  # (b, T+1)
+    top = max(1, t_train // 2 - 1)
+    l_max = min(top, int(COPY_CURRICULUM_START + (top - COPY_CURRICULUM_START) * min(1.0, 2 * step / steps)))
+    rng = np.random.default_rng([seed, step, COPYMIX_STREAM_ID])
+    mask = torch.ones(batch_size, t_train, dtype=torch.bool)  # (b, T): target t+1 counted?
+    for i in range(1, batch_size, 2):
+        row: list[int] = []
+        scored: list[bool] = []  # per token of the row: is it predictable (in a second x)?
+        while len(row) < t_train + 1:
+            L = int(rng.integers(1, max(1, l_max) + 1))
+            x = rng.integers(1, VOCAB_SIZE, L).tolist()
+            row += [DOC_SEP] + x + [DOC_SEP] + x
+            scored += [False] * (L + 2) + [True] * L
+        rows[i] = torch.tensor(row[:t_train + 1], dtype=torch.long)
+        mask[i] = torch.tensor(scored[1:t_train + 1])
+    return rows, mask
+
+
 def model_label(spec: dict) -> str:
     if spec["kind"] == "mamba2":
         return f"Mamba-2 n={spec['d_state']} p={spec['headdim']} T={spec['t_train']}"
@@ -136,7 +181,8 @@ def _tcfg(cfg: FCurvesConfig, spec: dict, out: Path):
     n, p = spec.get("d_state", 64), spec.get("headdim", 16)  # the Transformer reuses the row recipe only
     return mamba_train_config(out_dir=out / "models" / spec["key"], d_model=cfg.d_model, n_layer=cfg.n_layer,
                               d_state=n, headdim=p, t_train=spec["t_train"], tokens_per_step=cfg.tokens_per_step,
-                              steps=cfg.steps, lr=cfg.lr, task=cfg.task, copy_len=cfg.copy_len, seed=cfg.seed,
+                              steps=cfg.steps, lr=cfg.lr, task="mix" if cfg.task == "mix" else "lm",
+                              copy_len=cfg.copy_len, seed=cfg.seed,
                               device=cfg.device, threads=cfg.threads)
 
 
@@ -146,22 +192,33 @@ def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
     from experiments.train import training_rows
     from mitigations import state_size
     t0 = time.perf_counter()
+    from minimamba import Mamba2LM
     tcfg = _tcfg(cfg, spec, out)
-    if spec["kind"] == "mamba2":
+    if spec["kind"] == "mamba2" and cfg.task == "mix":  # the project's trainer, checkpoints and all
         model_dir = train_or_reuse_mamba(tcfg)
-        from minimamba import Mamba2LM
         model = Mamba2LM.from_pretrained(model_dir)
         return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),
                 "state_size": state_size(model.config), "final_loss": final_train_loss(tcfg.out_dir),
                 "seconds": time.perf_counter() - t0}
-    model = TinyTransformer(TransformerConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head))
-    losses = train_model(model, lambda step: training_rows(corpus, tcfg, step, slice(None)), steps=tcfg.steps,
-                         lr=tcfg.lr, warmup_steps=tcfg.warmup_steps, seed=tcfg.seed,
-                         desc=f"train {model_label(spec)}")
+    if cfg.task == "mix":
+        batch_fn = lambda step: training_rows(corpus, tcfg, step, slice(None))  # noqa: E731 (train.py's rows)
+    else:
+        batch_fn = lambda step: copymix_rows(corpus, step=step, steps=tcfg.steps, seed=tcfg.seed,  # noqa: E731
+                                             batch_size=tcfg.batch_size, t_train=tcfg.seq_len)
+    if spec["kind"] == "mamba2":
+        model = Mamba2LM(tcfg.model_config())
+    else:
+        model = TinyTransformer(TransformerConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head))
+    losses = train_model(model, batch_fn, steps=tcfg.steps, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps,
+                         seed=tcfg.seed, desc=f"train {model_label(spec)}")
     model_dir = Path(tcfg.out_dir) / "model"
-    model.save(model_dir)
+    if spec["kind"] == "mamba2":
+        model.save_pretrained(str(model_dir))
+    else:
+        model.save(model_dir)
     return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),
-            "state_size": None, "final_loss": float(np.mean(losses[-5:])), "seconds": time.perf_counter() - t0}
+            "state_size": state_size(model.config) if spec["kind"] == "mamba2" else None,
+            "final_loss": float(np.mean(losses[-10:])), "seconds": time.perf_counter() - t0}
 
 
 def load_model(spec: dict, trained: dict):
@@ -263,7 +320,7 @@ def run(cfg: FCurvesConfig) -> dict:
     trained, curves = {}, {}
     for spec in specs:  # 1. models
         print(f"[fcurves] model {model_label(spec)}", file=sys.stderr)
-        trained[spec["key"]] = store.run(spec["key"], {k: v for k, v in spec.items()},
+        trained[spec["key"]] = store.run(spec["key"], {**spec, "task": cfg.task, "steps": cfg.steps},
                                          lambda: train_point(cfg, spec, out, corpus))
     for spec in specs:  # 2. curves
         for mit in (cfg.mitigations.split(",") if spec["kind"] == "mamba2" else ["none"]):

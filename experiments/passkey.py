@@ -205,7 +205,7 @@ class PasskeyConfig:
 
 
 QUICK = dict(out_dir="runs/passkey_quick", states="16x16,64x16,256x32", t_train=128, tokens_per_step=512,
-             steps=1000, lengths="128,256,512,1024,2048", n_eval=8)
+             steps=1500, lr=1e-2, lengths="128,256,512,1024,2048", n_eval=8)
 
 
 def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:

@@ -189,7 +189,8 @@ def exp_fit(x: Iterable[float], y: Iterable[float]) -> ExpFit:
 
 def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor], *, steps: int, lr: float,
                 warmup_steps: int, seed: int, desc: str = "train", progress: bool = True) -> list[float]:
-    """Train `model` in place for `steps` AdamW steps on batch_fn(step) -> LongTensor (b, T+1).
+    """Train `model` in place for `steps` AdamW steps on batch_fn(step) -> LongTensor (b, T+1), or
+    -> (rows (b, T+1), mask (b, T) bool): then only targets rows[:, 1:][mask] are in the loss.
 
     The model may return logits or (logits, state). Optimizer groups, warmup + cosine schedule,
     clipping and the byte loss are experiments/train.py's (make_optimizer, lr_at, lm_loss), so a
@@ -206,12 +207,18 @@ def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor],
     losses = []
     model.train()
     for step in range(steps):
-        rows = batch_fn(step).to(device)  # (b, T+1)
+        batch = batch_fn(step)
+        rows, mask = batch if isinstance(batch, tuple) else (batch, None)
+        rows = rows.to(device)  # (b, T+1)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(cfg, step)
         out = model(rows[:, :-1])
         logits = out[0] if isinstance(out, tuple) else out  # (b, T, V)
-        loss = lm_loss(logits, rows[:, 1:])
+        if mask is None:
+            loss = lm_loss(logits, rows[:, 1:])
+        else:
+            mask = mask.to(device)
+            loss = lm_loss(logits[mask][None], rows[:, 1:][mask][None])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

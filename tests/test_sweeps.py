@@ -236,3 +236,24 @@ def test_tiny_transformer_is_causal_and_round_trips(tmp_path):
     assert torch.equal(a, c)
     with pytest.raises(ValueError, match="even size"):
         TransformerConfig(d_model=30, n_head=10)
+
+
+def test_copymix_rows_mask_only_the_predictable_copy_targets():
+    from experiments.forgetting_curves import copymix_rows
+    rows, mask = copymix_rows(_TinyCorpus(), step=50, steps=100, seed=0, batch_size=4, t_train=64)
+    assert rows.shape == (4, 65) and mask.shape == (4, 64)
+    assert mask[0::2].all(), "text rows: every target counts"
+    for r, m in zip(rows[1::2].tolist(), mask[1::2]):
+        # walk the episodes [0] x [0] x and rebuild which targets are the second x
+        expect, i = [], 0
+        while i < len(r):
+            assert r[i] == 0
+            if 0 not in r[i + 1:]:  # the row ends inside a first x: nothing more to predict
+                expect += [False] * (len(r) - i)
+                break
+            j = r.index(0, i + 1)  # second separator
+            L = j - i - 1
+            assert r[j + 1:j + 1 + L] == r[i + 1:i + 1 + L][:len(r[j + 1:j + 1 + L])], "second x != first x"
+            expect += [False] * (L + 2) + [True] * L
+            i = j + 1 + L
+        assert m.tolist() == expect[1:65]
