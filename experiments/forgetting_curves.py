@@ -294,7 +294,7 @@ def plot(cfg: FCurvesConfig, specs: list[dict], curves: dict, trained: dict, out
             ax.set_xlabel("dependency length L (tokens)")
             params = trained[spec["key"]]["n_params"]
             ax.set_title(f"{model_label(spec)}\n{params / 1e3:.0f}K params", fontsize=9)
-            ax.legend(fontsize=6, loc="lower left")
+            ax.legend(fontsize=6, loc="upper right")
         axes[0][0].set_ylabel("accuracy (last half of the copy)")
         fig.suptitle(f"Forgetting curves, {mode} {'bytes' if mode == 'random' else 'held-out stdlib text'}, "
                      f"n={cfg.n_samples}/L (dotted: L = T_train/2; line: 0.99)", fontsize=10)

@@ -1,7 +1,7 @@
 """Passkey retrieval at toy scale: how far back can a byte-level Mamba-2 fetch 5 digits, vs state size?
 
 Commands (run from the repository root)
-    # CPU-sized, ~10 min on 2 shared cores: 3 state sizes, T_train = 128, contexts 128..2048
+    # CPU-sized, ~15 min on 2 shared cores: 3 state sizes, T_train = 128, contexts 128..2048
     python -m experiments.passkey --quick
     # the default sweep (meant for a GPU or a long CPU run)
     python -m experiments.passkey
@@ -19,9 +19,10 @@ Paper
 Protocol (numbered as the code below)
     1. make_prompt: filler cut to fill `length` bytes, the needle inserted at byte offset
        round(depth * filler_bytes), the question last (bytes = tokens: no tokenizer).
-    2. Training rows (passkey_rows): even rows are stdlib text (experiments/data.py), odd rows are a
-       passkey prompt of T_train + 1 - 5 bytes followed by its 5 answer digits (uniform random depth),
-       so the model is trained on passkey examples mixed into language-model data at T_train.
+    2. Training rows (passkey_rows): half the rows are stdlib text (experiments/data.py), a quarter
+       are a passkey prompt of T_train + 1 - 5 bytes followed by its 5 answer digits (uniform random
+       depth), a quarter random-byte copy episodes (an auxiliary copying curriculum; --copy_episodes
+       false gives half text, half passkey): passkey examples mixed into language-model data at T_train.
     3. One Mamba-2 per state size, trained with experiments/sweep.train_model (train.py's optimizer,
        schedule and loss).
     4. evaluate: for every context length and depth, n prompts, greedy 5 bytes with the state
@@ -107,18 +108,34 @@ def random_keys(rng: np.random.Generator, n: int) -> list[str]:
 # 2. Training rows: passkey examples mixed into LM data
 # ----------------------------------------------------------------------------------------------
 
-def passkey_rows(corpus, *, step: int, seed: int, batch_size: int, t_train: int) -> torch.Tensor:
-    """LongTensor (b, T+1): even rows corpus text, odd rows prompt(T+1-5 bytes) + the 5 answer digits.
+def passkey_rows(corpus, *, step: int, steps: int, seed: int, batch_size: int, t_train: int,
+                 copy_episodes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (b, T+1), loss mask (b, T)) for one step. A pure function of (seed, step).
 
-    A pure function of (seed, step), like experiments/data.py's batches.
+    copy_episodes=False: even rows corpus text, odd rows prompt(T+1-5 bytes) + the 5 answer digits.
+    copy_episodes=True (default): rows 0, 2 mod 4 text, 1 mod 4 passkey examples, 3 mod 4 copy episodes
+        [SEP] x [SEP] x (experiments/forgetting_curves.copymix_rows, loss on the second x only): an
+        auxiliary copying curriculum. Why: our first --quick run (odd rows passkey, no copy rows,
+        1500 steps) learned the filler but no retrieval at all - every model answered "99991" at every
+        length, 0% even inside T_train - because a passkey row holds only 10 copyable bytes.
+    Text and passkey rows count every target in the loss.
     """
-    rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=t_train)  # (b, T+1)
+    from experiments.forgetting_curves import copymix_rows
+    if copy_episodes:
+        rows, mask = copymix_rows(corpus, step=step, steps=steps, seed=seed, batch_size=batch_size,
+                                  t_train=t_train)  # odd rows copy episodes
+        passkey_idx = range(1, batch_size, 4)
+    else:
+        rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=t_train)  # (b, T+1)
+        mask = torch.ones(batch_size, t_train, dtype=torch.bool)
+        passkey_idx = range(1, batch_size, 2)
     rng = np.random.default_rng([seed, step, PASSKEY_STREAM_ID])
-    for i in range(1, batch_size, 2):
+    for i in passkey_idx:
         key = random_keys(rng, 1)[0]
         prompt, _ = make_prompt(t_train + 1 - KEY_DIGITS, float(rng.uniform()), key)
         rows[i] = torch.tensor(list(prompt + key.encode("ascii")), dtype=torch.long)
-    return rows
+        mask[i] = True
+    return rows, mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +195,8 @@ class PasskeyConfig:
     t_train: int = 256  # T_train: passkey rows and text rows have this many tokens
     tokens_per_step: int = 2048
     steps: int = 3000
-    lr: float = 3e-3
+    lr: float = 1e-2
+    copy_episodes: bool = True  # a quarter of the rows are copy episodes (see passkey_rows)
     seed: int = 0
     lengths: str = "256,512,1024,2048,4096,8192"  # evaluated context lengths C (bytes)
     depths: str = "0,0.25,0.5,0.75,1"
@@ -205,7 +223,7 @@ class PasskeyConfig:
 
 
 QUICK = dict(out_dir="runs/passkey_quick", states="16x16,64x16,256x32", t_train=128, tokens_per_step=512,
-             steps=1500, lr=1e-2, lengths="128,256,512,1024,2048", n_eval=8)
+             steps=2000, lengths="128,256,512,1024,2048", n_eval=8)
 
 
 def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:
@@ -217,8 +235,9 @@ def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:
                               headdim=p, t_train=cfg.t_train, tokens_per_step=cfg.tokens_per_step, steps=cfg.steps,
                               lr=cfg.lr, task="lm", copy_len=1, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
     model = Mamba2LM(tcfg.model_config())
-    losses = train_model(model, lambda step: passkey_rows(corpus, step=step, seed=cfg.seed,
-                                                          batch_size=tcfg.batch_size, t_train=cfg.t_train),
+    losses = train_model(model, lambda step: passkey_rows(corpus, step=step, steps=cfg.steps, seed=cfg.seed,
+                                                          batch_size=tcfg.batch_size, t_train=cfg.t_train,
+                                                          copy_episodes=cfg.copy_episodes),
                          steps=cfg.steps, lr=cfg.lr, warmup_steps=tcfg.warmup_steps, seed=cfg.seed,
                          desc=f"train passkey n={n} p={p}")
     model.save_pretrained(str(out / "models" / key))
@@ -240,7 +259,9 @@ def run(cfg: PasskeyConfig) -> dict:
     results = []
     for n, p in parse_states(cfg.states):
         print(f"[passkey] d_state={n} headdim={p}", file=sys.stderr)
-        tr = store.run(point_key(kind="train", d_state=n, headdim=p), {"d_state": n, "headdim": p},
+        tr = store.run(point_key(kind="train", d_state=n, headdim=p),
+                       {"d_state": n, "headdim": p, "steps": cfg.steps, "lr": cfg.lr, "t_train": cfg.t_train,
+                        "copy_episodes": cfg.copy_episodes},
                        lambda: train_point(cfg, n, p, out, corpus))
 
         def ev():

@@ -122,17 +122,22 @@ class _TinyCorpus:
         return torch.full((n, length + 1), ord("b"), dtype=torch.long)
 
 
-def test_passkey_training_rows_mix_text_and_examples():
-    rows = passkey.passkey_rows(_TinyCorpus(), step=3, seed=0, batch_size=4, t_train=128)
-    assert rows.shape == (4, 129)
-    assert (rows[0::2] == ord("a")).all(), "even rows must be corpus text"
-    for r in rows[1::2]:
+@pytest.mark.parametrize("copy_episodes", [False, True])
+def test_passkey_training_rows_mix_text_and_examples(copy_episodes):
+    kw = dict(step=3, steps=10, seed=0, batch_size=8, t_train=128, copy_episodes=copy_episodes)
+    rows, mask = passkey.passkey_rows(_TinyCorpus(), **kw)
+    assert rows.shape == (8, 129) and mask.shape == (8, 128)
+    assert (rows[0::2] == ord("a")).all() and mask[0::2].all(), "even rows must be corpus text, all scored"
+    pk = rows[1::4] if copy_episodes else rows[1::2]
+    for r in pk:
         text = bytes(r.tolist())
         key = text[-5:].decode()
         assert key.isdigit() and text[:-5].endswith(passkey.QUESTION.encode())
         assert passkey.NEEDLE.format(key=key).encode() in text
-    again = passkey.passkey_rows(_TinyCorpus(), step=3, seed=0, batch_size=4, t_train=128)
-    assert torch.equal(rows, again), "rows must be a pure function of (seed, step)"
+    if copy_episodes:
+        assert (rows[3::4, 0] == 0).all() and not mask[3::4].all(), "rows 3 mod 4: copy episodes, masked"
+    again, mask2 = passkey.passkey_rows(_TinyCorpus(), **kw)
+    assert torch.equal(rows, again) and torch.equal(mask, mask2), "rows must be a pure function of (seed, step)"
 
 
 def test_recall_length_is_contiguous_from_the_shortest():
