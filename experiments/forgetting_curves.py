@@ -63,9 +63,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import forgetting_curve as fc  # noqa: E402
-from experiments.common import atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.common import atomic_write_text  # noqa: E402
 from experiments.sweep import (PointStore, final_train_loss, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, train_model, train_or_reuse_mamba)
+                               parse_ints, parse_states, point_key, train_model, train_or_reuse_mamba, write_run_config)
 
 MODES = ("random", "text")
 TASKS = ("copymix", "mix")
@@ -312,7 +312,7 @@ def run(cfg: FCurvesConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata()})
+    write_run_config(out, dataclasses.asdict(cfg))
     store = PointStore(out)
     corpus = Corpus.load()
     heldout = torch.from_numpy(corpus.heldout.astype(np.int64))  # (N,) held-out bytes
@@ -346,9 +346,7 @@ def run(cfg: FCurvesConfig) -> dict:
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     figs = plot(cfg, specs, curves, trained, out)
     wall = time.perf_counter() - t0
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata(),
-                                            "wall_s_last_invocation": wall,
-                                            "points_computed_this_invocation": store.computed})
+    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
     if cfg.figures:
         fig_dir = REPO / "figures"
         fig_dir.mkdir(exist_ok=True)

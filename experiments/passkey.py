@@ -56,9 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments.common import atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
 from experiments.sweep import (PAPER_RECALL, PointStore, exp_fit, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, train_model)
+                               parse_ints, parse_states, point_key, train_model, write_run_config)
 
 # [SC] appendix: the passkey prompt
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -253,7 +253,7 @@ def run(cfg: PasskeyConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata()})
+    write_run_config(out, dataclasses.asdict(cfg))
     store, corpus = PointStore(out), Corpus.load()
     lengths, depths = parse_ints(cfg.lengths, "lengths"), cfg.depth_list
     results = []
@@ -299,8 +299,7 @@ def run(cfg: PasskeyConfig) -> dict:
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     figs = plot(cfg, results, lengths, depths, fit, out)
     wall = time.perf_counter() - t0
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata(),
-                                            "wall_s_last_invocation": wall, "points_computed": store.computed})
+    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
     if cfg.figures:
         (REPO / "figures").mkdir(exist_ok=True)
         for f in figs:

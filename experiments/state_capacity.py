@@ -58,10 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from experiments.common import atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
 from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, PointStore, final_train_loss,  # noqa: E402
                                linear_fit, mamba_train_config, parse_config, parse_ints, parse_states,
-                               point_key, train_or_reuse_mamba)
+                               point_key, train_or_reuse_mamba, write_run_config)
 
 PAPER_FACTOR = 2.0  # [SC] criterion
 PROBES = ("newline", "text")
@@ -189,7 +189,7 @@ def run(cfg: CapacityConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata()})
+    write_run_config(out, dataclasses.asdict(cfg))
     store = PointStore(out)
     corpus = Corpus.load()
     probes = {"newline": newline_probe(cfg.eval_length),
@@ -222,8 +222,7 @@ def run(cfg: CapacityConfig) -> dict:
     md = write_table(cfg, summary, out)
     fig = plot(cfg, summary, out)
     wall = time.perf_counter() - t0
-    atomic_write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "meta": run_metadata(),
-                                            "wall_s_last_invocation": wall, "points_computed": store.computed})
+    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
     if cfg.figures:
         (REPO / "figures").mkdir(exist_ok=True)
         shutil.copyfile(fig, REPO / "figures" / fig.name)

@@ -314,3 +314,15 @@ def parse_config(cls, argv: list[str] | None, quick: dict, description: str):
     base = dict(quick) if given.get("quick") else {}
     base.update(given)
     return cls(**base)
+
+
+def write_run_config(out: Path, config: dict, wall_s: float | None = None, computed: list[str] | None = None) -> None:
+    """config.json of a sweep's run folder: the resolved config, versions and hardware, and one record
+    per invocation (wall time, points computed), so a resumed or re-plotted run keeps its history."""
+    from experiments.common import run_metadata
+    p = Path(out) / "config.json"
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    runs = old.get("invocations", [])
+    if wall_s is not None:
+        runs = runs + [{"wall_s": round(wall_s, 1), "points_computed": computed or [], **run_metadata()}]
+    atomic_write_json(p, {"config": config, "meta": run_metadata(), "invocations": runs})
