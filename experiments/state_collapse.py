@@ -24,6 +24,8 @@ The regime (why these defaults; experiments/LOG.md has every run, negative ones 
     one episode per row, the model never sees a reason to forget; beyond T_train its state keeps old
     content, a few channels grow, and the loss climbs on newlines, on text and on later episodes.
     A longer T_train (several episodes per row) teaches it to forget.
+    At this scale the outcome depends on the seed: it needs a head whose initial decay is already
+    slow (seed 0 draws one among the 8 heads; with --seed 1 nothing collapses). See LOG.md.
 
 Probes (each prompt is locally in-distribution; only the amount of carried context grows)
     text     held-out standard-library source (documents never trained on)
