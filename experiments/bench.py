@@ -32,9 +32,14 @@ MAX_REPS); the table shows the fastest (the least disturbed by other processes o
 machine). Torch threads: torch's default unless --threads is given; the count is recorded.
 
 Commands (CPU first):
-    python experiments/bench.py --quick            # ~3-6 min on 2 CPU cores: the table + JSON + plot
+    python experiments/bench.py --quick            # ~4-8 min on 2 CPU cores: the table + JSON + plot
+    python experiments/bench.py --quick --threads 1   # steadier on a machine shared with other jobs
+    python experiments/bench.py --quick --threads 1 --glibc-no-mmap   # malloc keeps freed memory
     python experiments/bench.py                    # lengths 1K..64K, + compiled scans (~30+ min)
     python experiments/bench.py --gpu-only --out runs/bench-gpu   # the GPU section alone (a few min)
+On a CPU machine shared with other busy processes, torch's default of one thread per core can
+stall every parallel op while a sibling thread waits for its core (the README shows such a run);
+--threads 1 avoids that.
 Outputs (one run folder, runs/bench-<UTC timestamp>/ or --out): results.json (every measurement,
 written after each one, atomically), table.txt, bench.png, config.json (resolved settings, versions,
 hardware). --figures-dir DIR also writes the plot there (the README uses figures/bench_cpu.png).
@@ -73,6 +78,10 @@ MAX_REPS = 5  # ... but at most this many timed calls
 MATMUL_SIZE = 2048  # the square fp32 matmul that measures the machine's FLOP/s
 DECODE_ROUNDS = 3  # decoding: rounds over all contexts (interleaved), `tokens` new tokens each
 WORKER_TIMEOUT_S = 1800  # a single measurement that takes longer is recorded as failed
+# --glibc-no-mmap: glibc's malloc serves big blocks by mmap and returns them to the OS on free, so
+# every large temporary is page-faulted in again; these tunables keep freed memory for reuse. Applied
+# to every worker alike (ours and transformers'), off by default.
+GLIBC_NO_MMAP = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"}
 KB = 1024  # ru_maxrss is in kilobytes on Linux
 MB = 1024 * 1024
 
@@ -488,13 +497,14 @@ def gpu_plan(cfg: BenchConfig) -> list[dict]:
             for dt in ("bfloat16", "float32") for impl in impls for l in cfg.gpu_lengths]
 
 
-def run_worker(specs, threads: int | None) -> list[dict]:
+def run_worker(specs, threads: int | None, glibc_no_mmap: bool = False) -> list[dict]:
     """Run specs (one dict or a list) in a fresh Python process; returns its result dicts."""
     if threads:
         specs = [{**s, "threads": threads} for s in (specs if isinstance(specs, list) else [specs])]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(specs)]
+    env = {**os.environ, **(GLIBC_NO_MMAP if glibc_no_mmap else {})}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         items = specs if isinstance(specs, list) else [specs]
         return [{**s, "ok": False, "error": f"timed out after {WORKER_TIMEOUT_S} s"} for s in items]
@@ -646,10 +656,11 @@ def _cpu_model() -> str:
 
 
 def run_all(cfg: BenchConfig, out: Path, threads: int | None, gpu: bool, cpu: bool,
-            figures_dir: Path | None) -> list[dict]:
+            figures_dir: Path | None, glibc_no_mmap: bool = False) -> list[dict]:
     import torch
     out.mkdir(parents=True, exist_ok=True)
     meta = {**run_metadata(), "cpu_model": _cpu_model(), "torch_threads_requested": threads or "default",
+            "glibc_no_mmap": glibc_no_mmap,
             "command": " ".join([Path(sys.executable).name] + sys.argv), "config": dataclasses.asdict(cfg)}
     try:
         import transformers
@@ -662,12 +673,12 @@ def run_all(cfg: BenchConfig, out: Path, threads: int | None, gpu: bool, cpu: bo
     t_start = time.perf_counter()
     bar = ProgressBar(total=len(specs) + (1 if gpu else 0), desc="bench")
     for spec in specs:
-        rows.extend(run_worker(spec, threads))
+        rows.extend(run_worker(spec, threads, glibc_no_mmap))
         atomic_write_json(out / "results.json", {"meta": meta, "rows": rows})
         bar.update(1, last=_label(rows[-1]))
     if gpu:
         if torch.cuda.is_available():
-            rows.extend(run_worker(gpu_plan(cfg), threads))
+            rows.extend(run_worker(gpu_plan(cfg), threads, glibc_no_mmap))
         else:
             print("GPU section skipped: torch.cuda.is_available() is False", file=sys.stderr)
         bar.update(1)
@@ -697,6 +708,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-only", action="store_true", help="only the GPU section")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is available")
     ap.add_argument("--figures-dir", type=Path, default=None, help="also write the plot here")
+    ap.add_argument("--glibc-no-mmap", action="store_true", help="workers keep freed memory (see GLIBC_NO_MMAP)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
@@ -706,7 +718,7 @@ def main(argv=None) -> None:
     out = args.out or ROOT / "runs" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
     import torch
     run_all(cfg, out, args.threads, gpu=not args.no_gpu and (args.gpu_only or torch.cuda.is_available()),
-            cpu=not args.gpu_only, figures_dir=args.figures_dir)
+            cpu=not args.gpu_only, figures_dir=args.figures_dir, glibc_no_mmap=args.glibc_no_mmap)
 
 
 if __name__ == "__main__":
