@@ -174,6 +174,8 @@ def fit_capacity(states: list[dict], factor_key: str) -> dict:
     if len({x for x, _ in pts}) < 2:
         return {"fit": None, "note": f"{len(pts)} uncensored state size(s): no fit (needs >= 2)"}
     f = linear_fit([x for x, _ in pts], [y for _, y in pts])
+    if abs(f.slope) < 1e-12:  # equal T_forget everywhere: an exact 0, not round-off
+        f = dataclasses.replace(f, slope=0.0)
     note = ""
     if len({y for _, y in pts}) == 1:
         note = "every state has the same T_forget: slope 0, R^2 undefined (the grid is too coarse)"
@@ -294,7 +296,10 @@ def plot(cfg: CapacityConfig, summary: dict, out: Path) -> Path:
             a2.plot([], [], mk, color="C0" if key == "t_forget" else "C1", label=f"{lab}: no fit")
     xs = np.array([s["state_size"] for s in summary["states"]], float)
     grid = np.linspace(0, xs.max() * 1.1, 50)
-    a2.plot(grid / 1e3, PAPER_FORGET_SLOPE * 1e-3 * grid, "k:", label=f"paper slope {PAPER_FORGET_SLOPE} tok/K elem")
+    a2.plot(grid / 1e3, PAPER_FORGET_SLOPE * 1e-3 * grid, "k:",
+            label=f"paper's slope, {PAPER_FORGET_SLOPE} tok/K elem, drawn through 0\n(its law, "
+                  f"{PAPER_FORGET_SLOPE} N_S[M] {PAPER_FORGET_INTERCEPT} [K], is < 0 below N_S = 864K)")
+    a2.set_ylim(0, 1.5 * max(summary["train_lens"]))
     a2.set_xlabel("state size N_S (K elements)")
     a2.set_ylabel("T_forget (tokens)")
     a2.set_title("T_forget vs N_S (hollow ^: collapses at every T; v: at none)", fontsize=9)
