@@ -172,6 +172,19 @@ def evaluate(model, lengths: list[int], depths: list[float], n: int, chunk: int)
     return acc
 
 
+EXAMPLE_KEYS = ("48213", "70956")  # fixed keys whose greedy answers summary.json shows (what the model says)
+
+
+def example_answers(model, length: int, depths: list[float], chunk: int) -> dict[str, str]:
+    """'key@depth' -> the model's greedy 5 bytes, at the shortest context (for eyeballing failures)."""
+    out = {}
+    for key in EXAMPLE_KEYS:
+        for d in (depths[0], depths[-1]):
+            ans = greedy_bytes(model, torch.tensor([list(make_prompt(length, d, key)[0])]), KEY_DIGITS, chunk)
+            out[f"{key}@{d:g}"] = bytes(ans[0].tolist()).decode("latin-1")
+    return out
+
+
 def recall_length(lengths: list[int], acc: np.ndarray, threshold: float = RECALL_ACCURACY) -> int:
     """Longest tested context C with every tested C' <= C at mean accuracy (over depths) >= threshold."""
     ok = acc.mean(1) >= threshold
@@ -271,7 +284,9 @@ def run(cfg: PasskeyConfig) -> dict:
             return {"acc": acc.tolist(), "t_recall": recall_length(lengths, acc), "seconds": time.perf_counter() - t1}
         res = store.run(point_key(kind="eval", d_state=n, headdim=p),
                         {"d_state": n, "headdim": p, "lengths": lengths, "depths": depths, "n": cfg.n_eval}, ev)
-        results.append({"d_state": n, "headdim": p, **tr, **res})
+        results.append({"d_state": n, "headdim": p, **tr, **res,
+                        "examples": example_answers(Mamba2LM.from_pretrained(tr["model_dir"]).eval(), lengths[0],
+                                                    depths, cfg.chunk)})
         print(f"[passkey]   N_S={tr['state_size']} final loss {tr['final_loss']:.3f} T_recall={res['t_recall']} "
               f"acc by C={np.asarray(res['acc']).mean(1).round(2).tolist()}", file=sys.stderr)
 
@@ -282,12 +297,13 @@ def run(cfg: PasskeyConfig) -> dict:
         fit = exp_fit([x / 1e3 for x, _ in pts], [y for _, y in pts])  # N_S in K elements, T in tokens
     else:
         fit_note = (f"no exponential fit: {len(pts)} state size(s) with T_recall > 0 (needs >= 3)")
-    md = ["| d_state x headdim | N_S | params | final train loss | T_recall (>= 95%) | accuracy by context length |",
-          "|---|---|---|---|---|---|"]
+    md = ["| d_state x headdim | N_S | params | final train loss | T_recall (>= 95%) | accuracy by context length "
+          f"| greedy answers at C={lengths[0]} (key@depth -> output) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         md.append(f"| {r['d_state']}x{r['headdim']} | {r['state_size']} | {r['n_params'] / 1e3:.0f}K | "
                   f"{r['final_loss']:.3f} | {r['t_recall']} | "
-                  + ", ".join(f"{C}: {a:.2f}" for C, a in zip(lengths, np.asarray(r["acc"]).mean(1))) + " |")
+                  + ", ".join(f"{C}: {a:.2f}" for C, a in zip(lengths, np.asarray(r["acc"]).mean(1))) + " | "
+                  + ", ".join(f"{k} -> {v!r}" for k, v in r["examples"].items()) + " |")
     if fit is not None:
         md.append(f"\nFit: T_recall = {fit.a:.4g} ({fit.b:.4g}^(N_S/1K) - 1) + {fit.c:.4g} tokens, R^2 = {fit.r2:.4f} "
                   f"(n = {fit.n}). Paper: {PAPER_RECALL[0]} ({PAPER_RECALL[1]}^(N_S/1M) - 1) + {PAPER_RECALL[2]} K tokens.")
