@@ -1,7 +1,7 @@
 """Passkey retrieval at toy scale: how far back can a byte-level Mamba-2 fetch 5 digits, vs state size?
 
 Commands (run from the repository root)
-    # CPU-sized, ~15 min on 2 shared cores: 3 state sizes, T_train = 128, contexts 128..2048
+    # CPU-sized: 3 state sizes, T_train = 128, contexts 128..2048 (11 min measured on a busy 2-core box)
     python -m experiments.passkey --quick
     # the default sweep (meant for a GPU or a long CPU run)
     python -m experiments.passkey

@@ -1,7 +1,7 @@
 """State capacity at toy scale: the training length a Mamba-2 needs to learn to forget, vs state size.
 
 Commands (run from the repository root)
-    # CPU-sized, ~15 min on 2 shared cores: 2 state sizes x 2 training lengths
+    # CPU-sized: 2 state sizes x 2 training lengths (20 min measured on a busy shared 2-core box, 1 thread)
     python -m experiments.state_capacity --quick
     # the default sweep (meant for a GPU or a long CPU run)
     python -m experiments.state_capacity
