@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 import minimamba
-from minimamba import check_scan_inputs
+from minimamba import _compute_dtype, _heads_from_groups, check_scan_inputs
 
 # Window decays and retentions are summed in float64: a running sum over s add/subtract steps carries
 # a rounding error of order sqrt(s) * eps * |sum|, about 6e-5 relative after 10^6 steps in float32
@@ -62,24 +62,19 @@ DEFAULT_CHUNK_SIZE = 64
 # --------------------------------------------------------------------------------------------------
 
 
-def _per_head(t: torch.Tensor, nheads: int) -> torch.Tensor:
-    """(..., g, n) -> (..., h, n): head i reads group i // (h / g), as in minimamba."""
-    return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
-
-
 def _per_token_A(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """A (h,) or already per-token with dt's shape -> per-token, dt's shape (b, [l,] h)."""
     return A.expand(dt.shape) if A.dim() == 1 else A
 
 
 def _float_at_least_32(t: torch.Tensor) -> torch.Tensor:
-    """State math runs in float32 at least; float64 stays float64 (as in minimamba)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    """State math runs in float32 at least; float64 stays float64 (minimamba's rule)."""
+    return t.to(_compute_dtype(t.dtype))
 
 
 def _read_out(state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """state (b, h, p, n), C (b, g, n) -> state C (b, h, p)."""
-    return torch.einsum("bhpn,bhn->bhp", state, _per_head(C.to(state.dtype), state.shape[1]))
+    return torch.einsum("bhpn,bhn->bhp", state, _heads_from_groups(C.to(state.dtype), state.shape[1]))
 
 
 class SSDScan:
@@ -470,7 +465,7 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     lag = t_idx[:, None] - t_idx[None, :]  # t - i
     band = (lag >= 0) & (lag < window)
     L = torch.exp(seg.masked_fill(~band, -math.inf))  # (b, h, t, i), 0 outside the band
-    Bh, Ch = _per_head(B.to(ct), h), _per_head(C.to(ct), h)  # (b, l, h, n)
+    Bh, Ch = _heads_from_groups(B.to(ct), h), _heads_from_groups(C.to(ct), h)  # (b, l, h, n)
     y = torch.einsum("bthn,bihn,bhti,bih,bihp->bthp", Ch, Bh, L, dt.to(ct), x.to(ct))
     if D is not None:
         y = y + D.to(ct)[:, None] * x.to(ct)
