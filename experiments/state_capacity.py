@@ -280,12 +280,14 @@ def plot(cfg: CapacityConfig, summary: dict, out: Path) -> Path:
     a1.set_ylabel("max loss beyond T / max within T")
     a1.set_title(f"collapse ratio (eval to {cfg.eval_length} tokens)", fontsize=9)
     a1.legend(fontsize=6)
-    for key, mk, lab in (("t_forget", "o", f"{cfg.factor}x"), ("t_forget_relaxed", "s", f"{cfg.relaxed_factor}x")):
+    # relaxed first, then the paper's 2x as larger hollow markers on top (they often coincide)
+    for key, mk, lab in (("t_forget_relaxed", "s", f"{cfg.relaxed_factor}x"), ("t_forget", "o", f"{cfg.factor}x")):
         for s in summary["states"]:
             tf = s[key]
             style = {"above": "^", "at_or_below": "v", None: mk}[tf["censored"]]
             a2.plot(s["state_size"] / 1e3, tf["value"], style, color="C0" if key == "t_forget" else "C1",
-                    mfc="none" if tf["censored"] else None, ms=7)
+                    mfc="none" if (tf["censored"] or key == "t_forget") else None,
+                    ms=11 if key == "t_forget" else 6, mew=1.5)
         f = summary["fit" if key == "t_forget" else "fit_relaxed"]["fit"]
         xs = np.array([s["state_size"] for s in summary["states"]], float)
         if f is not None:
