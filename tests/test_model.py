@@ -216,3 +216,30 @@ def test_bad_state_and_generate_arguments(model, ids):
 def test_invalid_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Mamba2Config(**{**TINY, **kwargs})
+
+
+def test_minimamba_py_works_copied_alone(tmp_path):
+    """The README's promise: copy minimamba.py alone and it works (no kernels.py beside it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import minimamba
+
+    shutil.copy(minimamba.__file__, tmp_path / "minimamba.py")
+    # an installed project (pip install -e .) could still serve kernels.py: block it, as if absent
+    code = ("import sys, os, torch\n"
+            "sys.modules['kernels'] = None\n"
+            "import minimamba\n"
+            "assert os.path.dirname(os.path.abspath(minimamba.__file__)) == os.getcwd(), minimamba.__file__\n"
+            "assert minimamba._kernels() is None\n"
+            "m = minimamba.Mamba2LM(minimamba.Mamba2Config(d_model=32, n_layer=1, vocab_size=50, d_state=8,"
+            " headdim=8, chunk_size=8))\n"
+            "logits, state = m(torch.randint(0, 50, (1, 20)))\n"
+            "print(tuple(logits.shape), m.generate(torch.zeros(1, 2, dtype=torch.long), 3).shape[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(1,", "20,", "64)", "5"]
