@@ -65,8 +65,8 @@ if str(REPO) not in sys.path:
 
 import forgetting_curve as fc  # noqa: E402
 from experiments.common import atomic_write_text  # noqa: E402
-from experiments.sweep import (PointStore, final_train_loss, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, train_model, train_or_reuse_mamba, write_run_config)
+from experiments.sweep import (final_train_loss, mamba_train_config, parse_config,  # noqa: E402
+                               parse_ints, parse_states, point_key, start_run, train_model, train_or_reuse_mamba, write_run_config)
 
 MODES = ("random", "text")
 TASKS = ("copymix", "mix")
@@ -310,11 +310,7 @@ def plot(cfg: FCurvesConfig, specs: list[dict], curves: dict, trained: dict, out
 def run(cfg: FCurvesConfig) -> dict:
     from experiments.data import Corpus
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    store = PointStore(out)
+    out, store = start_run(cfg)
     corpus = Corpus.load()
     heldout = torch.from_numpy(corpus.heldout.astype(np.int64))  # (N,) held-out bytes
     specs = model_specs(cfg)

@@ -57,8 +57,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
-from experiments.sweep import (PAPER_RECALL, PointStore, exp_fit, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, train_model, write_run_config)
+from experiments.sweep import (PAPER_RECALL, exp_fit, mamba_train_config, parse_config,  # noqa: E402
+                               parse_ints, parse_states, point_key, start_run, train_model, write_run_config)
 
 # [SC] appendix: the passkey prompt
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -263,11 +263,8 @@ def run(cfg: PasskeyConfig) -> dict:
     from minimamba import Mamba2LM
     from experiments.data import Corpus
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    store, corpus = PointStore(out), Corpus.load()
+    out, store = start_run(cfg)
+    corpus = Corpus.load()
     lengths, depths = parse_ints(cfg.lengths, "lengths"), cfg.depth_list
     results = []
     for n, p in parse_states(cfg.states):

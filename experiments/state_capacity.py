@@ -44,7 +44,6 @@ Glossary
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import sys
 import time
@@ -59,9 +58,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
-from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, PointStore, final_train_loss,  # noqa: E402
+from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, final_train_loss,  # noqa: E402
                                linear_fit, mamba_train_config, parse_config, parse_ints, parse_states,
-                               point_key, train_or_reuse_mamba, write_run_config)
+                               point_key, start_run, train_or_reuse_mamba, write_run_config)
 
 PAPER_FACTOR = 2.0  # [SC] criterion
 PROBES = ("newline", "text")
@@ -188,11 +187,7 @@ def fit_capacity(states: list[dict], factor_key: str) -> dict:
 def run(cfg: CapacityConfig) -> dict:
     from experiments.data import Corpus, newline_probe
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    store = PointStore(out)
+    out, store = start_run(cfg)
     corpus = Corpus.load()
     probes = {"newline": newline_probe(cfg.eval_length),
               "text": corpus.heldout_windows(cfg.eval_prompts, cfg.eval_length)}

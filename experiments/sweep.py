@@ -24,6 +24,7 @@ import json
 import math
 import re
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -326,3 +327,14 @@ def write_run_config(out: Path, config: dict, wall_s: float | None = None, compu
     if wall_s is not None:
         runs = runs + [{"wall_s": round(wall_s, 1), "points_computed": computed or [], **run_metadata()}]
     atomic_write_json(p, {"config": config, "meta": run_metadata(), "invocations": runs})
+
+
+def start_run(cfg) -> tuple[Path, PointStore]:
+    """The opening every sweep's run() shares: torch threads, the run folder, its config.json record
+    (write_run_config) and the point store of finished points. cfg: a config dataclass with
+    `threads` and `out_dir`."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, dataclasses.asdict(cfg))
+    return out, PointStore(out)
