@@ -295,12 +295,13 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
 
 
 def _kernels():
-    """kernels.py if it sits next to this file (or is installed), else None: it is optional."""
+    """kernels.py if it sits next to this file (or is installed), else None: it is optional.
+    (An unrelated module of the same name, e.g. PyPI's `kernels`, is ignored: it has no ssd_chunked.)"""
     try:
         import kernels
     except ImportError:
         return None
-    return kernels
+    return kernels if hasattr(kernels, "ssd_chunked") else None
 
 
 class DefaultScan:
