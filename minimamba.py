@@ -603,17 +603,7 @@ class Mamba2LM(nn.Module):
         Returns: logits (b, l, padded_vocab_size) in float32, and the state after the last token.
         """
         self._check_ids(input_ids, 2)
-        state = self._check_state(state, input_ids.shape[0])
-        hidden = self.backbone.embedding(input_ids)  # (b, l, d)
-        residual = hidden.float() if self.config.residual_in_fp32 else hidden
-        conv, ssm = [], []
-        for i, block in enumerate(self.backbone.layers):
-            out, c, s = block.mixer(block.norm(residual), state.conv[i], state.ssm[i])
-            residual = residual + out
-            conv.append(c)
-            ssm.append(s)
-        logits = self.lm_head(self.backbone.norm_f(residual)).float()
-        return logits, Mamba2State(conv, ssm, state.seqlen + input_ids.shape[1])
+        return self._run(input_ids, self._check_state(state, input_ids.shape[0]), one_token=False)
 
     def step(self, input_ids: torch.Tensor, state: Mamba2State | None):
         """One token per sequence, O(1) in the context length.
@@ -621,17 +611,23 @@ class Mamba2LM(nn.Module):
         Returns: logits (b, padded_vocab_size) in float32, and the new state.
         """
         self._check_ids(input_ids, 1)
-        state = self._check_state(state, input_ids.shape[0])
-        hidden = self.backbone.embedding(input_ids)  # (b, d)
+        return self._run(input_ids, self._check_state(state, input_ids.shape[0]), one_token=True)
+
+    def _run(self, input_ids, state: Mamba2State, one_token: bool):
+        """The model itself, on checked inputs: a piece of l tokens (b, l), or one token (b,) through
+        each mixer's step(). embedding -> [residual += mixer(RMSNorm(residual))] x n_layer -> norm_f -> lm_head."""
+        hidden = self.backbone.embedding(input_ids)  # (b, l, d) or (b, d)
         residual = hidden.float() if self.config.residual_in_fp32 else hidden
         conv, ssm = [], []
         for i, block in enumerate(self.backbone.layers):
-            out, c, s = block.mixer.step(block.norm(residual), state.conv[i], state.ssm[i])
+            mixer = block.mixer.step if one_token else block.mixer
+            out, c, s = mixer(block.norm(residual), state.conv[i], state.ssm[i])
             residual = residual + out
             conv.append(c)
             ssm.append(s)
         logits = self.lm_head(self.backbone.norm_f(residual)).float()
-        return logits, Mamba2State(conv, ssm, state.seqlen + 1)
+        n = 1 if one_token else input_ids.shape[1]
+        return logits, Mamba2State(conv, ssm, state.seqlen + n)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -656,8 +652,8 @@ class Mamba2LM(nn.Module):
         for i in range(max_new_tokens):
             token = sample(logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator)
             out.append(token[:, None])
-            if i + 1 < max_new_tokens:
-                logits, state = self.step(token, state)
+            if i + 1 < max_new_tokens:  # sampled ids are valid: skip step()'s checks (a GPU sync)
+                logits, state = self._run(token, state, one_token=True)
         return torch.cat(out, dim=1)
 
     # ---- checkpoints -----------------------------------------------------------------------------
