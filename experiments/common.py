@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from minimamba import _atomic_write
+
 PROGRESS_MIN_INTERVAL_S = 0.25  # redraw the bar at most this often on a terminal
 PROGRESS_LOG_EVERY_FRACTION = 0.1  # without a terminal, print a line every 10% of the work
 PROGRESS_BAR_WIDTH = 24  # characters in the bar itself
@@ -85,15 +87,11 @@ class ProgressBar:
 # ----------------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one
+    (minimamba's temporary-file-then-rename writer; the folder is created if needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
