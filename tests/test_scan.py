@@ -149,7 +149,15 @@ def test_compiled_chunked_equals_eager_without_recompiling_per_length():
     for l in (70, 90, 100, 128, 111):  # 5..8 chunks: one bucket
         x, dt, A = torch.randn(1, l, h, p), torch.rand(1, l, h), -torch.rand(h)
         B, C, S0 = torch.randn(1, l, g, n), torch.randn(1, l, g, n), torch.randn(1, h, p, n)
-        y, s = fn(x, dt, A, B, C, chunk_size=q, D=torch.ones(h), initial_state=S0)
-        y0, s0 = kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=torch.ones(h), initial_state=S0)
-        assert max_rel_err(y, y0) < 1e-5 and max_rel_err(s, s0) < 1e-5
+        kw = dict(D=torch.ones(h), initial_state=S0)
+        exact = kernels.ssd_sequential(*(t.double() for t in (x, dt, A, B, C)),
+                                       **{k: v.double() for k, v in kw.items()})
+        # Each float32 path is held to the exact answer, not to the other: the compiled code sums in
+        # another order (and, on some CPUs, with other vector instructions), so eager-vs-compiled
+        # differences reach a few 1e-5 on one CI machine while both stay near 1e-7 here; a wrong
+        # scan is off by O(1).
+        for name, out in (("compiled", fn(x, dt, A, B, C, chunk_size=q, **kw)),
+                          ("eager", kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, **kw))):
+            ey, es = max_rel_err(out[0], exact[0]), max_rel_err(out[1], exact[1])
+            assert ey < 2e-4 and es < 2e-4, f"{name}, l={l}: y err {ey:.3g}, state err {es:.3g}"
     assert counts["stats"]["unique_graphs"] <= 1, dict(counts["stats"])
