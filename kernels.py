@@ -7,7 +7,8 @@ Same signatures and shapes as minimamba.ssd (see its glossary: b, l, h, p, g, n,
                      every heavy term is a batched matmul, C B^T is computed once per group (not per
                      head), the chunk-to-chunk pass is linear in the number of chunks, x keeps its
                      own memory layout (no transposed copies for steps 2 and 4), inference builds its
-                     big temporaries in place, and the whole function compiles with
+                     big temporaries in place, training uses a hand-written backward that recomputes
+                     the intermediates instead of keeping them, and the whole function compiles with
                      torch.compile(fullgraph=True) without recompiling for every new length.
     ssd_chunked_compiled   torch.compile(ssd_chunked, fullgraph=True, dynamic=True), built on first use.
 
@@ -18,7 +19,8 @@ autograd allows (no autograd, or tensors autograd does not keep), and one fused 
 in the chunk-to-chunk loop. Compiling does not pay off on CPU (minutes of compile time, no speed-up
 measured at l = 4096); it is for GPUs.
 
-Reading order: ssd_sequential (what is computed), then ssd_chunked (how it is computed fast).
+Reading order: ssd_sequential (what is computed), then ssd_chunked (how it is computed fast):
+_chunk_layout, _ssd_chunked_forward (steps 1-4), _ssd_chunked_backward (the same steps, reversed).
 """
 
 from __future__ import annotations
@@ -120,50 +122,63 @@ def _pass_states_doubling(states, decay, S0):
     return entering, s[:, -1]
 
 
-def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
-    """The chunked SSD scan in four matmul-shaped steps (same result as minimamba.ssd).
+def _chunk_layout(x, dt, A, B, C, q, g):
+    """The inputs padded to whole chunks and discretized, in the chunk layout every step uses.
 
-    Layout: heads are split as h = g * r (r = h / g heads per group), so every term that depends
-    only on B or C is computed once per group, and heads of a group are batched into one matmul.
-    x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
-    (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
-    Without autograd (inference) the big per-head (q, q) decay blocks are built in place: on CPU
-    every fresh multi-megabyte temporary costs page faults, so fewer temporaries is most of the speed.
-    Args/Returns: as minimamba.ssd.
+    x (b, l, h, p), dt (b, l, h), A (h,) or (b, l, h), B, C (b, l, g, n), all in the compute dtype ->
+    X = x dt (b, c, g, q, r, p) (a view of a (b, c*q, h, p) tensor), a_cumsum (b, c, g, r, q),
+    Bc, Cc (b, c, g, q, n) (views), and the padded x and dt.
+    Padding is zero dt: padded steps neither decay nor write, so the final state stays exact.
     """
-    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
-    ct = _compute_dtype(x.dtype)
-    q, r = chunk_size, h // g
-    pad = (-l) % q  # zero-dt padding to whole chunks: padded steps neither decay nor write
+    b, l, h, p = x.shape
+    n, r = B.shape[-1], h // g
+    pad = (-l) % q
     c = (l + pad) // q
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state))
-    xf, dtf = x.to(ct), dt.to(ct)
-    Bf, Cf = B.to(ct), C.to(ct)
     # Compiled, the pad is always applied (a Python `if pad` would be one more guard). Known limit:
     # padding (F.pad, or a cat) by a symbolic amount still guards on "l % q == 0", so lengths that
     # are a multiple of q compile one extra graph per power-of-two bucket.
     if torch.compiler.is_compiling() or pad:
-        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
-        dtf = F.pad(dtf, (0, 0, 0, pad))
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
     # Discretize: X = x * dt (what gets written), a = dt * A (log of the decay alpha).
-    a = dtf * (A.to(ct) if A.dim() == 1 else F.pad(A.to(ct), (0, 0, 0, pad)))  # (b, l, h)
-    X = (xf * dtf[..., None]).reshape(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p) a view
+    a = dt * (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))  # (b, c*q, h)
+    X = (x * dt[..., None]).reshape(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p) a view
     a = a.reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
-    Bc = Bf.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cc = Cf.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    a_cumsum = torch.cumsum(a, dim=-1)  # (b, c, g, r, q)
+    Bc = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cc = C.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    return X, torch.cumsum(a, dim=-1), Bc, Cc, x, dt
 
-    # Step 1: Y_diag = (C B^T o L) X. C B^T once per group (masked to the causal triangle), the
-    # decay mask L[i, s] = exp(a_cumsum[i] - a_cumsum[s]) per head (the difference of cumsums,
-    # as the official kernel does; a chunk is short, so the cancellation error stays ~1e-7 relative).
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
-    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+
+def _decay_blocks(a_cumsum, CB, grad):
+    """M = C B^T o L per head, L[i, s] = exp(a_cumsum[i] - a_cumsum[s]) for i >= s (the difference of
+    cumsums, as the official kernel does; a chunk is short, so the cancellation error stays ~1e-7
+    relative). a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked to i >= s -> M (b, c, g, r, q, q)."""
+    q = a_cumsum.shape[-1]
     seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
     if grad:
-        M = torch.exp(seg.masked_fill(~causal, -math.inf)) * CB[:, :, :, None]
-    else:  # the same three operations in place: one (b, c, g, r, q, q) buffer instead of three
-        M = seg.clamp_(max=0.0).exp_().mul_(CB[:, :, :, None])  # above the diagonal CB = 0
+        causal = torch.ones(q, q, dtype=torch.bool, device=CB.device).tril_()
+        return torch.exp(seg.masked_fill(~causal, -math.inf)) * CB[:, :, :, None]
+    # the same three operations in place: one buffer instead of three (above the diagonal CB = 0)
+    return seg.clamp_(max=0.0).exp_().mul_(CB[:, :, :, None])
+
+
+def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q):
+    """Steps 1-4 of ssd_chunked on float inputs in the compute dtype; S0 (b, h, p, n) (zeros if none).
+    Returns y (b, l, h, p), the final state (b, h, p, n) and the states entering each chunk
+    (b, c, h, p, n), which the hand-written backward keeps instead of every intermediate."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, S0))
+    X, a_cumsum, Bc, Cc, xf, _ = _chunk_layout(x, dt, A, B, C, q, g)
+    c = X.shape[1]
+
+    # Step 1: Y_diag = (C B^T o L) X. C B^T once per group (masked to the causal triangle), the
+    # decay mask L per head.
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
+    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    M = _decay_blocks(a_cumsum, CB, grad)  # (b, c, g, r, q, q)
     Y_diag = M @ X.transpose(3, 4)  # (b, c, g, r, q, p)
 
     # Step 2: chunk states S_c = sum_s exp(a_cumsum[last] - a_cumsum[s]) X_s B_s^T, the r heads of a
@@ -173,7 +188,6 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
     states = (Xd.transpose(-1, -2) @ Bc).view(b, c, h, p, n)  # (b, c, h, p, n)
 
     # Step 3: pass states between chunks, linear in c.
-    S0 = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
     chunk_decay = torch.exp(a_cumsum[..., -1]).reshape(b, c, h)  # (b, c, h)
     pass_states = _pass_states_doubling if torch.compiler.is_compiling() else _pass_states_loop
     entering, final = pass_states(states, chunk_decay, S0)  # (b, c, h, p, n), (b, h, p, n)
@@ -182,11 +196,147 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
     # lands in x's own (q, r, p) layout; then Y = Y_off + Y_diag (+ D x) accumulated in place.
     S_in = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, n, r*p)
     Y_off = (Cc @ S_in).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
-    Y = Y_off * torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, p)
+    exp_cs = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+    Y = Y_off * exp_cs if grad else Y_off.mul_(exp_cs)
     Y = Y.add_(Y_diag.transpose(3, 4)).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
     if D is not None:
-        Y = Y.addcmul_(xf, D.to(ct)[:, None])
-    return Y[:, :l].to(x.dtype), final  # (b, l, h, p)
+        Y = Y.addcmul_(xf, D[:, None])
+    return Y[:, :l], final, entering
+
+
+def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
+    """Gradients of _ssd_chunked_forward with respect to x, dt, A, B, C, D, S0, by hand: each step's
+    intermediates are recomputed from the inputs (cheap, matmul-shaped) instead of kept.
+
+    With s = a_cumsum inside a chunk, w_j = exp(s_last - s_j), E_i = exp(s_i), per head:
+        step 4  Y_off = diag(E) Z, Z = C S_in^T dZ = diag(E) dY:  dC += dZ S_in,  dS_in += dZ^T C,
+                                                ds_i += sum_p dZ_ip Z_ip
+        step 3  S_in[c+1] = e^{s_last} S_in[c] + states_c, run backwards from dfinal:
+                G_c = e^{s_last,c} G_{c+1} + dS_in[c] (G_c = gradient of S_in[c]), dstates_c = G_{c+1},
+                ds_last += e^{s_last} <G_{c+1}, S_in[c]>;  dS0 = G_0
+        step 2  states = (X o w)^T B            d(Xw) = B dstates^T:  dX += d(Xw) o w,  dB += (X o w) dstates,
+                                                P_j = w_j sum_p d(Xw)_jp X_jp:  ds_last += sum_j P_j,  ds_j -= P_j
+        step 1  Y_diag = (CB o L) X             dX += M^T dY,  dM = dY X^T,  dCB = sum over heads (dM o L),
+                                                dC += dCB B,  dB += dCB^T C,  Q = dM o M:  ds_i += sum_s Q_is - sum_j Q_ji
+    Then a = cumsum^-1(s): da_j = sum_{i >= j} ds_i (a reversed cumsum), and the discretization
+    X = x dt, a = dt A gives dx = dX dt + D dY, ddt = <dX, x> + da A, dA = da dt, dD = <dY, x>.
+    Shapes: inputs as _ssd_chunked_forward; entering (b, c, h, p, n); dY (b, l, h, p); dfinal (b, h, p, n).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    X, a_cumsum, Bc, Cc, xf, dtf = _chunk_layout(x, dt, A, B, C, q, g)
+    c = X.shape[1]
+    dYp = F.pad(dY, (0, 0, 0, 0, 0, c * q - l))  # (b, c*q, h, p)
+    dYc = dYp.view(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p)
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
+
+    # step 4: Y_off = exp(s) (C S_in^T)
+    S_in = entering.view(b, c, g, r * p, n)  # (b, c, g, r*p, n)
+    exp_cs = torch.exp(a_cumsum).transpose(3, 4)  # (b, c, g, q, r)
+    dZ = (dYc * exp_cs[..., None]).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
+    Z = (Cc @ S_in.transpose(-1, -2)).view(b, c, g, q, r, p)  # (b, c, g, q, r, p): Y_off = E Z
+    ds = Z.mul_(dZ.view(b, c, g, q, r, p)).sum(-1).transpose(3, 4)  # (b, c, g, r, q)
+    dC = dZ @ S_in  # (b, c, g, q, n)
+    dS_in = (dZ.transpose(-1, -2) @ Cc).view(b, c, h, p, n)  # (b, c, h, p, n)
+
+    # step 3, backwards over chunks: dstates[c] = G_{c+1}
+    chunk_decay = torch.exp(a_cumsum[..., -1]).reshape(b, c, h)  # (b, c, h)
+    dstates = torch.empty_like(entering)  # (b, c, h, p, n)
+    dstates[:, -1] = dfinal
+    dec = chunk_decay[..., None, None]  # (b, c, h, 1, 1)
+    for i in range(c - 1, 0, -1):
+        torch.addcmul(dS_in[:, i], dec[:, i], dstates[:, i], out=dstates[:, i - 1])
+    dS0 = torch.addcmul(dS_in[:, 0], dec[:, 0], dstates[:, 0])  # (b, h, p, n)
+    # ds_last += e^{s_last} <G_{c+1}, S_in[c]>, a batched dot product per chunk and head
+    dot = (dstates.view(b * c * h, 1, p * n) @ entering.view(b * c * h, p * n, 1)).view(b, c, g, r)
+    ds[..., -1] += dot * chunk_decay.view(b, c, g, r)
+
+    # step 2: states = (X o w)^T B
+    w = torch.exp(a_cumsum[..., -1:] - a_cumsum).transpose(3, 4)  # (b, c, g, q, r)
+    dstates_g = dstates.view(b, c, g, r * p, n)  # (b, c, g, r*p, n)
+    dXw = (Bc @ dstates_g.transpose(-1, -2)).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
+    Xw = (X * w[..., None]).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
+    dB = Xw @ dstates_g  # (b, c, g, q, n)
+    P = (dXw * X).sum(-1).mul_(w).transpose(3, 4)  # (b, c, g, r, q)
+    ds -= P
+    ds[..., -1] += P.sum(-1)
+    dX = dXw.mul_(w[..., None])  # (b, c, g, q, r, p)
+
+    # step 1: Y_diag = (CB o L) X, per head
+    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
+    L = seg.clamp_(max=0.0).exp_()  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
+    M = L * CB[:, :, :, None]  # (b, c, g, r, q, q)
+    dY_h, X_h = dYc.transpose(3, 4), X.transpose(3, 4)  # (b, c, g, r, q, p)
+    dX += (M.transpose(-1, -2) @ dY_h).transpose(3, 4)
+    dM = dY_h @ X_h.transpose(-1, -2)  # (b, c, g, r, q, q)
+    Q = M.mul_(dM)  # dM o M, zero above the diagonal
+    ds += Q.sum(-1) - Q.sum(-2)
+    dCB = dM.mul_(L).sum(3).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    dC += dCB @ Bc
+    dB += dCB.transpose(-1, -2) @ Cc
+
+    # discretization: a = dt A, X = x dt; s = cumsum(a) inside each chunk
+    da = ds.flip(-1).cumsum(-1).flip(-1).permute(0, 1, 4, 2, 3).reshape(b, c * q, h)[:, :l]  # (b, l, h)
+    dX = dX.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
+    x0, dt0 = xf[:, :l], dtf[:, :l]
+    dx = dX * dt0[..., None]
+    if D is not None:
+        dx = dx.addcmul_(dY, D[:, None])
+    ddt = (dX * x0).sum(-1)  # (b, l, h)
+    ddt = ddt.addcmul_(da, A)
+    dA = da * dt0 if A.dim() == 3 else (da * dt0).sum((0, 1))
+    dD = None if D is None else (dY * x0).sum((0, 1, 3))
+    dB = dB.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
+    dC = dC.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
+    return dx, ddt, dA, dB, dC, dD, dS0
+
+
+class _SSDChunked(torch.autograd.Function):
+    """ssd_chunked with a hand-written backward (_ssd_chunked_backward). Autograd through the forward
+    would keep every per-head (q, q) block and temporary of steps 1-4, and its chunk loop costs
+    O(c^2) in the backward (each of the c slices of the states gets a full-size zero gradient); this
+    keeps only the inputs and the states entering each chunk (one (h, p, n) state per chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, S0, q):
+        y, final, entering = _ssd_chunked_forward(x, dt, A, B, C, D, S0, q)
+        ctx.q = q
+        ctx.save_for_backward(x, dt, A, B, C, D, S0, entering)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY, dfinal):
+        x, dt, A, B, C, D, S0, entering = ctx.saved_tensors
+        grads = _ssd_chunked_backward(x, dt, A, B, C, D, S0, ctx.q, entering, dY, dfinal)
+        return (*(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad)), None)
+
+
+def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
+    """The chunked SSD scan in four matmul-shaped steps (same result as minimamba.ssd).
+
+    Layout: heads are split as h = g * r (r = h / g heads per group), so every term that depends
+    only on B or C is computed once per group, and heads of a group are batched into one matmul.
+    x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
+    (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
+    Without autograd (inference) the big per-head (q, q) decay blocks are built in place: on CPU
+    every fresh multi-megabyte temporary costs page faults, so fewer temporaries is most of the speed.
+    With autograd (eager), a hand-written backward (_SSDChunked) recomputes the intermediates
+    instead of keeping them; compiled, autograd runs through the forward.
+    Args/Returns: as minimamba.ssd.
+    """
+    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
+    ct = _compute_dtype(x.dtype)
+    S0 = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
+    args = [x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct), None if D is None else D.to(ct), S0]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    if grad and not torch.compiler.is_compiling():
+        y, final = _SSDChunked.apply(*args, chunk_size)
+    else:
+        y, final, _ = _ssd_chunked_forward(*args, chunk_size)
+    return y.to(x.dtype), final
 
 
 _compiled = None

@@ -380,6 +380,64 @@ class GatedRMSNorm(nn.Module):
         return (g.flatten(-2) * self.weight.float()).to(self.weight.dtype)
 
 
+def causal_conv(xBC, past, weight, bias):
+    """The causal depthwise conv of new raw inputs xBC (b, l, c), preceded by the k-1 raw inputs
+    before them, past (b, k-1, c) (zeros at the start of a sequence); weight (c, k), bias (c,) or None:
+        out_t = bias + sum_{j<k} weight[:, j] * xpad_{t+j},   xpad = [past | xBC]  (xpad_{t+k-1} is token t)
+    Written as k shifted multiply-adds in the (b, l, c) layout, accumulated in place into one buffer,
+    with the few outputs that read `past` done apart: nn.Conv1d's (b, c, l) layout would cost two
+    transposed copies of the activations, and concatenating [past | xBC] or a fresh tensor per tap one
+    more pass over memory each (on CPU, each fresh tensor also costs page faults). Returns (b, l, c)."""
+    k, l = weight.shape[1], xBC.shape[1]
+    out = xBC * weight[:, k - 1]  # (b, l, c): the tap on token t itself
+    for j in range(k - 1):
+        s = k - 1 - j  # tap j reads the input s steps back: xBC_{t-s} for t >= s, past_{t+j} for t < s
+        if s < l:
+            out[:, s:].addcmul_(xBC[:, : l - s], weight[:, j])
+        m = min(s, l)
+        out[:, :m].addcmul_(past[:, j:j + m], weight[:, j])
+    return out if bias is None else out.add_(bias)
+
+
+class _CausalConvSilu(torch.autograd.Function):
+    """silu(causal_conv(xBC, past, weight, bias)) with a hand-written backward that recomputes the
+    conv: autograd through causal_conv's in-place shifted adds would keep a zero-filled full-size
+    gradient per shifted slice and copy it back (measured: the conv was the costliest part of the
+    model's backward). With pre = causal_conv(...), sigma = sigmoid(pre), out = pre * sigma:
+        dpre = dout * sigma * (1 + pre (1 - sigma))                          (silu')
+        dxpad_m = sum_j weight_j dpre_{m-j}   (0 <= m-j < l)                  (the conv, transposed)
+        dweight_j = sum_{b,t} dpre_t xpad_{t+j};   dbias = sum_{b,t} dpre_t
+    """
+
+    @staticmethod
+    def forward(ctx, xBC, past, weight, bias):
+        ctx.save_for_backward(xBC, past, weight, bias)
+        return F.silu(causal_conv(xBC, past, weight, bias), inplace=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        xBC, past, weight, bias = ctx.saved_tensors
+        k, l = weight.shape[1], xBC.shape[1]
+        pre = causal_conv(xBC, past, weight, bias)  # (b, l, c)
+        sig = torch.sigmoid(pre)
+        dpre = pre.mul_(1.0 - sig).add_(1.0).mul_(sig).mul_(dout)  # (b, l, c), in pre's buffer
+        dxBC = dpre * weight[:, k - 1]
+        dpast = torch.zeros_like(past)  # (b, k-1, c)
+        dweight = torch.empty_like(weight)  # (c, k)
+        dweight[:, k - 1] = (dpre * xBC).sum((0, 1))
+        for j in range(k - 1):
+            s, m = k - 1 - j, min(k - 1 - j, l)
+            dw = (dpre[:, :m] * past[:, j:j + m]).sum((0, 1))
+            if s < l:
+                dxBC[:, : l - s].addcmul_(dpre[:, s:], weight[:, j])
+                dw += (dpre[:, s:] * xBC[:, : l - s]).sum((0, 1))
+            dpast[:, j:j + m].addcmul_(dpre[:, :m], weight[:, j])
+            dweight[:, j] = dw
+        dbias = None if bias is None else dpre.sum((0, 1))
+        return dxBC, dpast, dweight, dbias
+
+
 class Mamba2Mixer(nn.Module):
     """One Mamba-2 layer, [SSD] sec. 7 (the parallel Mamba-2 block):
         1. z, xBC, dt = in_proj(u)                       split as [z | xBC | dt]
@@ -397,7 +455,7 @@ class Mamba2Mixer(nn.Module):
         d_in_proj = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + h  # [z | x B C | dt]
         self.in_proj = nn.Linear(cfg.d_model, d_in_proj, bias=cfg.bias)
         # depthwise: one length-k filter per channel. An nn.Conv1d for the official parameter names and
-        # init; applied by _conv, with the padding done by hand (zeros, or the conv state)
+        # init; applied by causal_conv, with the padding done by hand (zeros, or the conv state)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
                                 bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(h))  # initialized in Mamba2LM._init_weights
@@ -426,16 +484,9 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())  # (h,)
         return x, dt, A, B, C
 
-    def _conv(self, xpad, l):
-        """The causal depthwise conv over a left-padded input xpad (b, k-1+l, conv_dim) -> (b, l, conv_dim):
-            out_t = bias + sum_{j<k} weight[:, 0, j] * xpad_{t+j}     (xpad_{t+k-1} is token t)
-        Written as k shifted multiply-adds in the (b, l, channels) layout: nn.Conv1d's (b, channels, l)
-        layout would cost two transposed copies of the activations (measured: -18% forward time)."""
-        w = self.conv1d.weight[:, 0, :]  # (conv_dim, k)
-        out = xpad[:, :l] * w[:, 0]
-        for j in range(1, w.shape[1]):
-            out = out + xpad[:, j:j + l] * w[:, j]
-        return out if self.conv1d.bias is None else out + self.conv1d.bias
+    def _conv_silu(self, xBC, past):
+        """silu(causal_conv(xBC, past)): xBC (b, l, conv_dim) raw inputs, past (b, k-1, conv_dim)."""
+        return _CausalConvSilu.apply(xBC, past, self.conv1d.weight[:, 0, :], self.conv1d.bias)
 
     def forward(self, u, conv_state=None, ssm_state=None):
         """A piece of a sequence.
@@ -449,9 +500,9 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._split(self.in_proj(u))  # xBC (b, l, conv_dim)
         # Causal conv: left context is the last k-1 raw inputs of the previous piece (zeros at the start).
         past = xBC.new_zeros(b, k - 1, xBC.shape[-1]) if conv_state is None else conv_state[:, :, 1:].transpose(1, 2)
-        xBC = torch.cat([past.to(xBC.dtype), xBC], dim=1)  # (b, k-1+l, conv_dim)
-        conv_state = xBC[:, -k:].transpose(1, 2)  # (b, conv_dim, k)
-        x, dt, A, B, C = self._ssm_inputs(F.silu(self._conv(xBC, l)), dt)
+        past = past.to(xBC.dtype)  # (b, k-1, conv_dim)
+        conv_state = torch.cat([past, xBC[:, -k:]], dim=1)[:, -k:].transpose(1, 2)  # (b, conv_dim, k)
+        x, dt, A, B, C = self._ssm_inputs(self._conv_silu(xBC, past), dt)
         y, ssm_state = self.scan.chunked(x, dt, A, B, C, self.D, ssm_state, self.config.chunk_size)
         y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)
         return self.out_proj(y), conv_state, ssm_state
@@ -462,7 +513,7 @@ class Mamba2Mixer(nn.Module):
         if conv_state is None:
             conv_state = xBC.new_zeros(*xBC.shape, self.config.d_conv)
         conv_state = torch.cat([conv_state[:, :, 1:].to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (b, conv_dim, k)
-        x, dt, A, B, C = self._ssm_inputs(F.silu(self._conv(conv_state.transpose(1, 2), 1)[:, 0]), dt)
+        x, dt, A, B, C = self._ssm_inputs(self._conv_silu(xBC[:, None], conv_state[:, :, :-1].transpose(1, 2))[:, 0], dt)
         y, ssm_state = self.scan.step(x, dt, A, B, C, self.D, ssm_state)
         y = self.norm(y.flatten(-2), z)  # (b, d_inner)
         return self.out_proj(y), conv_state, ssm_state
