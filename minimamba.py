@@ -572,6 +572,14 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
 
+# forward() without autograd runs inputs longer than this many tokens (rounded down to whole chunks)
+# as consecutive segments with the state carried, which gives the same result (streaming is exact).
+# Why: the temporaries of one layer grow with l, and on CPU a fresh multi-megabyte buffer costs page
+# faults on first touch (glibc returns big blocks to the OS on free), so a 16K-token call cost more
+# than 4x a 4K-token call; with bounded segments memory stays bounded and the cost linear in l.
+INFERENCE_SEGMENT = 4096
+
+
 class Mamba2LM(nn.Module):
     """Mamba-2 language model: embedding -> n_layer x Block -> norm_f -> lm_head (tied).
 
@@ -654,7 +662,19 @@ class Mamba2LM(nn.Module):
         Returns: logits (b, l, padded_vocab_size) in float32, and the state after the last token.
         """
         self._check_ids(input_ids, 2)
-        return self._run(input_ids, self._check_state(state, input_ids.shape[0]), one_token=False)
+        state = self._check_state(state, input_ids.shape[0])
+        q = self.config.chunk_size
+        segment = max(1, INFERENCE_SEGMENT // q) * q  # whole chunks: the scan then does the very same sums
+        l = input_ids.shape[1]
+        if torch.is_grad_enabled() or l <= segment:
+            return self._run(input_ids, state, one_token=False)
+        # Inference on a long input: segments with the state carried, exactly as streaming does
+        # (see INFERENCE_SEGMENT); backpropagation needs every activation anyway, so it gets one call.
+        pieces = []
+        for start in range(0, l, segment):
+            logits, state = self._run(input_ids[:, start:start + segment], state, one_token=False)
+            pieces.append(logits)
+        return torch.cat(pieces, dim=1), state
 
     def step(self, input_ids: torch.Tensor, state: Mamba2State | None):
         """One token per sequence, O(1) in the context length.

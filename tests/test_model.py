@@ -55,6 +55,21 @@ def test_forward_in_pieces_equals_one_forward(model, ids, piece_lengths):
     assert err < 1e-4, f"pieces vs one call: max rel err {err:.3g}"
 
 
+@pytest.mark.parametrize("segment", [8, 16, 20])
+def test_segmented_inference_equals_one_call(model, ids, segment, monkeypatch):
+    """forward() without autograd splits long inputs into segments (minimamba.INFERENCE_SEGMENT, rounded
+    down to whole chunks of 8 here) with the state carried: same logits and state as one call, bit for
+    bit; with autograd it makes one call."""
+    import minimamba
+    reference, ref_state = model(ids)  # autograd on: one call
+    monkeypatch.setattr(minimamba, "INFERENCE_SEGMENT", segment)
+    with torch.no_grad():
+        logits, state = model(ids)
+    assert torch.equal(logits, reference.detach()), f"max abs diff {(logits - reference).abs().max().item():.3g}"
+    assert all(torch.equal(a, b) for a, b in zip(state.ssm + state.conv, ref_state.ssm + ref_state.conv))
+    assert state.seqlen == ref_state.seqlen == ids.shape[1]
+
+
 def test_prefill_then_steps_equals_forward(model, ids):
     full, _ = model(ids)
     logits, state = model(ids[:, :17])
