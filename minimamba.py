@@ -572,12 +572,16 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
 
-# forward() without autograd runs inputs longer than this many tokens (rounded down to whole chunks)
-# as consecutive segments with the state carried, which gives the same result (streaming is exact).
-# Why: the temporaries of one layer grow with l, and on CPU a fresh multi-megabyte buffer costs page
-# faults on first touch (glibc returns big blocks to the OS on free), so a 16K-token call cost more
-# than 4x a 4K-token call; with bounded segments memory stays bounded and the cost linear in l.
-INFERENCE_SEGMENT = 4096
+# On CPU, forward() without autograd runs inputs longer than this many tokens (rounded down to whole
+# chunks, at least one) as consecutive segments with the state carried, which gives the same result
+# bit for bit (streaming is exact). Why: a layer's temporaries grow with l, and on CPU a fresh
+# multi-megabyte buffer costs page faults on first touch (glibc returns big blocks to the OS on
+# free), so a 16K-token call cost ~9x a 4K-token call. Bounded segments keep memory bounded, the
+# buffers small enough to be reused, and the cost linear in l. Measured with the benchmark's model
+# (d_model 256, 4 layers, 1 thread, ms): segments of 512 / 1024 / 2048 / 4096 tokens took
+# 264 / 272 / 304 / 327 at l = 4096 and 1572 / 1666 / 1858 / 1899 at l = 16384. On a GPU one call
+# is best (no page faults, more parallel work), so nothing is split there.
+INFERENCE_SEGMENT = 512
 
 
 class Mamba2LM(nn.Module):
@@ -666,7 +670,7 @@ class Mamba2LM(nn.Module):
         q = self.config.chunk_size
         segment = max(1, INFERENCE_SEGMENT // q) * q  # whole chunks: the scan then does the very same sums
         l = input_ids.shape[1]
-        if torch.is_grad_enabled() or l <= segment:
+        if torch.is_grad_enabled() or l <= segment or input_ids.device.type != "cpu":
             return self._run(input_ids, state, one_token=False)
         # Inference on a long input: segments with the state carried, exactly as streaming does
         # (see INFERENCE_SEGMENT); backpropagation needs every activation anyway, so it gets one call.
