@@ -2,6 +2,8 @@
 the oracle kernels.ssd_sequential, for hypothesis-drawn shapes, groups, chunk sizes, initial states
 and dtypes; and no result depends on the chunk size."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import max_rel_err
@@ -39,6 +41,17 @@ def scan_inputs(draw):
                 initial_state=S0), dtype
 
 
+@contextlib.contextmanager
+def scan_segment(tokens):
+    """Run kernels.ssd_chunked with segments of `tokens` (rounded down to whole chunks), so that short
+    test inputs cross segment boundaries (the default, 512, would give one segment)."""
+    saved, kernels.SCAN_SEGMENT = kernels.SCAN_SEGMENT, tokens
+    try:
+        yield
+    finally:
+        kernels.SCAN_SEGMENT = saved
+
+
 def _check(actual, expected, dtype, what):
     err = max_rel_err(actual, expected)
     mean = (actual.double() - expected.double()).abs().mean().item()
@@ -46,12 +59,13 @@ def _check(actual, expected, dtype, what):
 
 
 @settings(max_examples=60, deadline=None)
-@given(scan_inputs(), st.integers(1, 17))
-def test_chunked_scans_equal_sequential(inputs, chunk_size):
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 8, 20, 512]))
+def test_chunked_scans_equal_sequential(inputs, chunk_size, segment):
     kw, dtype = inputs
     y0, s0 = kernels.ssd_sequential(**kw)
     for name, fn in (("minimamba.ssd", ssd), ("kernels.ssd_chunked", kernels.ssd_chunked)):
-        y, s = fn(**kw, chunk_size=chunk_size)
+        with scan_segment(segment):
+            y, s = fn(**kw, chunk_size=chunk_size)
         assert y.dtype == kw["x"].dtype and y.shape == y0.shape
         _check(y, y0, dtype, f"{name} y")
         _check(s, s0, dtype, f"{name} final state")
@@ -169,8 +183,10 @@ def test_compiled_chunked_equals_eager_without_recompiling_per_length():
 
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 13), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3),
-       st.integers(1, 3), st.integers(1, 6), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
-def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, with_D, with_state, seed):
+       st.integers(1, 3), st.integers(1, 6), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([1, 6, 512]),
+       st.integers(0, 2**31 - 1))
+def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, with_D, with_state, segment, seed):
+    """Segments (kernels.SCAN_SEGMENT) of one chunk, of a few chunks, and one segment for the whole input."""
     gen = torch.Generator().manual_seed(seed)
     h, dd = g * r, torch.float64
 
@@ -186,12 +202,13 @@ def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, wit
     def fn(x, dt, A, B, C, D, S0):
         return kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, initial_state=S0)
 
-    assert torch.autograd.gradcheck(fn, args, atol=1e-7, rtol=1e-5)
+    with scan_segment(segment):
+        assert torch.autograd.gradcheck(fn, args, atol=1e-7, rtol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)
-@given(scan_inputs(), st.integers(1, 17))
-def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size):
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 12, 512]))
+def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size, segment):
     """Every input's gradient (x, dt, A, B, C, D, initial_state), float32 and float64, per-token A too."""
     kw, dtype = inputs
     leaves = {k: v.clone().requires_grad_(True) for k, v in kw.items() if v is not None}
@@ -201,9 +218,10 @@ def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size)
     w_s = torch.randn(x.shape[0], x.shape[2], x.shape[3], kw["B"].shape[-1], generator=gen, dtype=dtype)
     grads = {}
     for name, fn in (("oracle", kernels.ssd_sequential_chunked), ("chunked", kernels.ssd_chunked)):
-        y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
-        loss = (y * w_y).sum() + (s * w_s).sum()
-        grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        with scan_segment(segment):
+            y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
+            loss = (y * w_y).sum() + (s * w_s).sum()
+            grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
     for k, ref in grads["oracle"].items():
         err = max_rel_err(grads["chunked"][k], ref)
