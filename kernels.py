@@ -71,12 +71,13 @@ def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_s
 # ---------------------------------------------------------------------------------------------------
 
 
-def _pass_states_loop(states, decay, S0):
+def _pass_states_loop(states, decay, S0, out=None):
     """Step 3 as a loop over chunks (cheapest in eager mode: one pass over the states).
 
     S_in[0] = S0;  S_in[c+1] = decay_c * S_in[c] + states_c.
     states (b, c, h, p, n), decay (b, c, h) = exp(sum of a over each chunk), S0 (b, h, p, n)
     -> (states entering each chunk (b, c, h, p, n), final state (b, h, p, n)).
+    out: an optional (b, c, h, p, n) buffer for the entering states (no autograd only).
 
     Without autograd every step is one fused multiply-add written in place into a preallocated
     buffer: on CPU a fresh multi-megabyte tensor per chunk costs more in page faults than the
@@ -85,7 +86,7 @@ def _pass_states_loop(states, decay, S0):
     b, c = states.shape[:2]
     d = decay[..., None, None]  # (b, c, h, 1, 1)
     if not (torch.is_grad_enabled() and (states.requires_grad or decay.requires_grad or S0.requires_grad)):
-        entering = torch.empty_like(states)  # (b, c, h, p, n)
+        entering = torch.empty_like(states) if out is None else out  # (b, c, h, p, n)
         entering[:, 0] = S0
         for i in range(c - 1):
             torch.addcmul(states[:, i], d[:, i], entering[:, i], out=entering[:, i + 1])
@@ -162,10 +163,12 @@ def _decay_blocks(a_cumsum, CB, grad):
     return seg.clamp_(max=0.0).exp_().mul_(CB[:, :, :, None])
 
 
-def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q):
+def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None):
     """Steps 1-4 of ssd_chunked on float inputs in the compute dtype; S0 (b, h, p, n) (zeros if none).
     Returns y (b, l, h, p), the final state (b, h, p, n) and the states entering each chunk
-    (b, c, h, p, n), which the hand-written backward keeps instead of every intermediate."""
+    (b, c, h, p, n), which the hand-written backward keeps instead of every intermediate.
+    Without autograd, y_out (b, c*q, h, p) and entering_out (b, c, h, p, n) may be given: buffers
+    (slices of the caller's output) that receive the results, so segments need no concatenation."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
@@ -190,15 +193,19 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q):
     # Step 3: pass states between chunks, linear in c.
     chunk_decay = torch.exp(a_cumsum[..., -1]).reshape(b, c, h)  # (b, c, h)
     pass_states = _pass_states_doubling if torch.compiler.is_compiling() else _pass_states_loop
-    entering, final = pass_states(states, chunk_decay, S0)  # (b, c, h, p, n), (b, h, p, n)
+    entering, final = (pass_states(states, chunk_decay, S0) if entering_out is None else
+                       _pass_states_loop(states, chunk_decay, S0, out=entering_out))  # (b, c, h, p, n), (b, h, p, n)
 
     # Step 4: Y_off = exp(a_cumsum) * (C S_in^T), one (q, n) @ (n, r*p) matmul per group, which
-    # lands in x's own (q, r, p) layout; then Y = Y_off + Y_diag (+ D x) accumulated in place.
+    # lands in x's own (q, r, p) layout; then Y = Y_diag + Y_off (+ D x).
     S_in = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, n, r*p)
     Y_off = (Cc @ S_in).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
     exp_cs = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-    Y = Y_off * exp_cs if grad else Y_off.mul_(exp_cs)
-    Y = Y.add_(Y_diag.transpose(3, 4)).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
+    if grad or torch.compiler.is_compiling():
+        Y = (Y_off * exp_cs).add_(Y_diag.transpose(3, 4)).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
+    else:  # one fused pass that writes straight into the output, in its (b, c*q, h, p) layout
+        Y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device) if y_out is None else y_out
+        torch.addcmul(Y_diag.transpose(3, 4), Y_off, exp_cs, out=Y.view(b, c, q, g, r, p).transpose(2, 3))
     if D is not None:
         Y = Y.addcmul_(xf, D[:, None])
     return Y[:, :l], final, entering
@@ -322,13 +329,16 @@ def _ssd_chunked_forward_segmented(x, dt, A, B, C, D, S0, q):
     segments = _segments(x, q)
     if len(segments) == 1:
         return _ssd_chunked_forward(x, dt, A, B, C, D, S0, q)
-    ys, entering, S = [], [], S0
+    b, l, h, p = x.shape
+    c = -(-l // q)
+    y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device)  # each segment writes its slice
+    entering = torch.empty(b, c, h, p, B.shape[-1], dtype=x.dtype, device=x.device)
+    S = S0
     for s, e in segments:
-        y, S, ent = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e, True), B[:, s:e], C[:, s:e],
-                                         D, S, q)
-        ys.append(y)
-        entering.append(ent)
-    return torch.cat(ys, dim=1), S, torch.cat(entering, dim=1)
+        c0, c1 = s // q, -(-e // q)  # the segment's chunks
+        _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e, True), B[:, s:e], C[:, s:e], D, S, q,
+                                       y_out=y[:, c0 * q:c1 * q], entering_out=entering[:, c0:c1])
+    return y[:, :l], S, entering
 
 
 def _ssd_chunked_backward_segmented(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
