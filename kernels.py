@@ -324,20 +324,22 @@ def _piece(t, s, e, A_per_head=False):
     return t if (t is None or A_per_head and t.dim() == 1) else t[:, s:e]
 
 
-def _ssd_chunked_forward_segmented(x, dt, A, B, C, D, S0, q):
-    """_ssd_chunked_forward over _segments with the state carried; same returns."""
+def _ssd_chunked_forward_segmented(x, dt, A, B, C, D, S0, q, keep_entering=True):
+    """_ssd_chunked_forward over _segments with the state carried; same returns, except that the
+    entering states are None unless keep_entering (only the backward needs them)."""
     segments = _segments(x, q)
     if len(segments) == 1:
         return _ssd_chunked_forward(x, dt, A, B, C, D, S0, q)
     b, l, h, p = x.shape
     c = -(-l // q)
     y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device)  # each segment writes its slice
-    entering = torch.empty(b, c, h, p, B.shape[-1], dtype=x.dtype, device=x.device)
+    entering = torch.empty(b, c, h, p, B.shape[-1], dtype=x.dtype, device=x.device) if keep_entering else None
     S = S0
     for s, e in segments:
         c0, c1 = s // q, -(-e // q)  # the segment's chunks
         _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e, True), B[:, s:e], C[:, s:e], D, S, q,
-                                       y_out=y[:, c0 * q:c1 * q], entering_out=entering[:, c0:c1])
+                                       y_out=y[:, c0 * q:c1 * q],
+                                       entering_out=None if entering is None else entering[:, c0:c1])
     return y[:, :l], S, entering
 
 
@@ -401,7 +403,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
     if grad and not torch.compiler.is_compiling():
         y, final = _SSDChunked.apply(*args, chunk_size)
     else:
-        y, final, _ = _ssd_chunked_forward_segmented(*args, chunk_size)
+        y, final, _ = _ssd_chunked_forward_segmented(*args, chunk_size, keep_entering=False)
     return y.to(x.dtype), final
 
 
