@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from experiments.common import ProgressBar, atomic_write_json
 
@@ -191,7 +192,10 @@ def exp_fit(x: Iterable[float], y: Iterable[float]) -> ExpFit:
 def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor], *, steps: int, lr: float,
                 warmup_steps: int, seed: int, desc: str = "train", progress: bool = True) -> list[float]:
     """Train `model` in place for `steps` AdamW steps on batch_fn(step) -> LongTensor (b, T+1), or
-    -> (rows (b, T+1), mask (b, T) bool): then only targets rows[:, 1:][mask] are in the loss.
+    -> (rows (b, T+1), mask (b, T) bool): then only targets rows[:, 1:][mask] are in the loss, or
+    -> (rows (b, T+1), weights (b, T) float >= 0): then the loss is the weighted mean of the per-target
+       cross-entropies, sum(w * ce) / sum(w) (experiments/passkey.py gives its answer bytes a fixed
+       share of the loss this way).
 
     The model may return logits or (logits, state). Optimizer groups, warmup + cosine schedule,
     clipping and the byte loss are experiments/train.py's (make_optimizer, lr_at, lm_loss), so a
@@ -217,6 +221,8 @@ def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor],
         logits = out[0] if isinstance(out, tuple) else out  # (b, T, V)
         if mask is None:
             loss = lm_loss(logits, rows[:, 1:])
+        elif mask.is_floating_point():
+            loss = weighted_lm_loss(logits, rows[:, 1:], mask.to(device))
         else:
             mask = mask.to(device)
             loss = lm_loss(logits[mask][None], rows[:, 1:][mask][None])
@@ -229,6 +235,23 @@ def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor],
     bar.close()
     model.eval()
     return losses
+
+
+def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * ce) / sum(w): next-byte cross-entropy with a weight per target.
+
+    logits (b, T, V_padded) (only the first 256 are bytes), targets (b, T), weights (b, T) >= 0 with a
+    positive sum. A 0/1 weight equals train.py's lm_loss on the masked targets.
+    """
+    from experiments.data import VOCAB_SIZE
+    if weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
+    total = weights.sum()
+    if bool((weights < 0).any()) or not float(total) > 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got min {float(weights.min())}, sum {float(total)}")
+    ce = F.cross_entropy(logits[..., :VOCAB_SIZE].float().reshape(-1, VOCAB_SIZE), targets.reshape(-1),
+                         reduction="none").view_as(weights)  # (b, T)
+    return (ce * weights).sum() / total
 
 
 # ----------------------------------------------------------------------------------------------
