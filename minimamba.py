@@ -400,10 +400,10 @@ def causal_conv(xBC, past, weight, bias):
 
 
 class _CausalConvSilu(torch.autograd.Function):
-    """silu(causal_conv(xBC, past, weight, bias)) with a hand-written backward that recomputes the
-    conv: autograd through causal_conv's in-place shifted adds would keep a zero-filled full-size
-    gradient per shifted slice and copy it back (measured: the conv was the costliest part of the
-    model's backward). With pre = causal_conv(...), sigma = sigmoid(pre), out = pre * sigma:
+    """silu(causal_conv(xBC, past, weight, bias)) with a hand-written backward: autograd through
+    causal_conv's in-place shifted adds would keep a zero-filled full-size gradient per shifted slice
+    and copy it back (measured: the conv was the costliest part of the model's backward). It keeps
+    the inputs and pre. With pre = causal_conv(...), sigma = sigmoid(pre), out = pre * sigma:
         dpre = dout * sigma * (1 + pre (1 - sigma))                          (silu')
         dxpad_m = sum_j weight_j dpre_{m-j}   (0 <= m-j < l)                  (the conv, transposed)
         dweight_j = sum_{b,t} dpre_t xpad_{t+j};   dbias = sum_{b,t} dpre_t
@@ -411,17 +411,20 @@ class _CausalConvSilu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xBC, past, weight, bias):
-        ctx.save_for_backward(xBC, past, weight, bias)
-        return F.silu(causal_conv(xBC, past, weight, bias), inplace=True)
+        pre = causal_conv(xBC, past, weight, bias)  # (b, l, c)
+        if not any(ctx.needs_input_grad):  # no autograd: nothing to keep
+            return F.silu(pre, inplace=True)
+        ctx.save_for_backward(xBC, past, weight, bias, pre)
+        return F.silu(pre)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        xBC, past, weight, bias = ctx.saved_tensors
+        xBC, past, weight, bias, pre = ctx.saved_tensors
         k, l = weight.shape[1], xBC.shape[1]
-        pre = causal_conv(xBC, past, weight, bias)  # (b, l, c)
         sig = torch.sigmoid(pre)
-        dpre = pre.mul_(1.0 - sig).add_(1.0).mul_(sig).mul_(dout)  # (b, l, c), in pre's buffer
+        dpre = torch.mul(sig, pre)  # sigma pre, then dpre = (sigma + sigma pre (1 - sigma)) dout:
+        dpre = dpre.addcmul_(dpre, sig, value=-1.0).add_(sig).mul_(dout)  # (b, l, c)
         dxBC = dpre * weight[:, k - 1]
         dpast = torch.zeros_like(past)  # (b, k-1, c)
         dweight = torch.empty_like(weight)  # (c, k)
