@@ -348,6 +348,12 @@ class DefaultScan:
 # --------------------------------------------------------------------------------------------------
 
 
+def _rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2 over the last dim) + eps), keepdim; from the norm, a reduction that needs no
+    x^2 temporary as large as x."""
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in weight's dtype."""
 
@@ -358,8 +364,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(self.weight.dtype)
+        return (xf * _rms_inverse(xf, self.eps) * self.weight.float()).to(self.weight.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -374,10 +379,15 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        g = y.float() * F.silu(z.float())  # (b, l, d_inner)
-        g = g.unflatten(-1, (-1, self.group_size))  # (b, l, g, d_inner / g)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * self.weight.float()).to(self.weight.dtype)
+        weight = self.weight.float().unflatten(-1, (-1, self.group_size))  # (g, d_inner / g)
+        if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or weight.requires_grad):
+            g = F.silu(z.float()) * y.float()  # (b, l, d_inner)
+            g = g.unflatten(-1, (-1, self.group_size))  # (b, l, g, d_inner / g)
+            g = g * _rms_inverse(g, self.eps) * weight
+        else:  # the same operations in one buffer (inference)
+            g = F.silu(z.float()).mul_(y).unflatten(-1, (-1, self.group_size))
+            g = g.mul_(_rms_inverse(g, self.eps)).mul_(weight)
+        return g.flatten(-2).to(self.weight.dtype)
 
 
 def causal_conv(xBC, past, weight, bias):

@@ -157,7 +157,9 @@ def test_model_gradients_equal_with_every_scan():
         grads[scan] = {k: p.grad for k, p in m.named_parameters()}
     for k, ref in grads["ssd"].items():
         err = max_rel_err(grads["chunked"][k], ref)
-        assert err < 1e-7, f"d{k}: chunked vs ssd max rel err {err:.3g}"
+        # 1e-5, not float64's 1e-12: the gated norm and the residual run in float32 (.float()) even in
+        # a float64 model; a wrong gradient is off by O(1)
+        assert err < 1e-5, f"d{k}: chunked vs ssd max rel err {err:.3g}"
 
 
 def test_official_initialization():
