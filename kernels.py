@@ -150,6 +150,22 @@ def _chunk_layout(x, dt, A, B, C, q, g):
     return X, torch.cumsum(a, dim=-1), Bc, Cc, x, dt
 
 
+# Step 1 may split the decay mask as L[i, s] = exp(cs_i - mid) exp(mid - cs_s) (cs = a_cumsum inside a
+# chunk) when every chunk's range of cs, cs_first - cs_last = the log-decay over the chunk, is at most
+# this many nats: then each factor lies in [e^-40, e^40] (float32 reaches e^88), the products keep
+# float32's relative precision, and no intermediate sum can overflow. Chunks that forget faster take
+# the per-head (q, q) blocks built from differences of cumsums (minimamba.segsum's rule). Eager CPU
+# inference only: deciding needs the maximum as a Python number (a device sync on a GPU).
+FACTORED_DECAY_RANGE = 80.0
+
+
+def _can_factor_decay(a_cumsum, grad):
+    """Whether step 1 may use the factored decay mask (see FACTORED_DECAY_RANGE) for these chunks."""
+    if grad or torch.compiler.is_compiling() or a_cumsum.device.type != "cpu":
+        return False
+    return float((a_cumsum[..., 0] - a_cumsum[..., -1]).max()) <= FACTORED_DECAY_RANGE
+
+
 def _decay_blocks(a_cumsum, CB, grad):
     """M = C B^T o L per head, L[i, s] = exp(a_cumsum[i] - a_cumsum[s]) for i >= s (the difference of
     cumsums, as the official kernel does; a chunk is short, so the cancellation error stays ~1e-7
@@ -181,8 +197,17 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None
     # decay mask L per head.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    M = _decay_blocks(a_cumsum, CB, grad)  # (b, c, g, r, q, q)
-    Y_diag = M @ X.transpose(3, 4)  # (b, c, g, r, q, p)
+    if _can_factor_decay(a_cumsum, grad):
+        # L[i, s] = exp(a_cumsum[i] - mid) * exp(mid - a_cumsum[s]), mid = the middle of the chunk's
+        # a_cumsum range (per head), so Y_diag = diag(e^(cs - mid)) (C B^T) diag(e^(mid - cs)) X: one
+        # (q, q) @ (q, r*p) matmul per group and chunk (the same flops), no per-head (q, q) blocks.
+        mid = 0.5 * (a_cumsum[..., :1] + a_cumsum[..., -1:])  # (b, c, g, r, 1)
+        up = torch.exp(a_cumsum - mid).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+        down = torch.exp(mid - a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+        Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)  # (b, c, g, q, r, p)
+    else:
+        M = _decay_blocks(a_cumsum, CB, grad)  # (b, c, g, r, q, q)
+        Y_diag = (M @ X.transpose(3, 4)).transpose(3, 4)  # (b, c, g, q, r, p), a view
 
     # Step 2: chunk states S_c = sum_s exp(a_cumsum[last] - a_cumsum[s]) X_s B_s^T, the r heads of a
     # group stacked into one (r*p, q) @ (q, n) matmul.
@@ -202,10 +227,10 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None
     Y_off = (Cc @ S_in).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
     exp_cs = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
     if grad or torch.compiler.is_compiling():
-        Y = (Y_off * exp_cs).add_(Y_diag.transpose(3, 4)).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
+        Y = (Y_off * exp_cs).add_(Y_diag).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
     else:  # one fused pass that writes straight into the output, in its (b, c*q, h, p) layout
         Y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device) if y_out is None else y_out
-        torch.addcmul(Y_diag.transpose(3, 4), Y_off, exp_cs, out=Y.view(b, c, q, g, r, p).transpose(2, 3))
+        torch.addcmul(Y_diag, Y_off, exp_cs, out=Y.view(b, c, q, g, r, p).transpose(2, 3))
     if D is not None:
         Y = Y.addcmul_(xf, D[:, None])
     return Y[:, :l], final, entering

@@ -42,14 +42,19 @@ def scan_inputs(draw):
 
 
 @contextlib.contextmanager
-def scan_segment(tokens):
+def scan_segment(tokens, factored_range=None):
     """Run kernels.ssd_chunked with segments of `tokens` (rounded down to whole chunks), so that short
-    test inputs cross segment boundaries (the default, 512, would give one segment)."""
-    saved, kernels.SCAN_SEGMENT = kernels.SCAN_SEGMENT, tokens
+    test inputs cross segment boundaries (the default, 512, would give one segment); and, if given,
+    another kernels.FACTORED_DECAY_RANGE (0: step 1 always uses the per-head blocks; inf: always the
+    factored mask, where it is exact in float64 but may lose float32 precision)."""
+    saved = kernels.SCAN_SEGMENT, kernels.FACTORED_DECAY_RANGE
+    kernels.SCAN_SEGMENT = tokens
+    if factored_range is not None:
+        kernels.FACTORED_DECAY_RANGE = factored_range
     try:
         yield
     finally:
-        kernels.SCAN_SEGMENT = saved
+        kernels.SCAN_SEGMENT, kernels.FACTORED_DECAY_RANGE = saved
 
 
 def _check(actual, expected, dtype, what):
@@ -59,16 +64,37 @@ def _check(actual, expected, dtype, what):
 
 
 @settings(max_examples=60, deadline=None)
-@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 8, 20, 512]))
-def test_chunked_scans_equal_sequential(inputs, chunk_size, segment):
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 8, 20, 512]), st.sampled_from([0.0, 80.0]))
+def test_chunked_scans_equal_sequential(inputs, chunk_size, segment, factored_range):
     kw, dtype = inputs
     y0, s0 = kernels.ssd_sequential(**kw)
     for name, fn in (("minimamba.ssd", ssd), ("kernels.ssd_chunked", kernels.ssd_chunked)):
-        with scan_segment(segment):
+        with scan_segment(segment, factored_range):
             y, s = fn(**kw, chunk_size=chunk_size)
         assert y.dtype == kw["x"].dtype and y.shape == y0.shape
         _check(y, y0, dtype, f"{name} y")
         _check(s, s0, dtype, f"{name} final state")
+
+
+@pytest.mark.parametrize("A, factored", [(-1.25, True), (-2.0, False)])
+def test_factored_decay_mask_near_and_beyond_its_range(A, factored, monkeypatch):
+    """Chunks of 64 tokens with a log-decay of 63 * 1.25 = 78.75 nats (just inside
+    kernels.FACTORED_DECAY_RANGE: the factored step 1) and of 126 nats (beyond it: the per-head blocks)
+    both match the float64 oracle in float32."""
+    gen = torch.Generator().manual_seed(0)
+    b, l, h, p, n, q = 1, 200, 2, 3, 4, 64
+    x, B, C = torch.randn(b, l, h, p, generator=gen), torch.randn(b, l, 1, n, generator=gen), torch.randn(b, l, 1, n, generator=gen)
+    dt, A_ = torch.ones(b, l, h), torch.full((h,), A)
+    cs = torch.cumsum((dt * A_).reshape(b, -1, h)[:, :q], dim=1)
+    assert ((cs[:, 0] - cs[:, -1]).max() <= kernels.FACTORED_DECAY_RANGE) == factored
+    y0, s0 = kernels.ssd_sequential(x.double(), dt.double(), A_.double(), B.double(), C.double())
+    decided, can_factor = [], kernels._can_factor_decay
+    monkeypatch.setattr(kernels, "_can_factor_decay", lambda *a: decided.append(can_factor(*a)) or decided[-1])
+    with torch.no_grad():
+        y, s = kernels.ssd_chunked(x, dt, A_, B, C, chunk_size=q)
+    assert decided == [factored]
+    _check(y, y0, torch.float32, f"y, A={A}")
+    _check(s, s0, torch.float32, f"state, A={A}")
 
 
 @settings(max_examples=30, deadline=None)
