@@ -150,20 +150,40 @@ def _chunk_layout(x, dt, A, B, C, q, g):
     return X, torch.cumsum(a, dim=-1), Bc, Cc, x, dt
 
 
-# Step 1 may split the decay mask as L[i, s] = exp(cs_i - mid) exp(mid - cs_s) (cs = a_cumsum inside a
-# chunk) when every chunk's range of cs, cs_first - cs_last = the log-decay over the chunk, is at most
-# this many nats: then each factor lies in [e^-40, e^40] (float32 reaches e^88), the products keep
-# float32's relative precision, and no intermediate sum can overflow. Chunks that forget faster take
-# the per-head (q, q) blocks built from differences of cumsums (minimamba.segsum's rule). Eager CPU
-# inference only: deciding needs the maximum as a Python number (a device sync on a GPU).
-FACTORED_DECAY_RANGE = 80.0
+# Step 1 may split the decay mask as L[i, s] = exp(cs_i) exp(-cs_s), cs = a_cumsum from the chunk's
+# start, which turns the per-head (q, q) blocks into one (q, q) @ (q, r*p) matmul per group (same
+# flops). Exact wherever the factors stay in float32's range: output row i uses exp(-cs_s) for s <= i
+# only, the largest being exp(-cs_i), so row i is computed this way when |cs_s| <= this many nats for
+# every s <= i (then each term is below e^60 ~ 1e26 and no sum of them can overflow). That test depends
+# on tokens up to i only, so outputs stay exactly causal. Rows past it (chunks that forget faster) are
+# recomputed from the per-head blocks built from differences of cumsums (minimamba.segsum's rule).
+# Eager CPU inference only (deciding whether any row needs the blocks is a device sync on a GPU).
+FACTORED_DECAY_RANGE = 60.0
 
 
 def _can_factor_decay(a_cumsum, grad):
-    """Whether step 1 may use the factored decay mask (see FACTORED_DECAY_RANGE) for these chunks."""
-    if grad or torch.compiler.is_compiling() or a_cumsum.device.type != "cpu":
-        return False
-    return float((a_cumsum[..., 0] - a_cumsum[..., -1]).max()) <= FACTORED_DECAY_RANGE
+    """Whether step 1 may use the factored decay mask (see FACTORED_DECAY_RANGE) at all."""
+    return not grad and not torch.compiler.is_compiling() and a_cumsum.device.type == "cpu"
+
+
+def _diag_factored(a_cumsum, CB, X):
+    """Y_diag of step 1 through the factored mask, rows beyond FACTORED_DECAY_RANGE from the blocks.
+    a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked, X (b, c, g, q, r, p) -> (b, c, g, q, r, p)."""
+    b, c, g, q, r, p = X.shape
+    log_down = (-a_cumsum).clamp_(max=FACTORED_DECAY_RANGE)  # (b, c, g, r, q): finite factors only
+    up = torch.exp(a_cumsum.clamp(max=FACTORED_DECAY_RANGE)).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+    down = torch.exp(log_down).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+    Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)
+    # rows whose factors left the range: |cs_s| > FACTORED_DECAY_RANGE for some s <= i (a running max)
+    bad = torch.cummax(a_cumsum.abs(), dim=-1).values > FACTORED_DECAY_RANGE  # (b, c, g, r, q)
+    chunks = bad.flatten(2).any(-1).flatten().nonzero()[:, 0]  # indices into b * c
+    if len(chunks):
+        flat = Y_diag.view(b * c, g, q, r, p)
+        M = _decay_blocks(a_cumsum.flatten(0, 1)[None, chunks], CB.flatten(0, 1)[None, chunks], False)[0]  # (k, g, r, q, q)
+        blocks = (M @ X.flatten(0, 1)[chunks].transpose(2, 3)).transpose(2, 3)  # (k, g, q, r, p)
+        rows = bad.flatten(0, 1)[chunks].transpose(2, 3)[..., None]  # (k, g, q, r, 1)
+        flat[chunks] = torch.where(rows, blocks, flat[chunks])
+    return Y_diag
 
 
 def _decay_blocks(a_cumsum, CB, grad):
@@ -198,13 +218,8 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
     if _can_factor_decay(a_cumsum, grad):
-        # L[i, s] = exp(a_cumsum[i] - mid) * exp(mid - a_cumsum[s]), mid = the middle of the chunk's
-        # a_cumsum range (per head), so Y_diag = diag(e^(cs - mid)) (C B^T) diag(e^(mid - cs)) X: one
-        # (q, q) @ (q, r*p) matmul per group and chunk (the same flops), no per-head (q, q) blocks.
-        mid = 0.5 * (a_cumsum[..., :1] + a_cumsum[..., -1:])  # (b, c, g, r, 1)
-        up = torch.exp(a_cumsum - mid).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-        down = torch.exp(mid - a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-        Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)  # (b, c, g, q, r, p)
+        # L[i, s] = exp(cs_i) exp(-cs_s): Y_diag = diag(e^cs) (C B^T) diag(e^-cs) X, see FACTORED_DECAY_RANGE
+        Y_diag = _diag_factored(a_cumsum, CB, X)  # (b, c, g, q, r, p)
     else:
         M = _decay_blocks(a_cumsum, CB, grad)  # (b, c, g, r, q, q)
         Y_diag = (M @ X.transpose(3, 4)).transpose(3, 4)  # (b, c, g, q, r, p), a view

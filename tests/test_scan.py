@@ -45,8 +45,8 @@ def scan_inputs(draw):
 def scan_segment(tokens, factored_range=None):
     """Run kernels.ssd_chunked with segments of `tokens` (rounded down to whole chunks), so that short
     test inputs cross segment boundaries (the default, 512, would give one segment); and, if given,
-    another kernels.FACTORED_DECAY_RANGE (0: step 1 always uses the per-head blocks; inf: always the
-    factored mask, where it is exact in float64 but may lose float32 precision)."""
+    another kernels.FACTORED_DECAY_RANGE (0: step 1 recomputes (nearly) every row from the per-head
+    blocks; 60: the default)."""
     saved = kernels.SCAN_SEGMENT, kernels.FACTORED_DECAY_RANGE
     kernels.SCAN_SEGMENT = tokens
     if factored_range is not None:
@@ -64,7 +64,7 @@ def _check(actual, expected, dtype, what):
 
 
 @settings(max_examples=60, deadline=None)
-@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 8, 20, 512]), st.sampled_from([0.0, 80.0]))
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 8, 20, 512]), st.sampled_from([0.0, 1.0, 60.0]))
 def test_chunked_scans_equal_sequential(inputs, chunk_size, segment, factored_range):
     kw, dtype = inputs
     y0, s0 = kernels.ssd_sequential(**kw)
@@ -76,23 +76,19 @@ def test_chunked_scans_equal_sequential(inputs, chunk_size, segment, factored_ra
         _check(s, s0, dtype, f"{name} final state")
 
 
-@pytest.mark.parametrize("A, factored", [(-1.25, True), (-2.0, False)])
-def test_factored_decay_mask_near_and_beyond_its_range(A, factored, monkeypatch):
-    """Chunks of 64 tokens with a log-decay of 63 * 1.25 = 78.75 nats (just inside
-    kernels.FACTORED_DECAY_RANGE: the factored step 1) and of 126 nats (beyond it: the per-head blocks)
-    both match the float64 oracle in float32."""
+@pytest.mark.parametrize("A", [-0.9, -1.5, 3.0])
+def test_factored_decay_mask_near_and_beyond_its_range(A):
+    """Chunks of 64 tokens whose log-decay reaches 0.9 * 64 = 57.6 nats (inside
+    kernels.FACTORED_DECAY_RANGE: every row factored), 96 nats (the rows past 60 nats come from the
+    per-head blocks) and a growing 'decay' (A > 0, outside the model's range; the factors are clamped)
+    all match the float64 oracle in float32."""
     gen = torch.Generator().manual_seed(0)
-    b, l, h, p, n, q = 1, 200, 2, 3, 4, 64
+    b, l, h, p, n, q = 2, 200, 2, 3, 4, 64
     x, B, C = torch.randn(b, l, h, p, generator=gen), torch.randn(b, l, 1, n, generator=gen), torch.randn(b, l, 1, n, generator=gen)
-    dt, A_ = torch.ones(b, l, h), torch.full((h,), A)
-    cs = torch.cumsum((dt * A_).reshape(b, -1, h)[:, :q], dim=1)
-    assert ((cs[:, 0] - cs[:, -1]).max() <= kernels.FACTORED_DECAY_RANGE) == factored
+    dt, A_ = torch.ones(b, l, h) * 0.1 if A > 0 else torch.ones(b, l, h), torch.full((h,), A)
     y0, s0 = kernels.ssd_sequential(x.double(), dt.double(), A_.double(), B.double(), C.double())
-    decided, can_factor = [], kernels._can_factor_decay
-    monkeypatch.setattr(kernels, "_can_factor_decay", lambda *a: decided.append(can_factor(*a)) or decided[-1])
     with torch.no_grad():
         y, s = kernels.ssd_chunked(x, dt, A_, B, C, chunk_size=q)
-    assert decided == [factored]
     _check(y, y0, torch.float32, f"y, A={A}")
     _check(s, s0, torch.float32, f"state, A={A}")
 
