@@ -158,6 +158,8 @@ def _chunk_layout(x, dt, A, B, C, q, g):
 # on tokens up to i only, so outputs stay exactly causal. Rows past it (chunks that forget faster) are
 # recomputed from the per-head blocks built from differences of cumsums (minimamba.segsum's rule).
 # Eager CPU inference only (deciding whether any row needs the blocks is a device sync on a GPU).
+# The backward (CPU) uses the factored mask for a whole segment when all of its |cs| are in range, and
+# the blocks otherwise.
 FACTORED_DECAY_RANGE = 60.0
 
 
@@ -312,6 +314,23 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
 
     # step 1: Y_diag = (CB o L) X, per head
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+    if x.device.type == "cpu" and float(a_cumsum.abs().max()) <= FACTORED_DECAY_RANGE:
+        # the factored mask L = diag(e^cs) 1 diag(e^-cs) (see FACTORED_DECAY_RANGE; every factor is in
+        # range here): with U = e^cs dY and V = e^-cs X per head, stacked as (q, r*p) per group,
+        #   dX += e^-cs (CB^T U),   dCB = U V^T,   and the rows and columns of Q = dM o M sum to
+        #   sum_s Q_is = dY_i . Y_diag_i  and  sum_i Q_is = X_s . (M^T dY)_s:  no per-head (q, q) block.
+        up = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+        down = torch.exp(-a_cumsum).transpose(3, 4)[..., None]
+        U = (dYc * up).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
+        V = (X * down).view(b, c, g, q, r * p)
+        dX1 = (CB.transpose(-1, -2) @ U).view(b, c, g, q, r, p).mul_(down)  # M^T dY per head
+        Y1 = (CB @ V).view(b, c, g, q, r, p).mul_(up)  # Y_diag
+        ds += (Y1.mul_(dYc).sum(-1) - (X * dX1).sum(-1)).transpose(3, 4)
+        dX += dX1
+        dCB = (U @ V.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+        dC += dCB @ Bc
+        dB += dCB.transpose(-1, -2) @ Cc
+        return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)
     seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
     L = seg.clamp_(max=0.0).exp_()  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
     M = L * CB[:, :, :, None]  # (b, c, g, r, q, q)
@@ -323,7 +342,15 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
     dCB = dM.mul_(L).sum(3).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
     dC += dCB @ Bc
     dB += dCB.transpose(-1, -2) @ Cc
+    return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)
 
+
+def _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf):
+    """The end of _ssd_chunked_backward: from the gradients of the chunk-layout quantities (s = a_cumsum,
+    X = x dt, B, C) to those of the inputs."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    c = ds.shape[1]
     # discretization: a = dt A, X = x dt; s = cumsum(a) inside each chunk
     da = ds.flip(-1).cumsum(-1).flip(-1).permute(0, 1, 4, 2, 3).reshape(b, c * q, h)[:, :l]  # (b, l, h)
     dX = dX.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
