@@ -157,15 +157,25 @@ def _chunk_layout(x, dt, A, B, C, q, g):
 # every s <= i (then each term is below e^60 ~ 1e26 and no sum of them can overflow). That test depends
 # on tokens up to i only, so outputs stay exactly causal. Rows past it (chunks that forget faster) are
 # recomputed from the per-head blocks built from differences of cumsums (minimamba.segsum's rule).
-# Eager CPU inference only (deciding whether any row needs the blocks is a device sync on a GPU).
-# The backward (CPU) uses the factored mask for a whole segment when all of its |cs| are in range, and
-# the blocks otherwise.
+# Eager CPU only (deciding whether any row needs the blocks is a device sync on a GPU). The backward
+# (CPU) decides per (chunk, head): the factored mask where |cs| stays in range over the chunk, the
+# blocks for the other pairs.
 FACTORED_DECAY_RANGE = 60.0
 
 
 def _can_factor_decay(a_cumsum, grad):
     """Whether step 1 may use the factored decay mask (see FACTORED_DECAY_RANGE) at all."""
     return not grad and not torch.compiler.is_compiling() and a_cumsum.device.type == "cpu"
+
+
+def _head_blocks(a_cumsum, CB, bad):
+    """The per-head (q, q) blocks M = CB o L for the (chunk, head) pairs where `bad` (b, c, g, r) holds
+    (the factored mask does not reach them). a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked.
+    Returns the pairs' index tensors (ib, ic, ig, ir), M (k, q, q) and L (k, q, q)."""
+    ib, ic, ig, ir = bad.nonzero().unbind(1)
+    a = a_cumsum[ib, ic, ig, ir]  # (k, q)
+    L = (a[:, :, None] - a[:, None, :]).clamp_(max=0.0).exp_()  # (k, q, q); above the diagonal CB = 0
+    return (ib, ic, ig, ir), L * CB[ib, ic, ig], L
 
 
 def _diag_factored(a_cumsum, CB, X):
@@ -178,13 +188,12 @@ def _diag_factored(a_cumsum, CB, X):
     Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)
     # rows whose factors left the range: |cs_s| > FACTORED_DECAY_RANGE for some s <= i (a running max)
     bad = torch.cummax(a_cumsum.abs(), dim=-1).values > FACTORED_DECAY_RANGE  # (b, c, g, r, q)
-    chunks = bad.flatten(2).any(-1).flatten().nonzero()[:, 0]  # indices into b * c
-    if len(chunks):
-        flat = Y_diag.view(b * c, g, q, r, p)
-        M = _decay_blocks(a_cumsum.flatten(0, 1)[None, chunks], CB.flatten(0, 1)[None, chunks], False)[0]  # (k, g, r, q, q)
-        blocks = (M @ X.flatten(0, 1)[chunks].transpose(2, 3)).transpose(2, 3)  # (k, g, q, r, p)
-        rows = bad.flatten(0, 1)[chunks].transpose(2, 3)[..., None]  # (k, g, q, r, 1)
-        flat[chunks] = torch.where(rows, blocks, flat[chunks])
+    pairs = bad.any(-1)  # (b, c, g, r): the (chunk, head) pairs with such rows
+    if pairs.any():
+        idx, M, _ = _head_blocks(a_cumsum, CB, pairs)
+        Xh, Yh = X.permute(0, 1, 2, 4, 3, 5), Y_diag.permute(0, 1, 2, 4, 3, 5)  # (b, c, g, r, q, p) views
+        blocks = M @ Xh[idx]  # (k, q, p)
+        Yh[idx] = torch.where(bad[idx][..., None], blocks, Yh[idx])
     return Y_diag
 
 
@@ -314,20 +323,33 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
 
     # step 1: Y_diag = (CB o L) X, per head
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    if x.device.type == "cpu" and float(a_cumsum.abs().max()) <= FACTORED_DECAY_RANGE:
-        # the factored mask L = diag(e^cs) 1 diag(e^-cs) (see FACTORED_DECAY_RANGE; every factor is in
-        # range here): with U = e^cs dY and V = e^-cs X per head, stacked as (q, r*p) per group,
-        #   dX += e^-cs (CB^T U),   dCB = U V^T,   and the rows and columns of Q = dM o M sum to
-        #   sum_s Q_is = dY_i . Y_diag_i  and  sum_i Q_is = X_s . (M^T dY)_s:  no per-head (q, q) block.
-        up = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-        down = torch.exp(-a_cumsum).transpose(3, 4)[..., None]
+    if x.device.type == "cpu":
+        # the factored mask L = diag(e^cs) 1 diag(e^-cs) (see FACTORED_DECAY_RANGE) for the heads whose
+        # |cs| stays in range over the chunk: with U = e^cs dY and V = e^-cs X per head, stacked as
+        # (q, r*p) per group,  dX += e^-cs (CB^T U),  dCB = U V^T,  and the rows and columns of
+        # Q = dM o M sum to  sum_s Q_is = dY_i . Y_diag_i  and  sum_i Q_is = X_s . (M^T dY)_s:
+        # no per-head (q, q) block. The other (chunk, head) pairs get zero factors here and the blocks below.
+        R = FACTORED_DECAY_RANGE
+        bad = a_cumsum.abs().amax(-1) > R  # (b, c, g, r)
+        ok = (~bad).to(X.dtype)[:, :, :, None, :, None]  # (b, c, g, 1, r, 1)
+        up = torch.exp(a_cumsum.clamp(max=R)).transpose(3, 4)[..., None] * ok  # (b, c, g, q, r, 1)
+        down = torch.exp((-a_cumsum).clamp_(max=R)).transpose(3, 4)[..., None] * ok
         U = (dYc * up).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
         V = (X * down).view(b, c, g, q, r * p)
         dX1 = (CB.transpose(-1, -2) @ U).view(b, c, g, q, r, p).mul_(down)  # M^T dY per head
         Y1 = (CB @ V).view(b, c, g, q, r, p).mul_(up)  # Y_diag
         ds += (Y1.mul_(dYc).sum(-1) - (X * dX1).sum(-1)).transpose(3, 4)
         dX += dX1
-        dCB = (U @ V.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+        dCB = U @ V.transpose(-1, -2)  # (b, c, g, q, q)
+        if bad.any():  # the blocks of the other pairs, as in the general case below
+            idx, M, L = _head_blocks(a_cumsum, CB, bad)
+            Xh, dYh = X.permute(0, 1, 2, 4, 3, 5)[idx], dYc.permute(0, 1, 2, 4, 3, 5)[idx]  # (k, q, p)
+            dX.permute(0, 1, 2, 4, 3, 5)[idx] += M.transpose(-1, -2) @ dYh
+            dM = dYh @ Xh.transpose(-1, -2)  # (k, q, q)
+            Q = M.mul_(dM)
+            ds[idx] += Q.sum(-1) - Q.sum(-2)
+            dCB.index_put_(idx[:3], dM.mul_(L), accumulate=True)
+        dCB.masked_fill_(~causal, 0.0)
         dC += dCB @ Bc
         dB += dCB.transpose(-1, -2) @ Cc
         return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)

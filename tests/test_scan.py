@@ -206,11 +206,11 @@ def test_compiled_chunked_equals_eager_without_recompiling_per_length():
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 13), st.integers(1, 2), st.integers(1, 2), st.integers(1, 3),
        st.integers(1, 3), st.integers(1, 6), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([1, 6, 512]),
-       st.sampled_from([0.0, 60.0]), st.integers(0, 2**31 - 1))
+       st.sampled_from([0.0, 1.0, 60.0]), st.integers(0, 2**31 - 1))
 def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, with_D, with_state, segment,
                                            factored_range, seed):
     """Segments (kernels.SCAN_SEGMENT) of one chunk, of a few chunks, and one segment for the whole input;
-    step 1's backward through the per-head blocks (range 0) and the factored mask (60)."""
+    step 1's backward through the per-head blocks (range 0), the factored mask (60), and a mix (1)."""
     gen = torch.Generator().manual_seed(seed)
     h, dd = g * r, torch.float64
 
@@ -231,7 +231,7 @@ def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, wit
 
 
 @settings(max_examples=15, deadline=None)
-@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 12, 512]), st.sampled_from([0.0, 60.0]))
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 12, 512]), st.sampled_from([0.0, 1.0, 60.0]))
 def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size, segment, factored_range):
     """Every input's gradient (x, dt, A, B, C, D, initial_state), float32 and float64, per-token A too."""
     kw, dtype = inputs
@@ -248,10 +248,10 @@ def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size,
             grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
     for k, ref in grads["oracle"].items():
-        # relative to max |ref|, floored at 1e-6: a gradient that is exactly 0 (dA for one token, whose
-        # output does not depend on its own decay) comes out as rounding noise (~1e-12) from the
-        # factored mask, where exp(cs) exp(-cs) is not exactly 1
+        # relative to max |ref|, floored at 1e-3 (gradients here are O(1)): a gradient that is exactly 0
+        # (dA for a single token, whose output does not depend on its own decay) comes out as float32
+        # rounding noise (~1e-8) from the factored mask, where exp(cs) exp(-cs) is not exactly 1
         diff = (grads["chunked"][k].double() - ref.double()).abs().max().item()
-        err = diff / max(ref.abs().max().item(), 1e-6)
+        err = diff / max(ref.abs().max().item(), 1e-3)
         mean = (grads["chunked"][k].double() - ref.double()).abs().mean().item()
         assert err <= tol, f"d{k}: max rel err {err:.3g} (mean abs diff {mean:.3g}) > {tol}"
