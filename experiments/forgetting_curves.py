@@ -4,7 +4,7 @@ The question (issue 6): do small Mamba-2 models show ZERO fine-grained memory, a
 paper found for large RNNs (Mamba-2.8B, RWKV, GLA), while Transformers copy perfectly up to a length?
 
 Commands (run from the repository root)
-    # CPU-sized: 2 Mamba-2 state sizes + the Transformer, T_train = 64 (18 min measured on a busy shared
+    # CPU-sized: 2 Mamba-2 state sizes + the Transformer, T_train = 64 (9 min measured on a busy shared
     # 2-core box, 1 thread; 3 x 3000 training steps dominate)
     python -m experiments.forgetting_curves --quick
     # the default sweep (more state sizes and training lengths; meant for a GPU or a long CPU run)
