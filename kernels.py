@@ -15,12 +15,15 @@ Same signatures and shapes as minimamba.ssd (see its glossary: b, l, h, p, g, n,
 Speed on CPU (experiments/bench.py measures it; README "Performance"): apart from the matmuls, the
 scan is bound by memory traffic, and a fresh multi-megabyte tensor costs page faults on first touch
 (several times a pass over memory that is already mapped). Hence: few temporaries, in place where
-autograd allows (no autograd, or tensors autograd does not keep), and one fused multiply-add per chunk
-in the chunk-to-chunk loop. Compiling does not pay off on CPU (minutes of compile time, no speed-up
+autograd allows (no autograd, or tensors autograd does not keep), one fused multiply-add per chunk
+in the chunk-to-chunk loop, long inputs in segments of SCAN_SEGMENT tokens (bounded temporaries that
+get reused), and, where the decays allow it, step 1 without per-head (q, q) blocks
+(FACTORED_DECAY_RANGE). Compiling does not pay off on CPU (minutes of compile time, no speed-up
 measured at l = 4096); it is for GPUs.
 
 Reading order: ssd_sequential (what is computed), then ssd_chunked (how it is computed fast):
-_chunk_layout, _ssd_chunked_forward (steps 1-4), _ssd_chunked_backward (the same steps, reversed).
+_chunk_layout, _ssd_chunked_forward (steps 1-4; _diag_factored), _ssd_chunked_backward (the same
+steps, reversed), the segmented drivers, _SSDChunked (the autograd glue), ssd_chunked.
 """
 
 from __future__ import annotations
@@ -478,10 +481,11 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
     only on B or C is computed once per group, and heads of a group are batched into one matmul.
     x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
     (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
-    Without autograd (inference) the big per-head (q, q) decay blocks are built in place: on CPU
-    every fresh multi-megabyte temporary costs page faults, so fewer temporaries is most of the speed.
-    With autograd (eager), a hand-written backward (_SSDChunked) recomputes the intermediates
-    instead of keeping them; compiled, autograd runs through the forward.
+    Without autograd (inference) the big per-head (q, q) decay blocks are built in place, or not at
+    all where the factored mask applies (FACTORED_DECAY_RANGE): on CPU every fresh multi-megabyte
+    temporary costs page faults, so fewer temporaries is most of the speed; long inputs run in
+    SCAN_SEGMENT-token segments. With autograd (eager), a hand-written backward (_SSDChunked)
+    recomputes the intermediates instead of keeping them; compiled, autograd runs through the forward.
     Args/Returns: as minimamba.ssd.
     """
     b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
