@@ -122,22 +122,87 @@ class _TinyCorpus:
         return torch.full((n, length + 1), ord("b"), dtype=torch.long)
 
 
-@pytest.mark.parametrize("copy_episodes", [False, True])
-def test_passkey_training_rows_mix_text_and_examples(copy_episodes):
-    kw = dict(step=3, steps=10, seed=0, batch_size=8, t_train=128, copy_episodes=copy_episodes)
-    rows, mask = passkey.passkey_rows(_TinyCorpus(), **kw)
-    assert rows.shape == (8, 129) and mask.shape == (8, 128)
-    assert (rows[0::2] == ord("a")).all() and mask[0::2].all(), "even rows must be corpus text, all scored"
-    pk = rows[1::4] if copy_episodes else rows[1::2]
-    for r in pk:
+@settings(max_examples=30, deadline=None)
+@given(batch_size=st.integers(1, 12), share=st.floats(0.05, 1.0), t_train=st.integers(passkey.overhead_bytes() + 4, 200),
+       answer_only=st.booleans(), step=st.integers(0, 10_000), loss_share=st.floats(0.01, 1.0))
+def test_passkey_training_rows_weights(batch_size, share, t_train, answer_only, step, loss_share):
+    kw = dict(step=step, seed=0, batch_size=batch_size, t_train=t_train, passkey_share=share,
+              answer_loss_share=loss_share, answer_only=answer_only)
+    if round(share * batch_size) < 1:
+        with pytest.raises(ValueError, match="passkey_share"):
+            passkey.passkey_rows(_TinyCorpus(), **kw)
+        return
+    rows, w = passkey.passkey_rows(_TinyCorpus(), **kw)
+    n_pk = passkey.n_passkey_rows(batch_size, share)
+    assert rows.shape == (batch_size, t_train + 1) and w.shape == (batch_size, t_train) and w.is_floating_point()
+    assert abs(w.sum().item() - 1) < 1e-5, f"weights sum to {w.sum().item()}, not 1"
+    s_pk = loss_share if n_pk < batch_size else 1.0  # the passkey rows' share of the loss
+    # passkey rows first: prompt + 5 digits, holding s_pk of the loss, each row alike
+    for r, wr in zip(rows[:n_pk], w[:n_pk]):
         text = bytes(r.tolist())
-        key = text[-5:].decode()
+        key = text[-passkey.KEY_DIGITS:].decode()
         assert key.isdigit() and text[:-5].endswith(passkey.QUESTION.encode())
         assert passkey.NEEDLE.format(key=key).encode() in text
-    if copy_episodes:
-        assert (rows[3::4, 0] == 0).all() and not mask[3::4].all(), "rows 3 mod 4: copy episodes, masked"
-    again, mask2 = passkey.passkey_rows(_TinyCorpus(), **kw)
-    assert torch.equal(rows, again) and torch.equal(mask, mask2), "rows must be a pure function of (seed, step)"
+        scored = torch.nonzero(wr).flatten().tolist()
+        if answer_only:  # exactly the targets rows[1:][T-5:] = the answer digits, nothing else
+            assert scored == list(range(t_train - 5, t_train)), f"scored targets {scored}"
+            assert bytes(r[1:][scored].tolist()).decode() == key
+        else:
+            assert scored == list(range(t_train))
+        assert abs(wr.sum().item() - s_pk / n_pk) < 1e-6
+    # text rows untouched, every target equally weighted, 1 - s_pk of the loss together
+    assert (rows[n_pk:] == ord("a")).all()
+    if n_pk < batch_size:
+        n_text = batch_size - n_pk
+        assert torch.allclose(w[n_pk:], torch.full_like(w[n_pk:], (1 - loss_share) / (n_text * t_train)))
+    again = passkey.passkey_rows(_TinyCorpus(), **kw)
+    assert torch.equal(rows, again[0]) and torch.equal(w, again[1]), "rows must be a pure function of (seed, step)"
+    other = passkey.passkey_rows(_TinyCorpus(), **{**kw, "step": step + 1})[0]
+    assert not torch.equal(rows[:n_pk], other[:n_pk]), "another step must draw other keys / depths"
+
+
+def test_weighted_lm_loss_matches_masked_lm_loss_and_checks_weights():
+    from experiments.sweep import weighted_lm_loss
+    from experiments.train import lm_loss
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 7, 260), torch.randint(0, 256, (3, 7))
+    mask = torch.rand(3, 7) < 0.4
+    mask[0, 0] = True
+    got = weighted_lm_loss(logits, targets, mask.float())
+    want = lm_loss(logits[mask][None], targets[mask][None])
+    assert abs(got.item() - want.item()) < 1e-6, f"0/1 weights: {got.item()} vs masked lm_loss {want.item()}"
+    one = torch.zeros(3, 7)
+    one[1, 4] = 5.0  # a single weighted target: its own cross-entropy, whatever the weight's scale
+    ce = torch.nn.functional.cross_entropy(logits[1, 4, :256][None], targets[1, 4][None])
+    assert abs(weighted_lm_loss(logits, targets, one).item() - ce.item()) < 1e-6
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_lm_loss(logits, targets, torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="shape"):
+        weighted_lm_loss(logits, targets, torch.ones(3, 6))
+
+
+def test_passkey_config_validates():
+    passkey.PasskeyConfig(**{**passkey.QUICK, "figures": False})
+    with pytest.raises(ValueError, match="passkey_share"):
+        passkey.PasskeyConfig(passkey_share=0.01)  # 8 rows per step: no passkey row
+    with pytest.raises(ValueError, match="multiple"):
+        passkey.PasskeyConfig(tokens_per_step=1000)
+    with pytest.raises(ValueError, match="answer_loss_share"):
+        passkey.PasskeyConfig(answer_loss_share=0.0)
+    with pytest.raises(ValueError, match="dt_max"):
+        passkey.PasskeyConfig(dt_max=1e-4)
+
+
+def test_fit_recall_leaves_censored_points_out():
+    ns = [5_056, 17_920, 69_376, 120_000]
+    fit, note = passkey.fit_recall(ns, [256, 512, 4096, 0], 4096)
+    assert fit is None and "2 state size(s)" in note and "1 with T_recall = 0" in note and ">= 4096" in note
+    fit, note = passkey.fit_recall(ns[:3], [256, 512, 2048], 4096)
+    assert fit is not None and fit.n == 3 and "exactly" in note
+    a, b, c = 30.0, 1.05, 100.0  # an exact law on 4 uncensored points is recovered
+    ys = [a * (b ** (x / 1e3) - 1) + c for x in ns]
+    fit, note = passkey.fit_recall(ns, ys, 10 ** 9)
+    assert abs(fit.b - b) < 1e-3 and note == "", f"fit {fit}, note {note!r}"
 
 
 def test_recall_length_is_contiguous_from_the_shortest():
@@ -262,3 +327,21 @@ def test_copymix_rows_mask_only_the_predictable_copy_targets():
             expect += [False] * (L + 2) + [True] * L
             i = j + 1 + L
         assert m.tolist() == expect[1:65]
+
+
+def test_passkey_sweep_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    import experiments.data as data
+    monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
+    cfg = passkey.PasskeyConfig(out_dir=str(tmp_path), d_model=16, states="4x8,8x8", t_train=100, tokens_per_step=400,
+                                steps=3, lengths="100,160", depths="0,1", n_eval=2, chunk=64, figures=False)
+    summary = passkey.run(cfg)
+    assert [(r["d_state"], r["headdim"]) for r in summary["results"]] == [(4, 8), (8, 8)]
+    for r in summary["results"]:
+        assert np.asarray(r["acc"]).shape == (2, 2) and 0 <= r["answer_loss"] < 20
+        assert r["t_recall"] in (0, 100, 160)
+    first = json.loads((tmp_path / "config.json").read_text())["invocations"][-1]["points_computed"]
+    assert len(first) == 4, f"2 trainings + 2 evaluations, got {first}"
+    again = passkey.run(cfg)
+    rec = json.loads((tmp_path / "config.json").read_text())["invocations"][-1]
+    assert rec["points_computed"] == [], f"a finished sweep recomputed {rec['points_computed']}"
+    assert [r["acc"] for r in again["results"]] == [r["acc"] for r in summary["results"]]
