@@ -156,15 +156,22 @@ def point_ratio(res: dict) -> float:
 
 
 def t_forget(ratios: dict[int, float], factor: float) -> dict:
-    """Smallest tested T whose ratio <= factor. {"value", "censored"}: censored "above" = every T
-    collapses (value = max T, truth > it); "at_or_below" = none collapses (truth <= min T)."""
+    """The training length from which on the model no longer collapses: the tested T after the last
+    one whose ratio > factor. {"value", "censored", "non_monotone"}: censored "above" = the longest T
+    still collapses (value = max T, truth > it); "at_or_below" = none collapses (truth <= min T).
+    non_monotone = some T below the last collapse did not collapse: at toy scale the criterion is a
+    maximum over noisy positions, so one seed can pass at T and fail at a longer T; reading the first
+    pass as T_forget would then claim a model that collapses at a longer training length had learned
+    to forget."""
     lens = sorted(ratios)
-    ok = [t for t in lens if ratios[t] <= factor]
-    if not ok:
-        return {"value": lens[-1], "censored": "above"}
-    if ok[0] == lens[0]:
-        return {"value": lens[0], "censored": "at_or_below"}
-    return {"value": ok[0], "censored": None}
+    collapsed = [t for t in lens if ratios[t] > factor]
+    if not collapsed:
+        return {"value": lens[0], "censored": "at_or_below", "non_monotone": False}
+    last = collapsed[-1]
+    non_monotone = any(ratios[t] <= factor for t in lens if t < last)
+    if last == lens[-1]:
+        return {"value": last, "censored": "above", "non_monotone": non_monotone}
+    return {"value": lens[lens.index(last) + 1], "censored": None, "non_monotone": non_monotone}
 
 
 def fit_capacity(states: list[dict], factor_key: str) -> dict:
@@ -230,7 +237,8 @@ def run(cfg: CapacityConfig) -> dict:
 
 
 def _fmt_tf(tf: dict) -> str:
-    return {"above": f"> {tf['value']}", "at_or_below": f"<= {tf['value']}", None: str(tf["value"])}[tf["censored"]]
+    text = {"above": f"> {tf['value']}", "at_or_below": f"<= {tf['value']}", None: str(tf["value"])}[tf["censored"]]
+    return text + (" (non-monotone)" if tf.get("non_monotone") else "")
 
 
 def write_table(cfg: CapacityConfig, summary: dict, out: Path) -> str:

@@ -272,16 +272,26 @@ def test_state_capacity_sweep_resumes_without_recomputing(tmp_path, monkeypatch)
     # T_forget from the fake ratios 1 + N_S / (1000 T): at 2x nothing collapses (ratio <= 1.52)
     s16, s32 = summary["states"]
     assert s16["state_size"] == 2048 and s32["state_size"] == 4096
-    assert s32["t_forget"] == {"value": 8, "censored": "at_or_below"}
+    assert s32["t_forget"] == {"value": 8, "censored": "at_or_below", "non_monotone": False}
     # relaxed 1.5x: N_S = 4096 needs 4096/(1000 T) <= 0.5 -> T >= 8.2 -> first tested T = 16
-    assert s32["t_forget_relaxed"] == {"value": 16, "censored": None}
-    assert s16["t_forget_relaxed"] == {"value": 8, "censored": "at_or_below"}
+    assert s32["t_forget_relaxed"] == {"value": 16, "censored": None, "non_monotone": False}
+    assert s16["t_forget_relaxed"] == {"value": 8, "censored": "at_or_below", "non_monotone": False}
 
 
 def test_t_forget_censoring():
-    assert state_capacity.t_forget({16: 2.5, 64: 1.2}, 2.0) == {"value": 64, "censored": None}
-    assert state_capacity.t_forget({16: 2.5, 64: 2.2}, 2.0) == {"value": 64, "censored": "above"}
-    assert state_capacity.t_forget({16: 1.1, 64: 1.2}, 2.0) == {"value": 16, "censored": "at_or_below"}
+    assert state_capacity.t_forget({16: 2.5, 64: 1.2}, 2.0) == {"value": 64, "censored": None, "non_monotone": False}
+    assert state_capacity.t_forget({16: 2.5, 64: 2.2}, 2.0) == {"value": 64, "censored": "above", "non_monotone": False}
+    assert state_capacity.t_forget({16: 1.1, 64: 1.2}, 2.0) == {"value": 16, "censored": "at_or_below",
+                                                                "non_monotone": False}
+
+
+def test_t_forget_is_where_collapse_stops_for_good():
+    """A pass below a later collapse (noise at toy scale) is flagged, and T_forget is the T after the
+    last collapse, not the first pass."""
+    ratios = {8: 1.7, 12: 2.19, 16: 1.74, 20: 1.0}
+    assert state_capacity.t_forget(ratios, 2.0) == {"value": 16, "censored": None, "non_monotone": True}
+    assert state_capacity.t_forget({**ratios, 20: 2.5}, 2.0) == {"value": 20, "censored": "above", "non_monotone": True}
+    assert state_capacity.t_forget(ratios, 1.5) == {"value": 20, "censored": None, "non_monotone": False}
 
 
 # ---------------------------------------------------------------------------------------------
