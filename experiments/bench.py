@@ -27,9 +27,9 @@ the Python interpreter, torch, the weights and the inputs. A fresh process per m
 keeps one measurement's allocator state from leaking into the next. On CUDA, torch's
 max_memory_allocated is used instead.
 
-Timing: one warm-up call, then timed calls until MIN_TIME_S has passed (at least 1, at most
+Timing: one warm-up call, then timed calls until MIN_TIME_S has passed (at least MIN_REPS, at most
 MAX_REPS); the table shows the fastest (the least disturbed by other processes on a shared
-machine). Torch threads: torch's default unless --threads is given; the count is recorded.
+machine). MIN_REPS keeps the slow rows (a 2-3 s training step) from resting on one disturbed call. Torch threads: torch's default unless --threads is given; the count is recorded.
 
 Commands (CPU first):
     python experiments/bench.py --quick            # ~4-8 min on 2 CPU cores: the table + JSON + plot
@@ -74,7 +74,8 @@ from experiments.common import ProgressBar, atomic_write_json, atomic_write_text
 # ---------------------------------------------------------------------------------------------------
 
 MIN_TIME_S = 1.0  # keep repeating a timed call until this much time has passed ...
-MAX_REPS = 5  # ... but at most this many timed calls
+MIN_REPS = 3  # ... and at least this many timed calls ...
+MAX_REPS = 5  # ... but at most this many
 MATMUL_SIZE = 2048  # the square fp32 matmul that measures the machine's FLOP/s
 DECODE_ROUNDS = 3  # decoding: rounds over all contexts (interleaved), `tokens` new tokens each
 WORKER_TIMEOUT_S = 1800  # a single measurement that takes longer is recorded as failed
@@ -179,11 +180,11 @@ def _peak_rss_bytes() -> int:
 
 
 def _time_calls(fn, sync=lambda: None):
-    """One warm-up call, then timed calls until MIN_TIME_S (1..MAX_REPS of them). Returns seconds (min, all)."""
+    """One warm-up call, then timed calls until MIN_TIME_S (MIN_REPS..MAX_REPS of them). Returns seconds (min, all)."""
     fn()
     sync()
     times, start = [], time.perf_counter()
-    while not times or (time.perf_counter() - start < MIN_TIME_S and len(times) < MAX_REPS):
+    while len(times) < MIN_REPS or (time.perf_counter() - start < MIN_TIME_S and len(times) < MAX_REPS):
         t0 = time.perf_counter()
         fn()
         sync()
