@@ -198,7 +198,9 @@ def test_fit_recall_leaves_censored_points_out():
     fit, note = passkey.fit_recall(ns, [256, 512, 4096, 0], 4096)
     assert fit is None and "2 state size(s)" in note and "1 with T_recall = 0" in note and ">= 4096" in note
     fit, note = passkey.fit_recall(ns[:3], [256, 512, 2048], 4096)
-    assert fit is not None and fit.n == 3 and "exactly" in note
+    assert fit is not None and fit.n == 3 and "test nothing" in note
+    fit, note = passkey.fit_recall(ns, [128, 384, 512, 768], 4096)  # concave in N_S: no exponential growth
+    assert fit.b - 1 < passkey.FLAT_GROWTH and "no exponential growth" in note, f"fit {fit}, note {note!r}"
     a, b, c = 30.0, 1.05, 100.0  # an exact law on 4 uncensored points is recovered
     ys = [a * (b ** (x / 1e3) - 1) + c for x in ns]
     fit, note = passkey.fit_recall(ns, ys, 10 ** 9)
