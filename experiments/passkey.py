@@ -46,6 +46,7 @@ Glossary
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -245,7 +246,8 @@ def fit_recall(state_sizes: list[int], t_recalls: list[int], max_length: int):
         notes.append("3 points for 3 parameters: even a perfect fit would test nothing.")
     if fit.b - 1 < FLAT_GROWTH:
         notes.append(f"The growth rate came out b = 1 + {fit.b - 1:.1e}: the points rise no faster than a straight "
-                     f"line in N_S, so the best exponential is a line - no exponential growth in these data.")
+                     f"line in N_S, so the best exponential is a line, T_recall ~ {fit.a * math.log(fit.b):.3g} "
+                     f"tokens per 1K elements x N_S + {fit.c:.3g} - no exponential growth in these data.")
     if n_zero + n_top:
         notes.append(f"Censored and left out of the fit: {censored}.")
     return fit, " ".join(notes)
@@ -470,7 +472,9 @@ def plot(cfg, results, lengths, depths, fit, out: Path) -> list[Path]:
         ax.plot(xs[top] / 1e3, ys[top], "^", label=f"ours: >= {max(lengths)} (every tested context passed)")
     if fit is not None:
         grid = np.linspace(xs.min(), xs.max(), 100) / 1e3
-        ax.plot(grid, fit(grid), "--", label=f"fit {fit.a:.3g}({growth_str(fit.b)}^x-1)+{fit.c:.3g}, R^2={fit.r2:.3f} (n={fit.n})")
+        flat = f" = a line, {fit.a * math.log(fit.b):.3g} x + {fit.c:.3g}" if fit.b - 1 < FLAT_GROWTH else ""
+        ax.plot(grid, fit(grid), "--", label=f"fit {fit.a:.3g}({growth_str(fit.b)}^x-1)+{fit.c:.3g}{flat}\n"
+                                            f"R^2={fit.r2:.3f} (n={fit.n}; x = N_S/1K)")
     a, b, c = PAPER_RECALL
     ax.set_xscale("log")  # the state sizes are spaced by factors, not steps
     ax.set_xticks(xs / 1e3, [f"{x / 1e3:.1f}" for x in xs], minor=False)
