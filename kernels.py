@@ -171,6 +171,12 @@ def _can_factor_decay(a_cumsum, grad):
     return not grad and not torch.compiler.is_compiling() and a_cumsum.device.type == "cpu"
 
 
+def _factor_in_backward(x):
+    """Whether the backward of step 1 uses the factored mask where it can (CPU: choosing the pairs that
+    need blocks is a device sync on a GPU); otherwise every head goes through its (q, q) block."""
+    return x.device.type == "cpu"
+
+
 def _head_blocks(a_cumsum, CB, bad):
     """The per-head (q, q) blocks M = CB o L for the (chunk, head) pairs where `bad` (b, c, g, r) holds
     (the factored mask does not reach them). a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked.
@@ -326,7 +332,7 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
 
     # step 1: Y_diag = (CB o L) X, per head
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    if x.device.type == "cpu":
+    if _factor_in_backward(x):
         # the factored mask L = diag(e^cs) 1 diag(e^-cs) (see FACTORED_DECAY_RANGE) for the heads whose
         # |cs| stays in range over the chunk: with U = e^cs dY and V = e^-cs X per head, stacked as
         # (q, r*p) per group,  dX += e^-cs (CB^T U),  dCB = U V^T,  and the rows and columns of
@@ -347,27 +353,33 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
         if bad.any():  # the blocks of the other pairs, as in the general case below
             idx, M, L = _head_blocks(a_cumsum, CB, bad)
             Xh, dYh = X.permute(0, 1, 2, 4, 3, 5)[idx], dYc.permute(0, 1, 2, 4, 3, 5)[idx]  # (k, q, p)
-            dX.permute(0, 1, 2, 4, 3, 5)[idx] += M.transpose(-1, -2) @ dYh
-            dM = dYh @ Xh.transpose(-1, -2)  # (k, q, q)
-            Q = M.mul_(dM)
-            ds[idx] += Q.sum(-1) - Q.sum(-2)
-            dCB.index_put_(idx[:3], dM.mul_(L), accumulate=True)
-        dCB.masked_fill_(~causal, 0.0)
-        dC += dCB @ Bc
-        dB += dCB.transpose(-1, -2) @ Cc
-        return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)
-    seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
-    L = seg.clamp_(max=0.0).exp_()  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
-    M = L * CB[:, :, :, None]  # (b, c, g, r, q, q)
-    dY_h, X_h = dYc.transpose(3, 4), X.transpose(3, 4)  # (b, c, g, r, q, p)
-    dX += (M.transpose(-1, -2) @ dY_h).transpose(3, 4)
-    dM = dY_h @ X_h.transpose(-1, -2)  # (b, c, g, r, q, q)
-    Q = M.mul_(dM)  # dM o M, zero above the diagonal
-    ds += Q.sum(-1) - Q.sum(-2)
-    dCB = dM.mul_(L).sum(3).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
+            dXh, dsh, dML = _head_block_grads(M, L, Xh, dYh)
+            dX.permute(0, 1, 2, 4, 3, 5)[idx] += dXh
+            ds[idx] += dsh
+            dCB.index_put_(idx[:3], dML, accumulate=True)
+    else:  # every head through its (q, q) block
+        seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
+        L = seg.clamp_(max=0.0).exp_()  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
+        M = L * CB[:, :, :, None]  # (b, c, g, r, q, q)
+        dXh, dsh, dML = _head_block_grads(M, L, X.transpose(3, 4), dYc.transpose(3, 4))
+        dX += dXh.transpose(3, 4)
+        ds += dsh
+        dCB = dML.sum(3)  # (b, c, g, q, q): the heads of a group share C B^T
+    dCB.masked_fill_(~causal, 0.0)
     dC += dCB @ Bc
     dB += dCB.transpose(-1, -2) @ Cc
     return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)
+
+
+def _head_block_grads(M, L, X_h, dY_h):
+    """Step 1's backward through explicit per-head blocks, Y_h = M X_h with M = CB o L:
+    M, L (..., q, q), X_h, dY_h (..., q, p) -> (M^T dY_h (..., q, p), the decay gradient
+    sum_s Q_is - sum_j Q_ji (..., q) with Q = dM o M, dM = dY_h X_h^T, and dM o L (..., q, q), each
+    head's share of dCB). Consumes M and dM in place."""
+    dX_h = M.transpose(-1, -2) @ dY_h
+    dM = dY_h @ X_h.transpose(-1, -2)  # (..., q, q)
+    Q = M.mul_(dM)  # dM o M, zero above the diagonal
+    return dX_h, Q.sum(-1) - Q.sum(-2), dM.mul_(L)
 
 
 def _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf):

@@ -231,9 +231,12 @@ def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, wit
 
 
 @settings(max_examples=15, deadline=None)
-@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 12, 512]), st.sampled_from([0.0, 1.0, 60.0]))
-def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size, segment, factored_range):
-    """Every input's gradient (x, dt, A, B, C, D, initial_state), float32 and float64, per-token A too."""
+@given(scan_inputs(), st.integers(1, 17), st.sampled_from([1, 12, 512]), st.sampled_from([0.0, 1.0, 60.0]),
+       st.booleans())
+def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size, segment, factored_range,
+                                                             blocks_only):
+    """Every input's gradient (x, dt, A, B, C, D, initial_state), float32 and float64, per-token A too;
+    blocks_only runs step 1's backward through the per-head blocks alone (the GPU path) on the CPU."""
     kw, dtype = inputs
     leaves = {k: v.clone().requires_grad_(True) for k, v in kw.items() if v is not None}
     gen = torch.Generator().manual_seed(0)
@@ -241,11 +244,17 @@ def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size,
     w_y = torch.randn(x.shape, generator=gen, dtype=dtype)
     w_s = torch.randn(x.shape[0], x.shape[2], x.shape[3], kw["B"].shape[-1], generator=gen, dtype=dtype)
     grads = {}
-    for name, fn in (("oracle", kernels.ssd_sequential_chunked), ("chunked", kernels.ssd_chunked)):
-        with scan_segment(segment, factored_range):
-            y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
-            loss = (y * w_y).sum() + (s * w_s).sum()
-            grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    saved = kernels._factor_in_backward
+    if blocks_only:
+        kernels._factor_in_backward = lambda x: False
+    try:
+        for name, fn in (("oracle", kernels.ssd_sequential_chunked), ("chunked", kernels.ssd_chunked)):
+            with scan_segment(segment, factored_range):
+                y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
+                loss = (y * w_y).sum() + (s * w_s).sum()
+                grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    finally:
+        kernels._factor_in_backward = saved
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
     for k, ref in grads["oracle"].items():
         # relative to max |ref|, floored at 1e-3 (gradients here are O(1)): a gradient that is exactly 0
