@@ -334,8 +334,9 @@ class DefaultScan:
         return {"chunked": k.ssd_chunked, "compiled": k.ssd_chunked_compiled,
                 "sequential": k.ssd_sequential_chunked}[impl]
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        """A whole piece of the sequence: shapes as ssd(); returns (y, final_state)."""
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        """A whole piece of the sequence: shapes as ssd(); returns (y, final_state). With
+        return_state=False the caller will not read the final state (it may be returned as None)."""
         return self._scan_fn(x.device)(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state)
 
     def step(self, x, dt, A, B, C, D, state):
