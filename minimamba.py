@@ -184,6 +184,11 @@ def check_scan_inputs(x, dt, A, B, C, D=None, state=None, chunk_size=None, step=
         raise ValueError(f"the number of groups g={g} must divide the number of heads h={h}")
     if D is not None and tuple(D.shape) != (h,):
         raise ValueError(f"D must be (h,) = ({h},), got {tuple(D.shape)}")
+    if state is not None and not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a (b, h, p, n) tensor, got a {type(state).__name__}: a state made "
+                        "inside a mitigations block continues only inside the same kind of block")
+    if state is not None and state.device != x.device:
+        raise ValueError(f"state is on {state.device}, the inputs on {x.device}")
     if state is not None and tuple(state.shape) != (b, h, p, n):
         raise ValueError(f"state must be (b, h, p, n) = {(b, h, p, n)}, got {tuple(state.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
