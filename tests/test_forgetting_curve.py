@@ -241,15 +241,23 @@ def make_curve(copy_means, lm_means, n=10, noise=0.01, seed=0):
     return fc.ForgettingCurve(lengths=2 ** np.arange(3, 3 + k), copy_acc=copy, lm_acc=lm)
 
 
-def test_memory_length_is_end_of_contiguous_run():
-    # copy acc: 1, 1, 0.5, 1 (a lone recovery at the largest length is not memory)
+def test_memory_length_ends_at_the_first_failure():
+    # copy acc: 1, 1, 0.5, 1 (a lone recovery after a failure is not memory)
     curve = fc.ForgettingCurve(lengths=[8, 16, 32, 64], copy_acc=np.repeat([[1.0], [1.0], [0.5], [1.0]], 4, 1),
                                lm_acc=np.zeros((4, 4)))
     assert curve.fine_grained_length() == 16
     assert curve.fine_mask().tolist() == [True, True, False, True]
-    first_fails = fc.ForgettingCurve(lengths=[8, 16], copy_acc=[[0.9] * 3, [1.0] * 3],
+    assert curve.fine_verdicts().tolist() == ["pass", "pass", "fail", "pass"]
+    # a first length that FAILS (2 of 4 tokens in every sample) reads 0, whatever follows
+    first_fails = fc.ForgettingCurve(lengths=[8, 16], copy_acc=[[0.5] * 3, [1.0] * 3],
                                      lm_acc=np.zeros((2, 3)))
+    assert first_fails.fine_verdicts().tolist() == ["fail", "pass"]
     assert first_fails.fine_grained_length() == 0
+    # inconclusive lengths neither end the run nor extend it
+    assert fc.memory_length(["inconclusive", "pass", "inconclusive", "pass", "inconclusive", "fail", "pass"],
+                            [2, 4, 8, 16, 32, 64, 128]) == 16
+    assert fc.memory_length(["inconclusive"] * 3, [2, 4, 8]) == 0
+    assert fc.memory_length(["fail", "pass"], [2, 4]) == 0
 
 
 def test_coarse_rule_needs_effect_size_and_significance():
@@ -437,7 +445,8 @@ def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
     calls = []
 
     def model(ids):
-        calls.append(ids.shape[1])
+        if ids.shape[0] > 1:                                         # not the 1-row fingerprint probe
+            calls.append(ids.shape[1])
         return Copier(K=40, K2=90, p=0.5)(ids)
 
     run(model, [8, 64], out=out, seed=3)
@@ -452,9 +461,14 @@ def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
     again = run(model, [8, 32, 64, 128], out=out, seed=3, resume=True)   # everything done already
     assert calls == [] and again.lengths.tolist() == [8, 32, 64, 128]
     np.testing.assert_array_equal(again.copy_acc, fresh.copy_acc)
-    # an out-of-memory error after resumed lengths keeps them in the file too
-    failing = run(FailsBeyond(2 * 128 + 3, MemoryError()), [8, 32, 64, 128, 256], out=out, seed=3,
-                  resume=True)
+    # an out-of-memory error after resumed lengths keeps them in the file too (the same model,
+    # which runs out of memory beyond L = 128)
+    def failing_model(ids):
+        if ids.shape[1] > 2 * 128 + 3:
+            raise MemoryError()
+        return model(ids)
+
+    failing = run(failing_model, [8, 32, 64, 128, 256], out=out, seed=3, resume=True)
     assert failing.lengths.tolist() == [8, 32, 64, 128] and list(failing.errors) == [256]
     assert fc.ForgettingCurve.load(out).lengths.tolist() == [8, 32, 64, 128]
     with pytest.raises(ValueError, match="settings differ"):
