@@ -111,6 +111,7 @@ DEFAULT_ALPHA = 0.05              # significance level of every test (official c
 SIGNIFICANCE_TESTS = ("sign-flip", "t-test")   # the paired tests of the coarse rule
 DEFAULT_SIGNIFICANCE = "sign-flip"             # ours; "t-test" = the official scipy.stats.ttest_rel
 PASS, INCONCLUSIVE, FAIL = "pass", "inconclusive", "fail"   # the verdicts of one tested length
+ZERO_SPREAD_RTOL = 1e-12          # t-test: sd(d) <= this * max|d_i| is rounding noise, i.e. no spread
 EXACT_TEST_MAX_N = 16             # enumerate all 2^n sign flips up to n = 16 (65536 patterns)
 DEFAULT_N_RESAMPLES = 20_000      # Monte Carlo sign flips beyond that
 COUNT_ROUND_TOL = 0.01            # tokens: a stored accuracy * m within this of an integer is that
@@ -550,16 +551,16 @@ def paired_t_test_pvalue(diff: np.ndarray) -> float:
     """Two-sided paired t-test of H0: mean(diff) = 0, as the official code's scipy.stats.ttest_rel:
         t = mean(d) / (sd(d) / sqrt(n)),  sd with n - 1 in the denominator,  df = n - 1,
         p = P[|T_df| >= |t|].
-    Zero spread: p = 1 if every d_i = 0 (scipy returns NaN there and the official code maps it to
-    1.0), else p = 0 (scipy: t = +-inf, p = 0). Needs n >= 2. The direction (copy above or below LM)
+    Zero spread (sd <= ZERO_SPREAD_RTOL * max|d_i|, i.e. equal up to rounding): p = 1 if every d_i = 0
+    (scipy returns NaN there and the official code maps it to 1.0), else p = 0 (scipy: t = +-inf). Needs n >= 2. The direction (copy above or below LM)
     is not in p: the rules read it from the sign of the mean."""
     d = np.asarray(diff, dtype=np.float64).ravel()                             # (n,)
     n = d.size
     if n < 2:
         raise ValueError(f"the paired t-test needs n >= 2 samples, got {n}")
     mean, sd = float(d.mean()), float(d.std(ddof=1))
-    if sd == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
+    if sd <= ZERO_SPREAD_RTOL * float(np.abs(d).max()):
+        return 1.0 if not d.any() else 0.0
     return student_t_sf2(mean / (sd / math.sqrt(n)), n - 1)
 
 
