@@ -601,14 +601,14 @@ def paired_pvalue(diff: np.ndarray, significance: str = DEFAULT_SIGNIFICANCE, *,
 
 def check_significance_reachable(n: int, alpha: float, significance: str) -> None:
     """Refuse a coarse rule that can never reach p < alpha with n samples (it would silently read 0)."""
+    if significance not in SIGNIFICANCE_TESTS:
+        raise ValueError(f"significance must be one of {SIGNIFICANCE_TESTS}, got {significance!r}")
     if significance == "sign-flip" and 2.0 ** -n >= alpha:
         raise ValueError(f"with n_samples={n} the smallest attainable p-value is 2^-{n} = "
                          f"{2.0 ** -n:.3g} >= alpha={alpha}: nothing can be significant; "
                          "measure more samples per length, raise alpha or use significance='t-test'")
     if significance == "t-test" and n < 2:
         raise ValueError(f"the paired t-test needs n_samples >= 2, got {n}")
-    if significance not in SIGNIFICANCE_TESTS:
-        raise ValueError(f"significance must be one of {SIGNIFICANCE_TESTS}, got {significance!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -745,7 +745,7 @@ class ForgettingCurve:
     #               exactly 0.99 (so a long plateau at exactly 0.99 ends early with the familywise
     #               chance of its lengths); a 0.995 copier: <= 0.008 per length up to L = 64, 1e-4 at
     #               L = 128, 1e-10 at L = 1024. Clustered misses with mean 0.99 (a tenth of the
-    #               samples at 0.9) fail L = 4096 in 2.7% of runs with phi, 28% without it.
+    #               samples at 0.9) fail L = 4096 in ~3% of runs with phi, ~27% without it.
     #   false PASS  (a 0.98 copier read as passing): likely at short lengths (L = 2: 0.98^10 = 0.82;
     #               L = 8: 0.98^40 = 0.45; L = 128: 0.03), negligible at L = 1024 (1e-8). On the grid
     #               2, 4, ..., 1024 a 0.98 copier reads a median fine-grained length of 8 (0 to 256):
@@ -833,12 +833,16 @@ class ForgettingCurve:
                                "threshold": threshold, "min_effect": min_effect, "alpha": alpha,
                                "significance": significance, "lengths": self.lengths.tolist(),
                                "fine_verdicts": self.fine_verdicts(threshold, alpha).tolist()}
+        if significance not in SIGNIFICANCE_TESTS:
+            raise ValueError(f"significance must be one of {SIGNIFICANCE_TESTS}, got {significance!r}")
         try:
+            check_significance_reachable(self.copy_acc.shape[1], alpha, significance)
+        except ValueError:                                  # too few samples: say None, not 0
+            out["coarse_grained_length"] = out["coarse_verdicts"] = None
+        else:
             coarse = self.coarse_verdicts(min_effect, alpha, significance=significance)
             out["coarse_grained_length"] = memory_length(coarse, self.lengths)
             out["coarse_verdicts"] = coarse.tolist()
-        except ValueError:
-            out["coarse_grained_length"] = out["coarse_verdicts"] = None
         out["stopped_by_error"] = bool(self.errors)
         return out
 

@@ -422,6 +422,8 @@ def test_summary_exposes_verdicts_for_sweep_scripts():
     few = fc.ForgettingCurve(lengths=[8], copy_acc=[[1, 1, 1]], lm_acc=[[0, 0, 0]])
     assert few.summary()["coarse_grained_length"] is None           # sign flips cannot reach 0.05
     assert few.summary(significance="t-test")["coarse_grained_length"] == 8
+    with pytest.raises(ValueError, match="significance must be"):
+        few.summary(significance="wilcoxon")
 
 
 # ---------------------------------------------------------------------------------------------
