@@ -20,8 +20,8 @@ The protocol (paper section 2; our numbered steps, used in `forgetting_curve` be
 Reading a curve (paper section 2.2; the exact rules are stated above `fine_verdicts` and
 `coarse_verdicts`). Every tested length gets a verdict: pass, inconclusive or fail.
     fine-grained   : pass   = pooled copy accuracy >= threshold (default 0.99);
-                     fail   = significantly below it (one-sided binomial test on the k correct of
-                              the n*m scored tokens, corrected for over-dispersion between samples);
+                     fail   = significantly below it (one-sided binomial test on the K correct of
+                              the M = n m scored tokens, corrected for over-dispersion between samples);
                      inconclusive = below it, but the scored tokens cannot tell it from threshold.
     coarse-grained : pass   = copy - LM >= a minimum effect size (default 0.05) AND significant;
                      fail   = copy - LM significantly below the effect size;
@@ -67,7 +67,8 @@ measured effect of each, with the command that measured it, is in docs/forgettin
     - Batched; long sequences of a stateful model (minimamba.Mamba2LM) run in chunks with the state
       carried along, so memory stays bounded (L >= 64K on a CPU); only the scored predictions are kept.
     - An out-of-memory error at one length stops the sweep but keeps (and saves) every length measured.
-    - Non-finite logits are an error (the official argmax would silently read NaN as token 0).
+    - Non-finite logits are an error (torch.argmax takes a NaN as the maximum, so an all-NaN row
+      silently reads as token 0 in the official code).
 
 This file imports only torch, numpy and the standard library (matplotlib inside `plot`); minimamba is
 imported only by the command line:
@@ -119,7 +120,8 @@ COUNT_ROUND_TOL = 0.01            # tokens: a stored accuracy * m within this of
                                   # are off by ~0.002 tokens)
 BETACF_EPS = 1e-15                # relative convergence of the incomplete-beta continued fraction
 BETACF_FPMIN = 1e-300             # guard against division by zero in Lentz's method (NR 6.4)
-BETACF_MAX_ITER = 100_000         # it needs O(sqrt(max(a, b))) terms (NR 6.4): ~600 at M = 327680
+BETACF_MAX_ITER = 100_000         # it needs O(sqrt(max(a, b))) terms at most (NR 6.4): < 600 at
+                                  # M = 327680 (L = 65536, n = 10); 83 measured near the threshold
 ARGMAX_OVER = ("vocab", "all")    # "vocab": the first vocab_size logits (ours); "all": every row (official)
 LM_PREFIXES = ("fresh", "tail")   # "fresh": a new window per sample (ours); "tail": the text's last L (official)
 OFFICIAL_RANDOM_IDS = (10, 32000) # draw.py get_random_example: random.randint(10, 31999), inclusive
@@ -286,7 +288,8 @@ class SweepConfig:
         if self.random_ids is not None:
             if self.data != "random":
                 raise ValueError("random_ids= applies to random tokens only (tokens=None)")
-            if len(self.random_ids) != 2 or not all(_is_int(v) for v in self.random_ids):
+            if not isinstance(self.random_ids, (tuple, list)) or len(self.random_ids) != 2 \
+                    or not all(_is_int(v) for v in self.random_ids):
                 raise TypeError(f"random_ids must be a pair of ints (lo, hi), got {self.random_ids!r}")
             lo, hi = (int(v) for v in self.random_ids)
             if not 0 <= lo < hi or (self.vocab_size is not None and hi > self.vocab_size):
@@ -407,7 +410,8 @@ def _logits_of(out: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 class NonFiniteLogitsError(ValueError):
-    """NaN or inf among the logits an argmax would read (argmax of NaN is silently token 0).
+    """NaN or inf among the logits an argmax would read (torch.argmax takes a NaN as the maximum: an
+    all-NaN row silently reads as token 0; +inf always wins).
 
     row: the row of `ids` (for the sweep: samples 0..n-1 copy condition, n..2n-1 LM condition);
     position: the sequence position of the first bad logit in that row."""
@@ -425,6 +429,15 @@ def _argmax_checked(logits: torch.Tensor, row0: int, pos0: int) -> torch.Tensor:
         raise NonFiniteLogitsError(f"non-finite (NaN or inf) logits in row {row0 + r} at position "
                                    f"{pos0 + t}", row=row0 + r, position=pos0 + t)
     return logits.argmax(-1)
+
+
+def _call_with_state(model: Callable, piece: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """One chunk of a stateful model: model(piece, state=state) -> (logits (b, c, V), the new state)."""
+    out = model(piece, state=state)
+    if not isinstance(out, (tuple, list)) or len(out) < 2:
+        raise ValueError("with chunk_size set, the model must return (logits, state) when "
+                         f"called as model(ids, state=state); got {type(out).__name__}")
+    return _logits_of(out, piece), out[1]
 
 
 @torch.no_grad()
@@ -464,15 +477,11 @@ def predict_scored(
             state, pieces = None, []
             for s in range(0, hi, chunk_size):
                 piece = batch[:, s:s + chunk_size]                              # (b, c)
-                out = model(piece, state=state)
-                if not isinstance(out, (tuple, list)) or len(out) < 2:
-                    raise ValueError("with chunk_size set, the model must return (logits, state) when "
-                                     f"called as model(ids, state=state); got {type(out).__name__}")
-                logits, state = _logits_of(out, piece), out[1]                  # (b, c, V)
+                logits, state = _call_with_state(model, piece, state)           # (b, c, V)
                 a, z = max(lo, s), min(hi, s + piece.shape[1])
                 if a < z:
                     pieces.append(_argmax_checked(logits[:, a - s:z - s, :vocab_size], r, a))  # (b, z-a)
-                del logits, out
+                del logits
                 if on_batch is not None:                # progress per chunk (long L: minutes each)
                     on_batch(piece.numel())
                     done += piece.numel()
@@ -489,7 +498,8 @@ def predict_scored(
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     """The continued fraction of I_x(a, b) by the modified Lentz method (Numerical Recipes 6.4, betacf):
         I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 1 / (1 + d_1 / (1 + d_2 / (1 + ...)))
-        d_{2j+1} = -(a + j)(a + b + j) x / ((a + 2j)(a + 2j + 1)),   d_{2j} = j (b - j) x / ((a + 2j - 1)(a + 2j))
+        d_{2j+1} = -(a + j)(a + b + j) x / ((a + 2j)(a + 2j + 1)),
+        d_{2j}   = j (b - j) x / ((a + 2j - 1)(a + 2j))
     This returns the fraction 1 / (1 + d_1 / ...); it converges fast for x < (a + 1) / (a + b + 2)."""
     def guard(v: float) -> float:
         return BETACF_FPMIN if abs(v) < BETACF_FPMIN else v
@@ -552,8 +562,9 @@ def paired_t_test_pvalue(diff: np.ndarray) -> float:
         t = mean(d) / (sd(d) / sqrt(n)),  sd with n - 1 in the denominator,  df = n - 1,
         p = P[|T_df| >= |t|].
     Zero spread (sd <= ZERO_SPREAD_RTOL * max|d_i|, i.e. equal up to rounding): p = 1 if every d_i = 0
-    (scipy returns NaN there and the official code maps it to 1.0), else p = 0 (scipy: t = +-inf). Needs n >= 2. The direction (copy above or below LM)
-    is not in p: the rules read it from the sign of the mean."""
+    (scipy returns NaN there and the official code maps it to 1.0), else p = 0 (scipy: t = +-inf).
+    Needs n >= 2. The direction (copy above or below LM) is not in p: the rules read it from the sign
+    of the mean."""
     d = np.asarray(diff, dtype=np.float64).ravel()                             # (n,)
     n = d.size
     if n < 2:
@@ -1031,11 +1042,11 @@ def fingerprint(model: Callable, *, tokens: torch.Tensor | None, vocab_size: int
                         model has to accept anyway; a resumed sweep reuses the file's)
     The probe: probe_len ids from range(vocab_size) drawn by default_rng(PROBE_SEED), or the stream's
     first probe_len tokens when the vocabulary is unknown (text without vocab_size); a stateful model
-    runs in chunks of chunk_size with the state carried, as in the sweep. Why a sketch compared with a tolerance (PROBE_RTOL) rather
-    than a hash of the logits: the same model on another thread count or device differs in the last
-    float bits, which would break an exact hash. Limit: two models whose logits agree on these
-    PROBE_LEN tokens (e.g. one model with and without a sliding window longer than the probe) look
-    the same; give such runs different `out` files.
+    runs in chunks of chunk_size with the state carried, as in the sweep.
+    Why a sketch compared with a tolerance (PROBE_RTOL) rather than a hash of the logits: the same
+    model on another thread count or device differs in the last float bits, which would break an
+    exact hash. Limit: two models whose logits agree on the probe's tokens (e.g. one model with and
+    without a sliding window longer than the probe) look the same; give such runs different `out` files.
     """
     if vocab_size is not None:
         probe = torch.from_numpy(np.random.default_rng(PROBE_SEED).integers(0, vocab_size, PROBE_LEN))
@@ -1047,9 +1058,8 @@ def fingerprint(model: Callable, *, tokens: torch.Tensor | None, vocab_size: int
     else:                                                # the same chunked call as the sweep's
         state, pieces = None, []
         for s in range(0, ids.shape[1], chunk_size):
-            out = model(ids[:, s:s + chunk_size], state=state)
-            pieces.append(_logits_of(out, ids[:, s:s + chunk_size])[0])
-            state = out[1]
+            logits, state = _call_with_state(model, ids[:, s:s + chunk_size], state)
+            pieces.append(logits[0])
         logits = torch.cat(pieces, dim=0)                                      # (probe_len, V)
     logits = logits[:, :argmax_vocab].double().cpu()
     if not bool(torch.isfinite(logits).all()):
@@ -1267,8 +1277,8 @@ def forgetting_curve(
                     sample, cond = err.row % n_samples, ("copy", "LM")[err.row // n_samples]
                     raise NonFiniteLogitsError(
                         f"non-finite (NaN or inf) logits at L={L}, sample {sample} ({cond} condition), "
-                        f"sequence position {err.position} of {2 * L + 3}: an argmax there would read "
-                        "them as token 0; the lengths before L are saved", err.row, err.position) from None
+                        f"sequence position {err.position} of {2 * L + 3} (an argmax would score them "
+                        "as a token); the lengths before L are saved", err.row, err.position) from None
                 except Exception as err:                                       # noqa: BLE001
                     if not _is_out_of_memory(err):
                         raise
