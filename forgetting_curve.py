@@ -969,7 +969,7 @@ class ForgettingCurve:
         unsure = np.array(s["fine_verdicts"]) == INCONCLUSIVE
         if unsure.any():
             ax.plot(L[unsure], self.copy_mean[unsure], "o", ms=6, mfc="white", mec="tab:blue",
-                    label="copy: fine verdict inconclusive (few scored tokens)")
+                    label="copy: fine verdict inconclusive")
         if train_length is not None:
             ax.axvline(train_length, color="k", ls="--", lw=1, label=f"training length {train_length}")
         lo_x, hi_x = edges[0], edges[-1]
