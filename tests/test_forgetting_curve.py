@@ -6,6 +6,7 @@ set by how far back they are allowed (or partly allowed) to copy, so the expecte
 known exactly.
 """
 
+import json
 import math
 
 import numpy as np
@@ -95,6 +96,18 @@ def test_oracle_known_memory_lengths():
     np.testing.assert_array_equal(curve.copy_acc[6], curve.lm_acc[6])      # amnesia at 256
 
 
+@pytest.mark.parametrize("K, expected", [(3, 0), (10, 8), (40, 32), (150, 128), (1000, 256)])
+def test_oracle_with_window_K_reads_Ks_grid_point(K, expected):
+    # copies exactly when the copy distance L + 1 <= K: perfect up to L = K - 1, amnesic beyond,
+    # so both memory lengths are the largest grid point <= K - 1 (0 when even L = 4 is too far)
+    curve = run(Copier(K=K, K2=K), LENGTHS)
+    assert curve.fine_grained_length() == expected
+    assert curve.coarse_grained_length() == expected
+    assert curve.coarse_grained_length(significance="t-test") == expected
+    far = curve.lengths > K - 1
+    assert set(curve.fine_verdicts()[far]) <= {"fail"} and set(curve.coarse_verdicts()[far]) <= {"fail"}
+
+
 def test_perfect_copier_scores_one_everywhere():
     curve = run(Copier(), LENGTHS + [700])
     assert np.all(curve.copy_acc == 1.0), curve.copy_acc.min()
@@ -108,7 +121,9 @@ def test_amnesic_model_copy_equals_lm_and_no_memory():
     np.testing.assert_array_equal(curve.copy_acc, curve.lm_acc)
     assert curve.fine_grained_length() == 0
     assert curve.coarse_grained_length() == 0
-    assert np.all(curve.p_values() == 1.0)
+    assert curve.coarse_grained_length(significance="t-test") == 0
+    assert np.all(curve.p_values() == 1.0) and np.all(curve.p_values("t-test") == 1.0)
+    assert set(curve.coarse_verdicts()) == {"fail"}               # copy == LM: significantly no gap
 
 
 def test_return_conventions_tuple_and_logits_attribute():
@@ -241,15 +256,23 @@ def make_curve(copy_means, lm_means, n=10, noise=0.01, seed=0):
     return fc.ForgettingCurve(lengths=2 ** np.arange(3, 3 + k), copy_acc=copy, lm_acc=lm)
 
 
-def test_memory_length_is_end_of_contiguous_run():
-    # copy acc: 1, 1, 0.5, 1 (a lone recovery at the largest length is not memory)
+def test_memory_length_ends_at_the_first_failure():
+    # copy acc: 1, 1, 0.5, 1 (a lone recovery after a failure is not memory)
     curve = fc.ForgettingCurve(lengths=[8, 16, 32, 64], copy_acc=np.repeat([[1.0], [1.0], [0.5], [1.0]], 4, 1),
                                lm_acc=np.zeros((4, 4)))
     assert curve.fine_grained_length() == 16
     assert curve.fine_mask().tolist() == [True, True, False, True]
-    first_fails = fc.ForgettingCurve(lengths=[8, 16], copy_acc=[[0.9] * 3, [1.0] * 3],
+    assert curve.fine_verdicts().tolist() == ["pass", "pass", "fail", "pass"]
+    # a first length that FAILS (2 of 4 tokens in every sample) reads 0, whatever follows
+    first_fails = fc.ForgettingCurve(lengths=[8, 16], copy_acc=[[0.5] * 3, [1.0] * 3],
                                      lm_acc=np.zeros((2, 3)))
+    assert first_fails.fine_verdicts().tolist() == ["fail", "pass"]
     assert first_fails.fine_grained_length() == 0
+    # inconclusive lengths neither end the run nor extend it
+    assert fc.memory_length(["inconclusive", "pass", "inconclusive", "pass", "inconclusive", "fail", "pass"],
+                            [2, 4, 8, 16, 32, 64, 128]) == 16
+    assert fc.memory_length(["inconclusive"] * 3, [2, 4, 8]) == 0
+    assert fc.memory_length(["fail", "pass"], [2, 4]) == 0
 
 
 def test_coarse_rule_needs_effect_size_and_significance():
@@ -278,6 +301,174 @@ def test_sign_flip_pvalue():
     assert p == pytest.approx(1 / 1000)
     d = np.random.default_rng(1).standard_normal(30) + 0.1
     assert 0 < fc.paired_sign_flip_pvalue(d) < 1
+
+
+# Official linear grid (draw.py: np.linspace(8, 16000, 32, dtype=int)), first 19 points: 8, 523, ...
+LLAMA_LIKE_LENGTHS = np.linspace(8, 16000, 32, dtype=int)[:19]
+
+
+def llama_like_curve():
+    """A hand-made curve with the shape of the official Llama-3-8B release (not its numbers): L = 8
+    scores 4 tokens per sample and two of ten samples got 3 of 4 (mean 0.95); L = 523 .. 4134 copy
+    >= 0.99 with a few scattered misses; then copy collapses towards the LM curve."""
+    k, n = len(LLAMA_LIKE_LENGTHS), 10
+    m = (LLAMA_LIKE_LENGTHS + 1) // 2
+    spread = np.linspace(-0.02, 0.02, n)                             # a deterministic per-sample spread
+    copy_mean = np.array([0.95] + [1.0] * 8 + [0.85, 0.50, 0.23, 0.09, 0.08, 0.07, 0.08, 0.07, 0.07, 0.07])
+    lm_mean = np.array([0.20] + [0.50] * 8 + [0.44, 0.28, 0.13, 0.065, 0.055, 0.05, 0.05, 0.05, 0.05, 0.05])
+    copy = np.clip(copy_mean[:, None] + spread, 0, 1)
+    copy[0] = [1, 0.75, 1, 1, 1, 1, 1, 1, 1, 0.75]
+    for i in range(1, 9):                                            # the plateau: 0-2 misses a sample
+        copy[i] = 1 - (np.arange(n) % 3) / m[i]
+    lm = np.clip(lm_mean[:, None] - spread[::-1], 0, 1)
+    return fc.ForgettingCurve(lengths=LLAMA_LIKE_LENGTHS, copy_acc=copy, lm_acc=lm)
+
+
+def test_fine_rule_reads_the_plateau_end_after_a_noisy_first_point():
+    curve = llama_like_curve()
+    print(curve.table())
+    assert curve.copy_mean[0] == pytest.approx(0.95) and curve.copy_mean[0] < 0.99   # the old rule: 0
+    verdicts = curve.fine_verdicts().tolist()
+    assert verdicts[0] == "inconclusive"            # 38 of 40 tokens: P[X <= 38 | 40, 0.99] = 0.061
+    assert verdicts[1:9] == ["pass"] * 8 and verdicts[9:] == ["fail"] * 10
+    assert curve.fine_grained_length() == 4134                      # the plateau's end
+    assert curve.fine_grained_length(alpha=0.1) == 0                # at alpha 0.1 the first point fails
+    # the coarse rule: copy - LM >= 0.05 up to 5682, 0.025 at 6198 (significantly below 0.05)
+    for significance in ("sign-flip", "t-test"):
+        assert curve.coarse_grained_length(significance=significance) == 5682
+        assert curve.coarse_verdicts(significance=significance)[12] == "fail"
+
+
+def test_fine_rule_on_one_token_samples():
+    # L = 2 scores one token per sample: one miss in ten is inconclusive (P = 1 - 0.99^10 = 0.096),
+    # two misses fail (P = 1 - 0.99^10 - 10 * 0.01 * 0.99^9 = 0.0043)
+    one = fc.ForgettingCurve(lengths=[2, 4], copy_acc=[[0.0] + [1.0] * 9, [1.0] * 10], lm_acc=np.zeros((2, 10)))
+    assert one.fine_verdicts().tolist() == ["inconclusive", "pass"] and one.fine_grained_length() == 4
+    assert one.fine_pvalues()[0] == pytest.approx(1 - 0.99 ** 10, rel=1e-12)
+    two = fc.ForgettingCurve(lengths=[2, 4], copy_acc=[[0.0] * 2 + [1.0] * 8, [1.0] * 10], lm_acc=np.zeros((2, 10)))
+    assert two.fine_pvalues()[0] == pytest.approx(1 - 0.99 ** 10 - 10 * 0.01 * 0.99 ** 9, rel=1e-12)
+    assert two.fine_verdicts().tolist() == ["fail", "pass"] and two.fine_grained_length() == 0
+    assert one.dispersion()[0] == 1.0                                # m = 1: nothing to cluster
+
+
+def test_fine_rule_on_curves_that_drop():
+    # a gradual drop: 1.0, 0.999, 0.995, then 0.98 on 512 scored tokens per sample (fails), 1.0 again
+    lengths = [128, 256, 512, 1024, 2048]
+    copy = np.array([[1.0] * 10, [0.999] * 10, [0.995] * 10, [0.98] * 10, [1.0] * 10])
+    curve = fc.ForgettingCurve(lengths=lengths, copy_acc=copy, lm_acc=np.zeros((5, 10)))
+    assert curve.fine_verdicts().tolist() == ["pass", "pass", "pass", "fail", "pass"]
+    assert curve.fine_grained_length() == 512
+    # just below the threshold on few tokens is inconclusive and does not end the run
+    copy[1] = 1 - 1 / 128                                           # 1 miss per sample of 128 tokens: 0.992
+    copy[2] = 0.985                                                 # 0.985 on 2560 tokens: fails
+    curve = fc.ForgettingCurve(lengths=lengths, copy_acc=copy, lm_acc=np.zeros((5, 10)))
+    assert curve.fine_verdicts().tolist()[:3] == ["pass", "pass", "fail"]
+    assert curve.fine_grained_length() == 256
+
+
+def test_dispersion_discounts_samples_that_miss_together():
+    # 480 of 500 tokens right (0.96) at L = 100 (m = 50), spread evenly: a clear failure ...
+    even = fc.ForgettingCurve(lengths=[100], copy_acc=[[0.96] * 10], lm_acc=np.zeros((1, 10)))
+    assert even.dispersion()[0] == 1.0 and even.fine_verdicts()[0] == "fail"
+    # ... but the same 20 misses all in one sample (nine perfect, one at 30 / 50): the samples disagree
+    # far beyond binomial noise, X^2 = (9 * 2^2 + 18^2) / (50 * 0.96 * 0.04) = 187.5, phi = X^2 / 9,
+    # and 500 / phi = 24 effective tokens cannot tell 0.96 from 0.99
+    lumped = fc.ForgettingCurve(lengths=[100], copy_acc=[[1.0] * 9 + [0.6]], lm_acc=np.zeros((1, 10)))
+    assert lumped.dispersion()[0] == pytest.approx(187.5 / 9, rel=1e-12)
+    assert lumped.fine_verdicts()[0] == "inconclusive"
+    p, phi = fc.binomial_below_pvalue(np.array([50] * 9 + [30]), 50, 0.99)
+    assert p == pytest.approx(fc.binomial_cdf(480 / phi, 500 / phi, 0.99)) and p > 0.05
+
+
+def test_coarse_verdicts_pass_inconclusive_fail():
+    n = 10
+    d = np.linspace(-0.02, 0.02, n)
+    lm = np.full((4, n), 0.3)
+    copy = np.stack([0.3 + 0.2 + d,                                  # a 0.2 gap: pass
+                     0.3 + 0.02 + d,                                 # a 0.02 gap, consistently: fail
+                     0.3 + np.where(np.arange(n) % 2, 0.4, -0.3),    # mean gap 0.05, inconsistent
+                     0.3 + d])                                       # no gap: fail
+    curve = fc.ForgettingCurve(lengths=[8, 16, 32, 64], copy_acc=copy, lm_acc=lm)
+    assert curve.coarse_verdicts().tolist() == ["pass", "fail", "inconclusive", "fail"]
+    assert curve.coarse_verdicts(significance="t-test").tolist() == ["pass", "fail", "inconclusive", "fail"]
+    assert curve.coarse_grained_length() == 8
+    assert curve.coarse_mask().tolist() == [True, False, False, False]
+
+
+def test_sign_flip_and_t_test_verdicts_differ_at_n6():
+    # all six differences positive, one large: sign flip p = 1/64 (only the observed pattern is as
+    # extreme), the t-test sees a large spread (t = 0.2 / (0.343 / sqrt 6) = 1.43, p = 0.21)
+    lm = np.zeros((2, 6))
+    skewed = np.array([0.06] * 5 + [0.9])
+    # four gains of 0.8 and two losses of 0.1: sign flip p = 4/64 (flipping either loss is at least
+    # as extreme), the t-test p = 0.041
+    mixed = np.array([0.8] * 4 + [-0.1] * 2) + 0.1
+    curve = fc.ForgettingCurve(lengths=[8, 16], copy_acc=[skewed, mixed], lm_acc=[lm[0], lm[1] + 0.1])
+    assert curve.p_values()[0] == pytest.approx(1 / 64) and curve.p_values("t-test")[0] > 0.2
+    assert curve.p_values()[1] == pytest.approx(4 / 64) and curve.p_values("t-test")[1] < 0.05
+    assert curve.coarse_verdicts().tolist()[0] == "pass"
+    assert curve.coarse_verdicts(significance="t-test").tolist()[0] == "inconclusive"
+    assert curve.coarse_verdicts().tolist()[1] == "inconclusive"
+    assert curve.coarse_verdicts(significance="t-test").tolist()[1] == "pass"
+
+
+def test_summary_exposes_verdicts_for_sweep_scripts():
+    curve = llama_like_curve()
+    s = curve.summary()
+    assert s["fine_grained_length"] == 4134 and s["coarse_grained_length"] == 5682
+    assert s["lengths"] == LLAMA_LIKE_LENGTHS.tolist() and s["significance"] == "sign-flip"
+    assert s["fine_verdicts"][:2] == ["inconclusive", "pass"] and len(s["coarse_verdicts"]) == 19
+    assert curve.summary(significance="t-test")["significance"] == "t-test"
+    few = fc.ForgettingCurve(lengths=[8], copy_acc=[[1, 1, 1]], lm_acc=[[0, 0, 0]])
+    assert few.summary()["coarse_grained_length"] is None           # sign flips cannot reach 0.05
+    assert few.summary(significance="t-test")["coarse_grained_length"] == 8
+    with pytest.raises(ValueError, match="significance must be"):
+        few.summary(significance="wilcoxon")
+
+
+# ---------------------------------------------------------------------------------------------
+# The statistics, against closed forms and hand-computed values (no scipy)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x", [0.0, 1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0])
+def test_incomplete_beta_closed_forms(x):
+    I = fc.regularized_incomplete_beta
+    assert I(3.0, 1.0, x) == pytest.approx(x ** 3, rel=1e-12, abs=1e-300)         # I_x(a, 1) = x^a
+    assert I(1.0, 4.0, x) == pytest.approx(-math.expm1(4 * math.log1p(-x)) if x < 1 else 1.0, rel=1e-12)
+    assert I(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)), rel=1e-10, abs=1e-300)
+    assert I(2.5, 7.0, x) + I(7.0, 2.5, 1 - x) == pytest.approx(1.0, rel=1e-12)   # symmetry
+
+
+def test_binomial_cdf_against_exact_sums():
+    def exact(k, M, p):                                              # sum of the pmf, in logs
+        return sum(math.exp(math.lgamma(M + 1) - math.lgamma(j + 1) - math.lgamma(M - j + 1)
+                            + j * math.log(p) + (M - j) * math.log1p(-p)) for j in range(k + 1))
+
+    assert fc.binomial_cdf(38, 40, 0.99) == pytest.approx(1 - 0.99 ** 40 - 40 * 0.01 * 0.99 ** 39, rel=1e-12)
+    for M, p, ks in [(10, 0.99, [0, 5, 8, 9]), (200, 0.95, [150, 185, 190, 199]),
+                     (20670, 0.99, [20400, 20440, 20462, 20500])]:
+        for k in ks:
+            assert fc.binomial_cdf(k, M, p) == pytest.approx(exact(k, M, p), rel=1e-9), (k, M, p)
+    assert fc.binomial_cdf(-1, 10, 0.5) == 0.0 and fc.binomial_cdf(10, 10, 0.5) == 1.0
+    with pytest.raises(ValueError, match="a, b > 0"):
+        fc.regularized_incomplete_beta(0.0, 1.0, 0.5)
+
+
+def test_paired_t_test_against_hand_computed_values():
+    # d = (1, 2, 3): mean 2, sd 1, t = 2 sqrt(3), df = 2, where P[|T| >= t] = 1 - t / sqrt(2 + t^2)
+    assert fc.paired_t_test_pvalue([1.0, 2.0, 3.0]) == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-12)
+    assert fc.paired_t_test_pvalue([-1.0, -2.0, -3.0]) == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-12)
+    # d = (1, 2): mean 1.5, sd sqrt(1/2), t = 3, df = 1 (Cauchy): P[|T| >= 3] = 1 - 2 atan(3) / pi
+    assert fc.paired_t_test_pvalue([1.0, 2.0]) == pytest.approx(1 - 2 * math.atan(3) / math.pi, rel=1e-12)
+    assert fc.student_t_sf2(0.0, 7) == pytest.approx(1.0) and fc.student_t_sf2(math.inf, 7) == 0.0
+    # zero spread: scipy gives NaN for all-zero differences (the official code maps it to 1.0) and
+    # p = 0 for a constant non-zero difference
+    assert fc.paired_t_test_pvalue(np.zeros(6)) == 1.0
+    assert fc.paired_t_test_pvalue(np.full(6, 0.1)) == 0.0
+    with pytest.raises(ValueError, match="n >= 2"):
+        fc.paired_t_test_pvalue([1.0])
+    with pytest.raises(ValueError, match="significance must be"):
+        fc.paired_pvalue(np.ones(3), "wilcoxon")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +606,21 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random-tokens",
                     "--n-samples", "5", "--out", str(tmp_path / "rand")])
     assert rand.meta["text"] == "random" and rand.copy_acc.shape == (1, 5)
-    redrawn = fc.main(["--from-json", str(tmp_path / "out" / "curve.json"), "--out", str(tmp_path / "re")])
+    redrawn = fc.main(["--from-json", str(tmp_path / "out" / "curve.json"), "--out", str(tmp_path / "re"),
+                       "--significance", "t-test"])
     np.testing.assert_array_equal(redrawn.copy_acc, curve.copy_acc)
     assert (tmp_path / "re" / "curve.png").stat().st_size > 10_000
+    # --resume: the lengths of curve.json are reused, only L = 60 is measured
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "40", "60", "--text", str(text),
+            "--n-samples", "5", "--chunk-size", "32", "--out", str(tmp_path / "out")]
+    resumed = fc.main(args + ["--resume"])
+    assert resumed.lengths.tolist() == [4, 40, 60]
+    np.testing.assert_array_equal(resumed.copy_acc[:2], curve.copy_acc)
+    assert resumed.seconds[0] == saved.seconds[0]                     # reused, not re-measured
+    other = tmp_path / "other.txt"
+    other.write_bytes(text.read_bytes()[::-1])
+    with pytest.raises(ValueError, match="other text"):
+        fc.main(args[:7] + [str(other)] + args[8:] + ["--resume"])
 
 
 @pytest.mark.parametrize("chunk", [None, 5, 64])
@@ -437,7 +640,8 @@ def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
     calls = []
 
     def model(ids):
-        calls.append(ids.shape[1])
+        if ids.shape[0] > 1:                                         # not the 1-row fingerprint probe
+            calls.append(ids.shape[1])
         return Copier(K=40, K2=90, p=0.5)(ids)
 
     run(model, [8, 64], out=out, seed=3)
@@ -452,13 +656,226 @@ def test_resume_measures_only_missing_lengths_and_equals_a_fresh_run(tmp_path):
     again = run(model, [8, 32, 64, 128], out=out, seed=3, resume=True)   # everything done already
     assert calls == [] and again.lengths.tolist() == [8, 32, 64, 128]
     np.testing.assert_array_equal(again.copy_acc, fresh.copy_acc)
-    # an out-of-memory error after resumed lengths keeps them in the file too
-    failing = run(FailsBeyond(2 * 128 + 3, MemoryError()), [8, 32, 64, 128, 256], out=out, seed=3,
-                  resume=True)
+    # an out-of-memory error after resumed lengths keeps them in the file too (the same model,
+    # which runs out of memory beyond L = 128)
+    def failing_model(ids):
+        if ids.shape[1] > 2 * 128 + 3:
+            raise MemoryError()
+        return model(ids)
+
+    failing = run(failing_model, [8, 32, 64, 128, 256], out=out, seed=3, resume=True)
     assert failing.lengths.tolist() == [8, 32, 64, 128] and list(failing.errors) == [256]
     assert fc.ForgettingCurve.load(out).lengths.tolist() == [8, 32, 64, 128]
     with pytest.raises(ValueError, match="settings differ"):
         run(model, [8], out=out, seed=4, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: a sweep must not accept the wrong thing silently
+# ---------------------------------------------------------------------------------------------
+
+class Bigram(torch.nn.Module):
+    """A tiny real model: logits = a table row of the current token (weights set by the seed)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(V, V, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, ids):
+        return self.table[ids]                                        # (b, l, V)
+
+
+def test_resume_refuses_another_model(tmp_path):
+    out = tmp_path / "c.json"
+    run(Bigram(seed=0), [8, 16], out=out)
+    with pytest.raises(ValueError, match="logits on the fixed probe differ"):
+        run(Bigram(seed=1), [8, 16, 32], out=out, resume=True)        # same class, other weights
+    with pytest.raises(ValueError, match="another model class"):
+        run(Copier(), [8, 16, 32], out=out, resume=True)
+    # the same model whose logits moved by rounding noise only (another device / thread count)
+    noisy = Bigram(seed=0)
+    with torch.no_grad():
+        noisy.table.mul_(1 + 1e-7)
+    resumed = run(noisy, [8, 16, 32], out=out, resume=True)
+    assert resumed.lengths.tolist() == [8, 16, 32]
+
+
+def test_resume_refuses_other_text_of_the_same_length(tmp_path):
+    out = tmp_path / "c.json"
+    text = torch.from_numpy(np.random.default_rng(0).integers(1, V, 400))
+    other = text.flip(0)                                              # same ids, same count, other text
+    run(Copier(), [8], tokens=text, out=out)
+    with pytest.raises(ValueError, match="other text"):
+        run(Copier(), [8, 16], tokens=other, out=out, resume=True)
+    assert run(Copier(), [8, 16], tokens=text, out=out, resume=True).lengths.tolist() == [8, 16]
+
+
+def test_old_file_without_fingerprint_plots_but_does_not_resume(tmp_path):
+    out = tmp_path / "old.json"
+    curve = run(Copier(K=40, K2=40), [8, 64])
+    data = curve.to_dict()
+    data["format"] = "minimamba.forgetting_curve/1"
+    del data["meta"]["fingerprint"]
+    out.write_text(json.dumps(data))
+    old = fc.ForgettingCurve.load(out)                                # readable: re-plot, re-read
+    assert old.fine_grained_length() == 8
+    with pytest.raises(ValueError, match="no fingerprint"):
+        run(Copier(K=40, K2=40), [8, 64, 128], out=out, resume=True)
+    fc.main(["--from-json", str(out), "--out", str(tmp_path / "re")])
+    assert (tmp_path / "re" / "curve.png").exists()
+
+
+class NaNAt:
+    """The perfect copier, with a NaN logit in one row at one position of the sequences of length L."""
+
+    def __init__(self, L, row, position):
+        self.L, self.row, self.position = L, row, position
+
+    def __call__(self, ids):
+        logits = Copier()(ids)
+        if ids.shape[1] == 2 * self.L + 3 and ids.shape[0] > self.row:
+            logits[self.row, self.position, 5] = math.nan
+        return logits
+
+
+def test_nan_logits_are_an_error_naming_length_and_sample(tmp_path):
+    out = tmp_path / "c.json"
+    # rows 0..9 copy condition, 10..19 LM condition (one batch of 20): row 13 = sample 3, LM
+    lo, hi = fc.scored_slice(16)
+    with pytest.raises(fc.NonFiniteLogitsError, match=r"L=16, sample 3 \(LM condition\), sequence position 30"):
+        run(NaNAt(16, 13, 30), [8, 16, 32], out=out, batch_size=20)
+    assert lo <= 30 < hi
+    assert fc.ForgettingCurve.load(out).lengths.tolist() == [8]       # the length before is saved
+    with pytest.raises(fc.NonFiniteLogitsError, match=r"sample 2 \(copy condition\)"):
+        run(NaNAt(16, 2, lo), [16], batch_size=4)                     # row 2 of the first batch
+    with pytest.raises(fc.NonFiniteLogitsError, match="inf"):        # inf too
+        run(lambda ids: Copier()(ids) * math.inf, [8])
+    # outside the scored positions nothing reads the logit: no error
+    assert run(NaNAt(16, 2, 3), [16]).copy_acc.min() == 1.0
+
+
+def test_argument_types_are_checked():
+    with pytest.raises(TypeError, match="sequence of ints"):
+        run(Copier(), "16")                                           # would measure L = 1 and L = 6
+    with pytest.raises(TypeError, match="integers"):
+        run(Copier(), [16.0, 32])                                     # would be truncated
+    with pytest.raises(TypeError, match="integers"):
+        run(Copier(), np.array([8.5, 16.0]))
+    with pytest.raises(TypeError, match="integers"):
+        run(Copier(), [True, 8])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        run(Copier(), [8, 8])
+    with pytest.raises(TypeError, match="integer tensor"):
+        run(Copier(), [8], tokens=torch.rand(100) * 60)                # float ids would be truncated
+    with pytest.raises(TypeError, match="integer tensor"):
+        run(Copier(), [8], tokens=list(range(1, 100)))
+    with pytest.raises(ValueError, match="1-D"):
+        run(Copier(), [8], tokens=torch.arange(1, 61).reshape(2, 30))
+    with pytest.raises(TypeError, match="n_samples must be an int"):
+        run(Copier(), [8], n_samples=10.0)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        run(StatefulCopier(), [8], chunk_size=16.5)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        run(Copier(), [8], batch_size=True)
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        run(Copier(), [8], n_samples=0)
+    with pytest.raises(ValueError, match="resume=True needs out="):
+        run(Copier(), [8], resume=True)
+    # numpy integers are ints
+    assert run(Copier(), np.array([8, 16]), n_samples=np.int64(3)).lengths.tolist() == [8, 16]
+    assert run(Copier(), [8], tokens=np.arange(1, 60, dtype=np.int32)).copy_acc.min() == 1.0
+
+
+def test_out_is_checked_before_any_work(tmp_path):
+    calls = []
+
+    def model(ids):
+        calls.append(ids.shape)
+        return Copier()(ids)
+
+    with pytest.raises(ValueError, match="is a folder"):
+        run(model, [8, 16], out=tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot create its folder"):
+        run(model, [8, 16], out=tmp_path / "file" / "c.json")
+    assert calls == []                                                # the model never ran
+    with pytest.raises(SystemExit):                                   # the CLI: --out must be a folder
+        fc.main(["--checkpoint", "x", "--lengths", "4", "--out", str(tmp_path / "file")])
+
+
+def test_corrupt_json_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "curve.json"
+    for text in ("{not json", '{"format": "minimamba.forgetting_curve/2", "lengths": [8]}',
+                 '{"format": "minimamba.forgetting_curve/2", "lengths": [8], "copy_acc": [[0.5, "x"]], '
+                 '"lm_acc": [[0, 0]]}', "[1, 2]"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=str(bad)):
+            fc.ForgettingCurve.load(bad)
+        with pytest.raises(ValueError, match=str(bad)):
+            run(Copier(), [8], out=bad, resume=True)
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=str(bad)):
+        fc.ForgettingCurve.load(bad)
+
+
+def test_official_result_file_loads(tmp_path):
+    # draw.py writes a list of per-length records (hand-made numbers, the official field names)
+    records = [{"length": 8, "lm_mean": 0.1, "copy_mean": 0.95, "p_value": 0.001,
+                "copy_accs": [1.0, 0.75] + [1.0] * 8, "lm_accs": [0.0, 0.25] * 5},
+               {"length": 523, "copy_accs": [1.0] * 10, "lm_accs": [0.5] * 10}]
+    path = tmp_path / "Model.json"
+    path.write_text(json.dumps(records))
+    curve = fc.ForgettingCurve.load(path)
+    assert curve.lengths.tolist() == [8, 523] and curve.copy_acc.shape == (2, 10)
+    assert curve.fine_verdicts().tolist() == ["inconclusive", "pass"] and curve.fine_grained_length() == 523
+
+
+# ---------------------------------------------------------------------------------------------
+# Options that reproduce the official protocol
+# ---------------------------------------------------------------------------------------------
+
+def test_argmax_over_all_rows_reads_padded_rows():
+    def padded(ids):                                                 # 16 extra rows that always win
+        logits = Copier()(ids)
+        return torch.cat([logits, torch.full((*logits.shape[:2], 16), 10.0)], dim=-1)
+
+    assert np.all(run(padded, [8, 32]).copy_acc == 1.0)
+    official = run(padded, [8, 32], argmax_over="all")
+    assert np.all(official.copy_acc == 0.0) and official.meta["argmax_over"] == "all"
+    with pytest.raises(ValueError, match="argmax_over"):
+        run(padded, [8], argmax_over="first")
+
+
+def test_random_ids_range():
+    seen = []
+
+    def model(ids):
+        seen.append(ids)
+        return Copier()(ids)
+
+    curve = run(model, [8, 32], random_ids=(10, 20))
+    body = torch.cat([ids[:, 1:-1].reshape(-1) for ids in seen if ids.shape[0] > 1])
+    body = body[body != BOS]                                          # the middle separator
+    assert int(body.min()) >= 10 and int(body.max()) < 20 and tuple(curve.meta["random_ids"]) == (10, 20)
+    with pytest.raises(ValueError, match="needs >= 32000 ids"):
+        run(Copier(), [8], random_ids=fc.OFFICIAL_RANDOM_IDS)        # the official range, vocab 64
+    with pytest.raises(ValueError, match="random tokens only"):
+        run(Copier(), [8], random_ids=(1, 20), tokens=torch.arange(1, 60))
+
+
+def test_lm_prefix_tail_is_the_official_layout():
+    stream = torch.arange(1, 101)                                     # every position distinct
+    L, n = 10, 6
+    lay = fc.make_layouts(L, n, np.random.default_rng(0), bos_id=0, eos_id=0, tokens=stream, lm_prefix="tail")
+    assert torch.equal(lay.ids[n:, 1:L + 1], stream[-L:].expand(n, L))   # u = the text's last L tokens
+    assert np.all(lay.x_start <= 100 - 3 * L) and np.all(lay.u_start == 100 - L)
+    text = stream % 63 + 1                                            # ids 1..63 for the oracle
+    curve = run(Copier(), [10, 30], tokens=text, lm_prefix="tail")
+    assert curve.meta["lm_prefix"] == "tail" and np.all(curve.copy_acc == 1.0)
+    with pytest.raises(ValueError, match="needs 3L"):
+        run(Copier(), [40], tokens=text, lm_prefix="tail")
+    with pytest.raises(ValueError, match="needs natural text"):
+        run(Copier(), [8], lm_prefix="tail")
 
 
 def test_module_is_standalone():
