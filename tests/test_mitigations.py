@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minimamba
 import mitigations as mit
 
 SETTINGS = dict(max_examples=25, deadline=None, derandomize=True)
@@ -126,7 +127,7 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
     l = x.shape[1]
     window = draw_window(data, l)
     want = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=4)
-    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    scan = mit.SlidingWindowScan(minimamba.DefaultScan(), window)
     cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, l - 1)), max_size=4)))) + [l]
     state, ys, start = None, [], 0
     for end in cuts:
@@ -157,7 +158,7 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
 def test_sliding_window_memory_is_bounded_by_the_window():
     torch.manual_seed(0)
     b, h, p, g, n, window = 1, 2, 3, 1, 4, 16
-    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    scan = mit.SlidingWindowScan(minimamba.DefaultScan(), window)
     state, sizes = None, []
     for piece in range(6):
         L = 50
@@ -188,7 +189,7 @@ def test_sliding_window_at_least_length_is_exactly_the_plain_scan():
     b, l, h, p, g, n = 2, 20, 4, 3, 2, 5
     x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
     A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
-    want, _ = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 8)
+    want, _ = minimamba.DefaultScan().chunked(x, dt, A, B, C, D, None, 8)
     for window in (l, l + 7):
         got = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=8)
         assert torch.equal(got, want), f"window={window} >= l={l} must be the identity"
@@ -212,7 +213,7 @@ def test_rri_and_delta_scaling_equal_the_oracle_in_both_paths(data):
     assert_close(got, want, f"rri chunked (lambda_a={lambda_a}, lambda_B={lambda_B})", **TOL[torch.float64])
     assert_close(got_h, want_h, "rri final state", **TOL[torch.float64])
     # step path
-    scan, s, ys = mit.RRIScan(mit.SSDScan(), lambda_a, lambda_B), h0, []
+    scan, s, ys = mit.RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B), h0, []
     for t in range(x.shape[1]):
         y, s = scan.step(x[:, t], dt[:, t], A if A.dim() == 1 else A[:, t], B[:, t], C[:, t], D, s)
         ys.append(y)
@@ -228,7 +229,7 @@ def test_rri_and_delta_disabled_are_exactly_the_plain_scan():
     b, l, h, p, g, n = 2, 13, 2, 3, 1, 4
     x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
     A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
-    want = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 4)
+    want = minimamba.DefaultScan().chunked(x, dt, A, B, C, D, None, 4)
     for got in (mit.rri_ssd(x, dt, A, B, C, lambda_a=1.0, lambda_B=1.0, chunk_size=4, D=D),
                 mit.delta_scaled_ssd(x, dt, A, B, C, factor=1.0, chunk_size=4, D=D)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -284,7 +285,7 @@ def test_state_norm_equals_oracle_in_chunked_streaming_and_step(data):
     assert_close(got, want, f"state norm chunked (every={every})", **TOL[torch.float64])
     assert_close(got_h, want_h, "state norm final state", **TOL[torch.float64])
     # streaming: pieces that do not line up with the clamp positions, mixed with single steps
-    scan = mit.StateNormScan(mit.SSDScan(), taus, every)
+    scan = mit.StateNormScan(minimamba.DefaultScan(), taus, every)
     cut = data.draw(st.integers(0, l))
     y1, s = scan.chunked(x[:, :cut], dt[:, :cut], A if A.dim() == 1 else A[:, :cut], B[:, :cut], C[:, :cut], D, None, 3) \
         if cut > 0 else (x[:, :0], None)
@@ -300,7 +301,7 @@ def test_state_norm_disabled_and_above_all_norms():
     b, l, h, p, g, n = 2, 30, 2, 3, 1, 4
     x, dt = torch.randn(b, l, h, p, dtype=torch.float64), torch.rand(b, l, h, dtype=torch.float64) + 0.1
     A, B, C = -torch.rand(h, dtype=torch.float64) - 0.1, torch.randn(b, l, g, n, dtype=torch.float64), torch.randn(b, l, g, n, dtype=torch.float64)
-    want = mit.SSDScan().chunked(x, dt, A, B, C, None, None, 8)
+    want = minimamba.DefaultScan().chunked(x, dt, A, B, C, None, None, 8)
     off = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), math.inf), every=4, chunk_size=8)
     assert torch.equal(off[0], want[0]) and torch.equal(off[1], want[1]), "tau = inf must be the identity"
     high = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), 1e9), every=4, chunk_size=8)
@@ -482,9 +483,9 @@ def test_trace_states_matches_direct_computation(tiny):
         def __init__(self, inner):
             self.inner = inner
 
-        def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
             seen.append((dt, A))
-            return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+            return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
 
     with torch.no_grad(), mit._swapped_scans(model, lambda inner, i: Capture(inner) if i == 0 else inner):
         _, state = model(ids[:, :every * 2])
