@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +104,11 @@ def _checked(name: str, value, kind: type, ok, expected: str):
     return converted
 
 
+def _described(t) -> str:
+    """'shape (2, 3)' for a tensor, else the type's name: what an error message says was received."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+
+
 def _in_layer(layer) -> str:
     """' in layer i' for a state's record of the block that made it ('' when no layer is given)."""
     if layer is None:
@@ -118,7 +122,9 @@ def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=Tr
     block (None if there is none): without one, a state is None or the model's tensor (which the
     model's scan checks); with one, None or a state the same block made (method, parameters, layer),
     of the inputs' (b, h, p, n) and on their device."""
-    b, _, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, None, chunk_size, step=x.dim() == 3)
+    b, _, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, None, None, step=x.dim() == 3)
+    if x.dim() == 4:  # the chunked form
+        _checked("chunk_size", chunk_size, int, lambda v: v >= 1, "a positive int (tokens per SSD chunk)")
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r} ({type(return_state).__name__})")
     if isinstance(scan, StateNormScan) and scan.taus.shape[0] != h:
@@ -585,23 +591,34 @@ def _mixers(model) -> list:
     return [layer.mixer for layer in layers]
 
 
-@contextmanager
-def _swapped_scans(model, make):
-    """Within the block, layer i uses make(its current scan, i). On exit each layer loses only the scan
-    this block installed, wherever it now sits in the chain: blocks left out of order (enter A, enter B,
-    exit A, exit B) or by an exception leave every layer as it was before. A scan that is no longer in
-    the chain (replaced by hand inside the block) is not put back."""
-    mixers = _mixers(model)
-    old = [m.scan for m in mixers]
-    new = [make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
-    for m, scan in zip(mixers, new):
-        m.scan = scan
-    try:
-        yield model
-    finally:
-        for m, ours, below in zip(mixers, new, old):
+class _SwappedScans:
+    """A `with` block in which layer i uses make(its current scan, i). On exit each layer loses only the
+    scan this block installed, wherever it now sits in the chain: blocks left out of order (enter A,
+    enter B, exit A, exit B) or by an exception leave every layer as it was before. A scan that is no
+    longer in the chain (replaced by hand inside the block) is not put back. A block can be entered
+    again once it is left, not while it is open."""
+
+    def __init__(self, model, make):
+        self.model, self.mixers, self.make, self.installed = model, _mixers(model), make, None
+
+    def __enter__(self):
+        if self.installed is not None:
+            raise RuntimeError("this block is already open: leave it before entering it again")
+        old = [m.scan for m in self.mixers]
+        new = [self.make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
+        for m, scan in zip(self.mixers, new):
+            m.scan = scan
+        self.installed = list(zip(new, old))
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.installed is None:
+            raise RuntimeError("this block is not open: there is nothing to leave")
+        for m, (ours, below) in zip(self.mixers, self.installed):
             if ours is not below:  # make() may keep a layer's scan as it is
                 _take_out(m, ours, below)
+        self.installed = None
+        return False
 
 
 def _take_out(mixer, ours, below):
@@ -625,13 +642,13 @@ def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
     Rule of thumb ([SC]): 1 / (1 - lambda_a) tokens is the horizon the extra forgetting imposes.
     """
     spec = RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
-    return _swapped_scans(model, lambda inner, i: RRIScan(inner, spec.lambda_a, spec.lambda_B))
+    return _SwappedScans(model, lambda inner, i: RRIScan(inner, spec.lambda_a, spec.lambda_B))
 
 
 def delta_scaling(model, factor: float):
     """`with delta_scaling(model, 0.5): ...` - every layer's dt multiplied by factor (LongMamba)."""
     spec = DeltaScaleScan(None, factor)
-    return _swapped_scans(model, lambda inner, i: DeltaScaleScan(inner, spec.factor))
+    return _SwappedScans(model, lambda inner, i: DeltaScaleScan(inner, spec.factor))
 
 
 def state_norm(model, taus: torch.Tensor, every: int = 128):
@@ -640,14 +657,14 @@ def state_norm(model, taus: torch.Tensor, every: int = 128):
     mixers = _mixers(model)
     taus = _thresholds(taus, (len(mixers), model.config.nheads))
     spec = StateNormScan(None, taus[0], every)
-    return _swapped_scans(model, lambda inner, i: StateNormScan(inner, taus[i], spec.every, layer=i))
+    return _SwappedScans(model, lambda inner, i: StateNormScan(inner, taus[i], spec.every, layer=i))
 
 
 def sliding_window(model, window: int):
     """`with sliding_window(model, window=512): ...` - every layer reads only its last `window` tokens'
     state (exact per layer given its inputs; an approximation of a window for the whole stack)."""
     spec = SlidingWindowScan(None, window)
-    return _swapped_scans(model, lambda inner, i: SlidingWindowScan(inner, spec.window, layer=i))
+    return _SwappedScans(model, lambda inner, i: SlidingWindowScan(inner, spec.window, layer=i))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,7 +694,7 @@ def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]
         flat index p_i * N + n_i into the head's (p, n) state.
     """
     if not isinstance(h, torch.Tensor) or h.dim() != 4:
-        raise ValueError(f"h must be a (b, h, p, n) tensor, got {getattr(h, 'shape', type(h).__name__)}")
+        raise ValueError(f"h must be a (b, h, p, n) tensor, got {_described(h)}")
     top_k = _checked("top_k", top_k, int, lambda v: v >= 1, "a positive int (channels to report)")
     b, nh, p, n = h.shape
     k = min(top_k, p * n)
@@ -696,8 +713,10 @@ def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     Args: dt (b, l, h); A (h,) or (b, l, h). Returns (b, l, h) float64 (a float64 cumsum: no underflow
     of a running product before the exp).
     """
-    if dt.dim() != 3 or tuple(A.shape) not in ((dt.shape[-1],), tuple(dt.shape)):
-        raise ValueError(f"dt must be (b, l, h) and A (h,) or dt's shape, got {tuple(dt.shape)} and {tuple(A.shape)}")
+    if not isinstance(dt, torch.Tensor) or not isinstance(A, torch.Tensor) or dt.dim() != 3 \
+            or tuple(A.shape) not in ((dt.shape[-1],), tuple(dt.shape)):
+        raise ValueError(f"dt must be a (b, l, h) tensor and A (h,) or dt's shape, got "
+                         f"{_described(dt)} and {_described(A)}")
     a = dt.double() * _per_token_A(A, dt).double()  # (b, l, h)
     return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
 
@@ -770,7 +789,7 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
     """
     every = _checked("every", every, int, lambda v: v >= 1, "a positive int (tokens between records)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a (b, l) tensor with l >= 1, got {getattr(input_ids, 'shape', input_ids)!r}")
+        raise ValueError(f"input_ids must be a (b, l) tensor with l >= 1, got {_described(input_ids)}")
     if on_progress is not None and not callable(on_progress):
         raise TypeError(f"on_progress must be a function (done, total) or None, got {on_progress!r}")
     l = input_ids.shape[1]
@@ -781,7 +800,7 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
         return recorders[-1]
 
     rows, positions, state = [], [], None
-    with _swapped_scans(model, make):
+    with _SwappedScans(model, make):
         for start in range(0, l, every):
             end = min(start + every, l)
             _, state = model(input_ids[:, start:end], state)

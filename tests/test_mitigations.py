@@ -337,7 +337,7 @@ def methods(model, ids):
     with torch.no_grad():
         taus = mit.calibrate_state_norm(model, ids[:, :12], every=4) * 0.3
     return [
-        ("plain", lambda: mit._swapped_scans(model, lambda inner, i: inner)),
+        ("plain", lambda: mit._SwappedScans(model, lambda inner, i: inner)),
         ("rri", lambda: mit.rri(model, lambda_a=0.9, lambda_B=0.7)),
         ("delta", lambda: mit.delta_scaling(model, 0.5)),
         ("state_norm", lambda: mit.state_norm(model, taus, every=3)),
@@ -489,7 +489,7 @@ def test_trace_states_matches_direct_computation(tiny):
             seen.append((dt, A))
             return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
 
-    with torch.no_grad(), mit._swapped_scans(model, lambda inner, i: Capture(inner) if i == 0 else inner):
+    with torch.no_grad(), mit._SwappedScans(model, lambda inner, i: Capture(inner) if i == 0 else inner):
         _, state = model(ids[:, :every * 2])
     trace = mit.trace_states(model, ids, every=every, top_k=3)
     l = ids.shape[1]
@@ -580,13 +580,16 @@ BAD_ARGUMENTS = {
     "StateNormScan layer=-1": (lambda m, *s: mit.StateNormScan(None, torch.ones(4), 2, layer=-1), ValueError, ["layer", "got -1"]),
     "rri_ssd A of another h": (lambda m, x, dt, A, B, C: mit.rri_ssd(x, dt, torch.ones(5), B, C, lambda_a=0.9, lambda_B=1.0, chunk_size=4),
                                ValueError, ["A must be (h,) = (4,)", "got (5,)"]),
-    "first_token_retention A of another h": (lambda m, x, dt, *s: mit.first_token_retention(dt, torch.ones(5)), ValueError, ["A (h,)", "(5,)"]),
+    "first_token_retention A of another h": (lambda m, x, dt, *s: mit.first_token_retention(dt, torch.ones(5)), ValueError, ["A (h,)", "shape (5,)"]),
+    "first_token_retention dt list": (lambda m, *s: mit.first_token_retention([0.1], torch.ones(1)), ValueError, ["dt must be a (b, l, h) tensor", "got a list"]),
+    "rri_ssd chunk_size=None": (lambda m, *s: mit.rri_ssd(*s, lambda_a=0.9, lambda_B=1.0, chunk_size=None), TypeError, ["chunk_size", "got None"]),
+    "sliding_window_ssd chunk_size=True": (lambda m, *s: mit.sliding_window_ssd(*s, window=2, chunk_size=True), TypeError, ["chunk_size", "got True"]),
     "chunked return_state='no'": (lambda m, *s: mit.RRIScan(minimamba.DefaultScan(), 0.9).chunked(*s, None, None, 4, return_state="no"),
                                   TypeError, ["return_state must be a bool", "got 'no'"]),
     "state_statistics top_k=0": (lambda m, *s: mit.state_statistics(torch.ones(1, 2, 3, 4), top_k=0), ValueError, ["top_k", "got 0"]),
     "state_statistics top_k=True": (lambda m, *s: mit.state_statistics(torch.ones(1, 2, 3, 4), top_k=True), TypeError, ["top_k", "got True"]),
     "trace_states every=True": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 4, dtype=torch.long), every=True), TypeError, ["every", "got True"]),
-    "trace_states empty input": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 0, dtype=torch.long)), ValueError, ["l >= 1", "[1, 0]"]),
+    "trace_states empty input": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 0, dtype=torch.long)), ValueError, ["l >= 1", "shape (1, 0)"]),
     "trace_states on_progress=5": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 4, dtype=torch.long), on_progress=5), TypeError, ["on_progress", "got 5"]),
 }
 
@@ -781,6 +784,23 @@ def test_an_exception_inside_a_block_restores_the_model(tiny):
     with pytest.raises(TypeError, match="got a Tensor"):  # an error from inside the forward
         with torch.no_grad(), mit.state_norm(model, torch.ones(2, model.config.nheads), every=2):
             model(ids, plain)
+    assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
+
+
+def test_a_block_is_entered_again_once_left_and_not_while_open(tiny):
+    model, ids = tiny
+    base = [m.scan for m in mit._mixers(model)]
+    block = mit.sliding_window(model, 4)
+    with torch.no_grad():
+        with block:
+            first, _ = model(ids)
+        with block:  # the same object, a second time
+            assert torch.equal(model(ids)[0], first)
+        with block:
+            with pytest.raises(RuntimeError, match="this block is already open"):
+                block.__enter__()
+    with pytest.raises(RuntimeError, match="this block is not open"):
+        block.__exit__(None, None, None)
     assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
 
 
