@@ -557,7 +557,7 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     Shapes as sliding_window_ssd. Computed in float64 if x is float64, else float32.
     """
     b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D)
-    window = SlidingWindowScan(None, window).window  # checked as sliding_window checks it
+    window = min(SlidingWindowScan(None, window).window, l)  # checked as sliding_window checks it; >= l is all
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     a = (dt.to(ct) * _per_token_A(A, dt).to(ct)).permute(0, 2, 1)  # (b, h, l)
     cs = torch.cumsum(a, dim=-1)

@@ -617,6 +617,8 @@ def test_numbers_of_any_real_type_are_accepted():
     x, dt, A, B, C = small_inputs()
     want = mit.sliding_window_ssd(x, dt, A, B, C, window=6, chunk_size=4)
     assert torch.equal(mit.sliding_window_ssd(x, dt, A, B, C, window=10**30, chunk_size=4), want)
+    assert torch.equal(mit.sliding_window_quadratic(x, dt, A, B, C, window=10**30),
+                       mit.sliding_window_quadratic(x, dt, A, B, C, window=6))
     y, _ = mit.rri_ssd(x, dt, A, B, C, lambda_a=1e-310, lambda_B=1.0, chunk_size=4)
     assert bool(torch.isfinite(y).all())
 
