@@ -8,6 +8,8 @@ This file gives the paper's training-free mitigations, each as
     (b) a context manager that applies it to a Mamba2LM by swapping each mixer's `scan` object
         (the extension point of minimamba.py; nothing in minimamba.py is edited), so that the chunked
         forward, streaming forward with a carried state, step() and generate() all run the method.
+Both are one scan object written against minimamba.DefaultScan's two methods, chunked() and step():
+(a) wraps a minimamba.DefaultScan(), (b) whatever scan each layer has.
 
 Papers:
     [SC]  Chen et al., "Stuffed Mamba: State Collapse and State Capacity of RNN-Based Long-Context
