@@ -8,6 +8,8 @@ This file gives the paper's training-free mitigations, each as
     (b) a context manager that applies it to a Mamba2LM by swapping each mixer's `scan` object
         (the extension point of minimamba.py; nothing in minimamba.py is edited), so that the chunked
         forward, streaming forward with a carried state, step() and generate() all run the method.
+Both are one scan object written against minimamba.DefaultScan's two methods, chunked() and step():
+(a) wraps a minimamba.DefaultScan(), (b) whatever scan each layer has.
 
 Papers:
     [SC]  Chen et al., "Stuffed Mamba: State Collapse and State Capacity of RNN-Based Long-Context
@@ -35,13 +37,19 @@ Composition: the input transforms (rri, delta_scaling) wrap whatever scan a laye
 with each other and with state_norm / sliding_window if they are entered LAST (outermost):
     with sliding_window(model, window=512), rri(model, lambda_a=0.9999, lambda_B=0.75): ...
 state_norm and sliding_window need a linear scan with a tensor state under them; they refuse to go on
-top of a transform or of each other, with an error saying which order works.
+top of a transform or of each other, with an error saying which order works. Leaving a block takes out
+only that block's own scans, so blocks left in any order (or by an exception) restore the model.
+
+States: state_norm and sliding_window carry their own state objects (NormState, WindowState), which
+record the block that made them (method, parameters, layer); a scan continues only a state its own
+kind of block made and refuses any other (another window, a plain tensor, another batch or device)
+with an error that names both sides.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -77,20 +85,6 @@ def _read_out(state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhpn,bhn->bhp", state, _heads_from_groups(C.to(state.dtype), state.shape[1]))
 
 
-class SSDScan:
-    """The plain scan behind the pure functions below: minimamba.ssd and minimamba.ssd_step.
-
-    Same two methods as minimamba.DefaultScan (the model's scan), so every method in this file is
-    written once against this interface and serves both the scan-level functions and the model.
-    """
-
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        return minimamba.ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state)
-
-    def step(self, x, dt, A, B, C, D, state):
-        return minimamba.ssd_step(x, dt, A, B, C, D=D, state=state)
-
-
 def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """log alpha_t = dt_t A_t as the scan below `scan` will see it (after any input transform)."""
     if hasattr(scan, "log_decay"):
@@ -98,12 +92,98 @@ def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return dt.to(WINDOW_DECAY_DTYPE) * _per_token_A(A, dt).to(WINDOW_DECAY_DTYPE)
 
 
+def _checked(name: str, value, kind: type, ok, expected: str):
+    """value as a Python `kind` (int or float) if it is one and ok(value), else a TypeError or ValueError
+    that says what was expected and what was received. A bool is not a number here (True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    try:
+        converted = kind(value)
+    except OverflowError:  # an int too large for a float
+        converted = math.inf
+    if not ok(converted):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return converted
+
+
+def _described(t) -> str:
+    """'shape (2, 3)' for a tensor, else the type's name: what an error message says was received."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+
+
+def _in_layer(layer) -> str:
+    """' in layer i' for a state's record of the block that made it ('' when no layer is given)."""
+    if layer is None:
+        return ""
+    return f" in layer {_checked('layer', layer, int, lambda v: v >= 0, 'a layer index >= 0')}"
+
+
+def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=True):
+    """Validate one call of a scan of this file: the inputs' shapes (minimamba.check_scan_inputs), and
+    that `state` is one its block continues. scan.made_by names the sliding_window / state_norm in the
+    block (None if there is none): without one, a state is None or the model's tensor (which the
+    model's scan checks); with one, None or a state the same block made (method, parameters, layer),
+    of the inputs' (b, h, p, n) and on their device."""
+    b, _, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, None, None, step=x.dim() == 3)
+    if x.dim() == 4:  # the chunked form
+        _checked("chunk_size", chunk_size, int, lambda v: v >= 1, "a positive int (tokens per SSD chunk)")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {return_state!r} ({type(return_state).__name__})")
+    if isinstance(scan, StateNormScan) and scan.taus.shape[0] != h:
+        raise ValueError(f"taus has {scan.taus.shape[0]} thresholds, the inputs have h = {h} heads")
+    ours = isinstance(state, (NormState, WindowState))
+    if state is None or (scan.made_by is None and not ours):
+        return
+    if scan.made_by is None:
+        raise TypeError(f"this state was made by {state.made_by}; this block is {scan.name}, which continues "
+                        "the model's (b, h, p, n) tensor: continue the state inside a block like the one that made it")
+    if not ours:
+        raise TypeError(f"this block is {scan.made_by}, which continues only a state made by the same block, "
+                        f"got a {type(state).__name__} (a tensor state comes from the model's scan, rri or "
+                        "delta_scaling): start the block from state None")
+    if state.made_by != scan.made_by:
+        raise ValueError(f"this state was made by {state.made_by}; this block is {scan.made_by}")
+    if state.h is not None and tuple(state.h.shape) != (b, h, p, n):
+        raise ValueError(f"this state is (b, h, p, n) = {tuple(state.h.shape)}, the inputs need {(b, h, p, n)}")
+    if state.h is not None and state.h.device != x.device:
+        raise ValueError(f"this state is on {state.h.device}, the inputs on {x.device}")
+    cache_B = getattr(state, "cache_B", None)
+    if cache_B is not None and cache_B.shape[-2] != g:
+        raise ValueError(f"this state's cached B has g = {cache_B.shape[-2]} groups, the inputs' B has {g}")
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. Forget More and Remember Less (RRI) and LongMamba's Delta scaling: transforms of the inputs
 # --------------------------------------------------------------------------------------------------
 
 
-class RRIScan:
+class _InputTransform:
+    """A scan that changes the inputs (dt, A, B) and runs the scan below it, `inner`, on them. The state
+    is the inner scan's and passes through, as does return_state."""
+
+    inner = None  # the scan below
+    name = ""  # the block as a user writes it, for error messages
+
+    @property
+    def made_by(self):
+        """The sliding_window / state_norm below this transform (what its states record), None if none."""
+        return getattr(self.inner, "made_by", None)
+
+    def _transform(self, dt, A, B):
+        raise NotImplementedError
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        _check_call(self, x, dt, A, B, C, D, state, chunk_size, return_state)
+        dt, A, B = self._transform(dt, A, B)
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
+
+    def step(self, x, dt, A, B, C, D, state):
+        _check_call(self, x, dt, A, B, C, D, state)
+        dt, A, B = self._transform(dt, A, B)
+        return self.inner.step(x, dt, A, B, C, D, state)
+
+
+class RRIScan(_InputTransform):
     """[SC] "Forget More and Remember Less":   h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T.
 
     Steps (both paths):
@@ -119,35 +199,31 @@ class RRIScan:
     """
 
     def __init__(self, inner, lambda_a: float = 1.0, lambda_B: float = 1.0):
-        if not 0 < lambda_a <= 1:
-            raise ValueError(f"lambda_a must be in (0, 1] (1 = off; [SC] uses 0.9999), got {lambda_a}")
-        if not lambda_B > 0:
-            raise ValueError(f"lambda_B must be > 0 (1 = off; [SC] uses 0.75), got {lambda_B}")
-        self.inner, self.lambda_a, self.lambda_B = inner, float(lambda_a), float(lambda_B)
+        self.inner = inner
+        self.lambda_a = _checked("lambda_a", lambda_a, float, lambda v: 0 < v <= 1,
+                                 "a number in (0, 1] (1 = off; [SC] uses 0.9999)")
+        self.lambda_B = _checked("lambda_B", lambda_B, float, lambda v: 0 < v < math.inf,
+                                 "a finite number > 0 (1 = off; [SC] uses 0.75)")
+        self.name = f"rri(lambda_a={self.lambda_a!r}, lambda_B={self.lambda_B!r})"
 
     def _transform(self, dt, A, B):
         if self.lambda_a != 1.0:
             # A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a).
-            # A token with dt = 0 exactly (softplus underflow) would give 0 * inf = nan; the floor makes
-            # it finite, and that token then gets no extra forgetting (dt_t A'_t = 0).
-            A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt.clamp_min(torch.finfo(dt.dtype).tiny)
+            # dt_t is floored where log(lambda_a) / dt_t would pass half the dtype's largest number (dt = 0
+            # exactly after a softplus underflow would give 0 * inf = nan): a token with dt below the
+            # floor gets part of the extra forgetting, none at dt = 0.
+            info = torch.finfo(dt.dtype)
+            floor = max(info.tiny, -2 * math.log(self.lambda_a) / info.max)
+            A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt.clamp_min(floor)
         if self.lambda_B != 1.0:
             B = B * self.lambda_B
-        return A, B
+        return dt, A, B
 
     def log_decay(self, dt, A):
         return _log_decay(self.inner, dt, A) + math.log(self.lambda_a)
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        A, B = self._transform(dt, A, B)
-        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
 
-    def step(self, x, dt, A, B, C, D, state):
-        A, B = self._transform(dt, A, B)
-        return self.inner.step(x, dt, A, B, C, D, state)
-
-
-class DeltaScaleScan:
+class DeltaScaleScan(_InputTransform):
     """[LM] Delta scaling, the baseline in [SC]: dt'_t = factor * dt_t (after softplus and clamp).
 
     This changes the decay alpha_t = exp(dt_t A) AND the insertion dt_t x_t B_t^T together; D x is
@@ -156,30 +232,26 @@ class DeltaScaleScan:
     """
 
     def __init__(self, inner, factor: float):
-        if not factor > 0:
-            raise ValueError(f"factor must be > 0 (1 = off; LongMamba uses e.g. 0.5 or 0.2), got {factor}")
-        self.inner, self.factor = inner, float(factor)
+        self.inner = inner
+        self.factor = _checked("factor", factor, float, lambda v: 0 < v < math.inf,
+                               "a finite number > 0 (1 = off; LongMamba uses e.g. 0.5 or 0.2)")
+        self.name = f"delta_scaling(factor={self.factor!r})"
+
+    def _transform(self, dt, A, B):
+        return (dt * self.factor if self.factor != 1.0 else dt), A, B
 
     def log_decay(self, dt, A):
         return _log_decay(self.inner, dt * self.factor, A)
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        dt = dt * self.factor if self.factor != 1.0 else dt
-        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
-
-    def step(self, x, dt, A, B, C, D, state):
-        dt = dt * self.factor if self.factor != 1.0 else dt
-        return self.inner.step(x, dt, A, B, C, D, state)
-
 
 def rri_ssd(x, dt, A, B, C, *, lambda_a, lambda_B, chunk_size, D=None, initial_state=None):
     """The SSD scan with RRI: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T; shapes as ssd."""
-    return RRIScan(SSDScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    return RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
 def delta_scaled_ssd(x, dt, A, B, C, *, factor, chunk_size, D=None, initial_state=None):
     """The SSD scan with dt multiplied by `factor` (LongMamba); shapes as ssd."""
-    return DeltaScaleScan(SSDScan(), factor).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    return DeltaScaleScan(minimamba.DefaultScan(), factor).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,9 +267,29 @@ def clamp_state(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch
     Deviation from the official code: it multiplies by ||h|| / tau (inflating the state); the paper
     divides, as here. A zero state has tau / 0 = inf, scale 1: it is left alone.
     """
+    if h.dim() != 4 or tuple(tau.shape) != (h.shape[1],):
+        raise ValueError(f"clamp_state needs h (b, h, p, n) and tau (h,), got {tuple(h.shape)} and {tuple(tau.shape)}")
     norm = torch.linalg.vector_norm(h, dim=(-2, -1))  # (b, h)
     scale = torch.clamp(tau.to(norm.dtype) / norm, max=1.0)  # (b, h)
     return h * scale[..., None, None], scale
+
+
+def _thresholds(taus, shape: tuple | None = None) -> torch.Tensor:
+    """taus as a real tensor of thresholds > 0 (inf = never clamp): (n_layer, h) = shape, or any (h,)."""
+    expected = f"a {f'(n_layer, h) = {shape}' if shape else '(h,)'} tensor of thresholds > 0 (inf = off)"
+    try:
+        t = torch.as_tensor(taus)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dtype == torch.bool or t.is_complex():
+        got = f"{taus!r} ({type(taus).__name__})" if t is None else f"a {t.dtype} tensor"
+        raise TypeError(f"taus must be {expected}, got {got}")
+    if (tuple(t.shape) != shape) if shape else t.dim() != 1:
+        raise ValueError(f"taus must be {expected}, got shape {tuple(t.shape)}")
+    t = t if t.is_floating_point() else t.float()  # kept in its precision (float64 stays)
+    if not bool((t > 0).all()):  # also refuses nan
+        raise ValueError(f"taus must be {expected}, got {t[~(t > 0)].tolist()} among them")
+    return t
 
 
 @dataclass
@@ -206,9 +298,10 @@ class NormState:
 
     h: torch.Tensor | None  # (b, h, p, n) or None (zeros)
     position: int = 0  # tokens read since the start of the stream; clamps fall on multiples of `every`
+    made_by: str = "no block (built by hand)"  # the block that made it, e.g. "state_norm(every=128, ...)"
 
     def detach(self) -> "NormState":
-        return NormState(None if self.h is None else self.h.detach(), self.position)
+        return NormState(None if self.h is None else self.h.detach(), self.position, self.made_by)
 
 
 class StateNormScan:
@@ -224,20 +317,20 @@ class StateNormScan:
     same function for any `every`; every = 1 is "clamp at each step". Deviation from the official code:
     there the step path clamps every step and the chunked path every 128 tokens, two different models.
     tau = inf everywhere is exactly the wrapped scan (the sub-pieces are not even split).
+    Its state is a NormState that records this block: made_by = "state_norm(every=k, taus=#<hash of the
+    values>) in layer i"; a scan continues only a NormState with the same record. return_state is
+    ignored: the state is always returned (the caller may drop it).
     """
 
-    def __init__(self, inner, taus: torch.Tensor, every: int):
-        taus = torch.as_tensor(taus)
-        taus = taus if taus.is_floating_point() else taus.float()  # kept in its precision (float64 stays)
-        if taus.dim() != 1 or not bool((taus > 0).all()):
-            raise ValueError(f"taus must be a (h,) tensor of thresholds > 0 (inf = off), got {taus}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (tokens between clamps), got {every!r}")
-        if isinstance(inner, (StateNormScan, SlidingWindowScan, RRIScan, DeltaScaleScan)):
+    def __init__(self, inner, taus: torch.Tensor, every: int, layer: int | None = None):
+        self.taus = _thresholds(taus)
+        self.every = _checked("every", every, int, lambda v: v >= 1, "a positive int (tokens between clamps)")
+        if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
             raise ValueError("state_norm must sit directly on the model's scan: enter state_norm() "
                              f"before rri()/delta_scaling(), not on top of {type(inner).__name__}")
-        self.inner, self.taus, self.every = inner, taus, every
-        self.off = bool(torch.isinf(taus).all())
+        self.inner, self.off = inner, bool(torch.isinf(self.taus).all())
+        fingerprint = hash(tuple(self.taus.tolist())) & 0xFFFFFFFF
+        self.made_by = f"state_norm(every={self.every}, taus=#{fingerprint:08x})" + _in_layer(layer)
 
     def log_decay(self, dt, A):
         return _log_decay(self.inner, dt, A)
@@ -248,12 +341,13 @@ class StateNormScan:
         fix = (scale - 1)[..., None] * _read_out(h, C_last)  # (b, h, p)
         return h_new, (y_last.to(fix.dtype) + fix).to(y_last.dtype)
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        state = state if state is not None else NormState(None)
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        _check_call(self, x, dt, A, B, C, D, state, chunk_size, return_state)
+        state = state if state is not None else NormState(None, 0, self.made_by)
         b, l = x.shape[:2]
         if self.off:
             y, h = self.inner.chunked(x, dt, A, B, C, D, state.h, chunk_size)
-            return y, NormState(h, state.position + l)
+            return y, NormState(h, state.position + l, self.made_by)
         # 1. sub-piece ends: the positions t (1-based, in the stream) with t % every == 0, and the end
         first = self.every - state.position % self.every
         ends = list(range(first, l, self.every)) + [l]
@@ -269,15 +363,16 @@ class StateNormScan:
                 y = torch.cat([y[:, :-1], y_last[:, None]], dim=1)
             ys.append(y)
             start = end
-        return torch.cat(ys, dim=1), NormState(h, state.position + l)
+        return torch.cat(ys, dim=1), NormState(h, state.position + l, self.made_by)
 
     def step(self, x, dt, A, B, C, D, state):
-        state = state if state is not None else NormState(None)
+        _check_call(self, x, dt, A, B, C, D, state)
+        state = state if state is not None else NormState(None, 0, self.made_by)
         y, h = self.inner.step(x, dt, A, B, C, D, state.h)
         position = state.position + 1
         if not self.off and position % self.every == 0:
             h, y = self._clamp(h, y, C)
-        return y, NormState(h, position)
+        return y, NormState(h, position, self.made_by)
 
 
 def state_norm_ssd(x, dt, A, B, C, *, taus, every, chunk_size, D=None, initial_state=None):
@@ -286,8 +381,9 @@ def state_norm_ssd(x, dt, A, B, C, *, taus, every, chunk_size, D=None, initial_s
     Shapes as ssd; taus (h,). Positions are counted from the start of this call.
     Returns (y, final_state) with final_state (b, h, p, n).
     """
-    init = NormState(initial_state)
-    y, state = StateNormScan(SSDScan(), taus, every).chunked(x, dt, A, B, C, D, init, chunk_size)
+    check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
+    scan = StateNormScan(minimamba.DefaultScan(), taus, every)
+    y, state = scan.chunked(x, dt, A, B, C, D, NormState(initial_state, 0, scan.made_by), chunk_size)
     return y, state.h
 
 
@@ -317,6 +413,7 @@ class WindowState:
     cache_*:  the last m = min(T, r) inputs: x (b, m, h, p), dt (b, m, h), A (b, m, h), B (b, m, g, n)
     log_decay: (b, h) float64 sum of dt*A over the cached tokens = log alpha_{T-m+1..T}
     seen:     T, tokens read since the start of the stream
+    made_by:  the block that made it, e.g. "sliding_window(window=512) in layer 3"
     """
 
     h: torch.Tensor | None = None
@@ -327,6 +424,7 @@ class WindowState:
     cache_B: torch.Tensor | None = None
     log_decay: torch.Tensor | None = None
     seen: int = 0
+    made_by: str = "no block (built by hand)"
 
     def window_state(self) -> torch.Tensor | None:
         """h_T^(r) = h_T - alpha_{T-r+1..T} h_{T-r}: the state of the last r tokens only (b, h, p, n)."""
@@ -342,7 +440,7 @@ class WindowState:
     def detach(self) -> "WindowState":
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         return WindowState(d(self.h), d(self.anchor), d(self.cache_x), d(self.cache_dt), d(self.cache_A),
-                           d(self.cache_B), d(self.log_decay), self.seen)
+                           d(self.cache_B), d(self.log_decay), self.seen, self.made_by)
 
 
 class SlidingWindowScan:
@@ -358,22 +456,26 @@ class SlidingWindowScan:
     the oldest and advance the anchor h_{t-r} by one step with it; the window log-decay is a running
     float64 sum (add the newest dt*A, subtract the popped one); y_t = y_t^full - exp(sum) h_{t-r} C_t.
     While T + L <= r nothing is subtracted: window >= length is exactly the wrapped scan.
+    Its state is a WindowState that records this block: made_by = "sliding_window(window=r) in layer i";
+    a scan continues only a WindowState with the same record (a state cached for a window of 64 holds
+    too few tokens for 128). return_state is ignored: the state is always returned.
     """
 
-    def __init__(self, inner, window: int):
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int (tokens), got {window!r}")
-        if isinstance(inner, (StateNormScan, SlidingWindowScan, RRIScan, DeltaScaleScan)):
+    def __init__(self, inner, window: int, layer: int | None = None):
+        self.window = _checked("window", window, int, lambda v: v >= 1, "a positive int (tokens)")
+        self.made_by = f"sliding_window(window={self.window})" + _in_layer(layer)
+        if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
             raise ValueError("sliding_window needs the model's (linear) scan directly below it: enter "
                              "sliding_window() before rri()/delta_scaling(), and not together with "
                              f"state_norm() or another sliding_window(); found {type(inner).__name__}")
-        self.inner, self.window = inner, window
+        self.inner = inner
 
     def log_decay(self, dt, A):
         return _log_decay(self.inner, dt, A)
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
-        st = state if state is not None else WindowState()
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        _check_call(self, x, dt, A, B, C, D, state, chunk_size, return_state)
+        st = state if state is not None else WindowState(made_by=self.made_by)
         r = self.window
         b, L = x.shape[:2]
         xf = _float_at_least_32(x)  # the difference is taken before any rounding to a low precision
@@ -406,11 +508,12 @@ class SlidingWindowScan:
         # (clone: a view would keep the whole piece's storage alive, memory would grow with L)
         cache = [t[:, -keep:].clone() for t in (ext_x, ext_dt, ext_A, ext_B)]
         log_decay = self.log_decay(cache[1], cache[2]).sum(dim=1)  # (b, h) float64
-        new = WindowState(h, anchor, *cache, log_decay, st.seen + L)
+        new = WindowState(h, anchor, *cache, log_decay, st.seen + L, self.made_by)
         return y.to(x.dtype), new
 
     def step(self, x, dt, A, B, C, D, state):
-        st = state if state is not None else WindowState()
+        _check_call(self, x, dt, A, B, C, D, state)
+        st = state if state is not None else WindowState(made_by=self.made_by)
         xf = _float_at_least_32(x)
         # h_t and the full-context output h_t C_t + D x_t
         y, h = self.inner.step(xf, dt, A, B, C, D, st.h)  # (b, h, p)
@@ -434,7 +537,7 @@ class SlidingWindowScan:
         if st.seen + 1 > self.window:
             # y_t = h_t C_t + D x_t - alpha_{t-r+1..t} h_{t-r} C_t
             y = y.to(anchor.dtype) - torch.exp(log_decay).to(anchor.dtype)[..., None] * _read_out(anchor, C)
-        return y.to(x.dtype), WindowState(h, anchor, *cache, log_decay, st.seen + 1)
+        return y.to(x.dtype), WindowState(h, anchor, *cache, log_decay, st.seen + 1, self.made_by)
 
 
 def sliding_window_ssd(x, dt, A, B, C, *, window, D=None, chunk_size=DEFAULT_CHUNK_SIZE):
@@ -445,8 +548,7 @@ def sliding_window_ssd(x, dt, A, B, C, *, window, D=None, chunk_size=DEFAULT_CHU
     Returns: y (b, l, h, p) in x.dtype, equal to running each position t from a zero state over only
              tokens t-r+1..t (see sliding_window_quadratic for that reference).
     """
-    check_scan_inputs(x, dt, A, B, C, D, None, chunk_size)
-    y, _ = SlidingWindowScan(SSDScan(), window).chunked(x, dt, A, B, C, D, None, chunk_size)
+    y, _ = SlidingWindowScan(minimamba.DefaultScan(), window).chunked(x, dt, A, B, C, D, None, chunk_size)
     return y
 
 
@@ -457,6 +559,7 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     Shapes as sliding_window_ssd. Computed in float64 if x is float64, else float32.
     """
     b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D)
+    window = min(SlidingWindowScan(None, window).window, l)  # checked as sliding_window checks it; >= l is all
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     a = (dt.to(ct) * _per_token_A(A, dt).to(ct)).permute(0, 2, 1)  # (b, h, l)
     cs = torch.cumsum(a, dim=-1)
@@ -476,9 +579,10 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
 # 5. Model level: swap each mixer's scan object for the duration of a `with` block
 # --------------------------------------------------------------------------------------------------
 # Every Mamba2Mixer calls self.scan.chunked(...) in forward() and self.scan.step(...) in step(), and
-# generate() is forward() then step(); so replacing mixer.scan changes all four paths at once. A state
-# made inside a block holds the mitigation's own objects (NormState, WindowState): continue it inside
-# the same kind of block, not outside.
+# generate() is forward() then step(); so replacing mixer.scan changes all four paths at once. Each
+# layer's scans form a chain (mixer.scan, its .inner, its .inner.inner, ...; a wrapper of your own should
+# keep the scan it wraps in .inner too). A state made inside a block holds the mitigation's own objects
+# (NormState, WindowState): continue it inside a block like the one that made it, not outside.
 
 
 def _mixers(model) -> list:
@@ -489,19 +593,49 @@ def _mixers(model) -> list:
     return [layer.mixer for layer in layers]
 
 
-@contextmanager
-def _swapped_scans(model, make):
-    """Within the block, layer i uses make(its current scan, i); the old scans come back on exit."""
-    mixers = _mixers(model)
-    old = [m.scan for m in mixers]
-    new = [make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
-    for m, scan in zip(mixers, new):
-        m.scan = scan
-    try:
-        yield model
-    finally:
-        for m, scan in zip(mixers, old):
+class _SwappedScans:
+    """A `with` block in which layer i uses make(its current scan, i). On exit each layer loses only the
+    scan this block installed, wherever it now sits in the chain: blocks left out of order (enter A,
+    enter B, exit A, exit B) or by an exception leave every layer as it was before. A scan that is no
+    longer in the chain (replaced by hand inside the block) is not put back. A block can be entered
+    again once it is left, not while it is open."""
+
+    def __init__(self, model, make):
+        self.model, self.mixers, self.make, self.installed = model, _mixers(model), make, None
+
+    def __enter__(self):
+        if self.installed is not None:
+            raise RuntimeError("this block is already open: leave it before entering it again")
+        old = [m.scan for m in self.mixers]
+        new = [self.make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
+        for m, scan in zip(self.mixers, new):
             m.scan = scan
+        self.installed = list(zip(new, old))
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.installed is None:
+            raise RuntimeError("this block is not open: there is nothing to leave")
+        for m, (ours, below) in zip(self.mixers, self.installed):
+            if ours is not below:  # make() may keep a layer's scan as it is
+                _take_out(m, ours, below)
+        self.installed = None
+        return False
+
+
+def _take_out(mixer, ours, below):
+    """Unlink the scan `ours` from the mixer's chain: whoever holds it (mixer.scan or a wrapper's .inner)
+    gets what it wraps now (its .inner; `below`, the scan it replaced, if it wraps nothing)."""
+    replacement = getattr(ours, "inner", below)
+    if mixer.scan is ours:
+        mixer.scan = replacement
+        return
+    above = mixer.scan
+    while getattr(above, "inner", None) is not None:
+        if above.inner is ours:
+            above.inner = replacement
+            return
+        above = above.inner
 
 
 def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
@@ -509,32 +643,30 @@ def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
 
     Rule of thumb ([SC]): 1 / (1 - lambda_a) tokens is the horizon the extra forgetting imposes.
     """
-    RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
-    return _swapped_scans(model, lambda inner, i: RRIScan(inner, lambda_a, lambda_B))
+    spec = RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
+    return _SwappedScans(model, lambda inner, i: RRIScan(inner, spec.lambda_a, spec.lambda_B))
 
 
 def delta_scaling(model, factor: float):
     """`with delta_scaling(model, 0.5): ...` - every layer's dt multiplied by factor (LongMamba)."""
-    DeltaScaleScan(None, factor)
-    return _swapped_scans(model, lambda inner, i: DeltaScaleScan(inner, factor))
+    spec = DeltaScaleScan(None, factor)
+    return _SwappedScans(model, lambda inner, i: DeltaScaleScan(inner, spec.factor))
 
 
 def state_norm(model, taus: torch.Tensor, every: int = 128):
     """`with state_norm(model, taus, every=128): ...` - clamp ||h||_F <= taus[layer, head] after every
     `every`-th token (the official code's k = 128). taus (n_layer, h), e.g. from calibrate_state_norm."""
     mixers = _mixers(model)
-    taus = torch.as_tensor(taus)
-    nheads = model.config.nheads
-    if tuple(taus.shape) != (len(mixers), nheads):
-        raise ValueError(f"taus must be (n_layer, h) = {(len(mixers), nheads)}, got {tuple(taus.shape)}")
-    return _swapped_scans(model, lambda inner, i: StateNormScan(inner, taus[i], every))
+    taus = _thresholds(taus, (len(mixers), model.config.nheads))
+    spec = StateNormScan(None, taus[0], every)
+    return _SwappedScans(model, lambda inner, i: StateNormScan(inner, taus[i], spec.every, layer=i))
 
 
 def sliding_window(model, window: int):
     """`with sliding_window(model, window=512): ...` - every layer reads only its last `window` tokens'
     state (exact per layer given its inputs; an approximation of a window for the whole stack)."""
-    SlidingWindowScan(None, window)
-    return _swapped_scans(model, lambda inner, i: SlidingWindowScan(inner, window))
+    spec = SlidingWindowScan(None, window)
+    return _SwappedScans(model, lambda inner, i: SlidingWindowScan(inner, spec.window, layer=i))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,8 +695,9 @@ def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]
         top_values (h, top_k): the largest mean-over-batch |h| entries, top_channels (h, top_k) their
         flat index p_i * N + n_i into the head's (p, n) state.
     """
-    if h.dim() != 4:
-        raise ValueError(f"h must be (b, h, p, n), got shape {tuple(h.shape)}")
+    if not isinstance(h, torch.Tensor) or h.dim() != 4:
+        raise ValueError(f"h must be a (b, h, p, n) tensor, got {_described(h)}")
+    top_k = _checked("top_k", top_k, int, lambda v: v >= 1, "a positive int (channels to report)")
     b, nh, p, n = h.shape
     k = min(top_k, p * n)
     flat = h.double().permute(1, 0, 2, 3).reshape(nh, b * p * n)  # (h, b*p*n)
@@ -582,6 +715,10 @@ def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     Args: dt (b, l, h); A (h,) or (b, l, h). Returns (b, l, h) float64 (a float64 cumsum: no underflow
     of a running product before the exp).
     """
+    if not isinstance(dt, torch.Tensor) or not isinstance(A, torch.Tensor) or dt.dim() != 3 \
+            or tuple(A.shape) not in ((dt.shape[-1],), tuple(dt.shape)):
+        raise ValueError(f"dt must be a (b, l, h) tensor and A (h,) or dt's shape, got "
+                         f"{_described(dt)} and {_described(A)}")
     a = dt.double() * _per_token_A(A, dt).double()  # (b, l, h)
     return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
 
@@ -600,9 +737,9 @@ class _RetentionRecorder:
         self.log_retention = s if self.log_retention is None else self.log_retention + s
         self.position += dt.shape[1] if dt.dim() == 3 else 1
 
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
         self._record(dt, A)
-        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
 
     def step(self, x, dt, A, B, C, D, state):
         self._record(dt, A)
@@ -652,10 +789,11 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
     Runs whatever mitigation is active (call it inside `with rri(...)` etc.). on_progress(done, total)
     is called after each piece (e.g. to draw a progress bar). Positions: every, 2*every, ..., and l.
     """
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int (tokens between records), got {every!r}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (b, l), got shape {tuple(input_ids.shape)}")
+    every = _checked("every", every, int, lambda v: v >= 1, "a positive int (tokens between records)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a (b, l) tensor with l >= 1, got {_described(input_ids)}")
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress must be a function (done, total) or None, got {on_progress!r}")
     l = input_ids.shape[1]
     recorders: list[_RetentionRecorder] = []
 
@@ -664,7 +802,7 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
         return recorders[-1]
 
     rows, positions, state = [], [], None
-    with _swapped_scans(model, make):
+    with _SwappedScans(model, make):
         for start in range(0, l, every):
             end = min(start + every, l)
             _, state = model(input_ids[:, start:end], state)

@@ -5,6 +5,8 @@ the identities when disabled, and chunked == streaming == step under every metho
 Run: python -m pytest -q tests/test_mitigations.py
 """
 
+import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minimamba
 import mitigations as mit
 
 SETTINGS = dict(max_examples=25, deadline=None, derandomize=True)
@@ -126,7 +129,7 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
     l = x.shape[1]
     window = draw_window(data, l)
     want = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=4)
-    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    scan = mit.SlidingWindowScan(minimamba.DefaultScan(), window)
     cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, l - 1)), max_size=4)))) + [l]
     state, ys, start = None, [], 0
     for end in cuts:
@@ -157,7 +160,7 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
 def test_sliding_window_memory_is_bounded_by_the_window():
     torch.manual_seed(0)
     b, h, p, g, n, window = 1, 2, 3, 1, 4, 16
-    scan = mit.SlidingWindowScan(mit.SSDScan(), window)
+    scan = mit.SlidingWindowScan(minimamba.DefaultScan(), window)
     state, sizes = None, []
     for piece in range(6):
         L = 50
@@ -188,7 +191,7 @@ def test_sliding_window_at_least_length_is_exactly_the_plain_scan():
     b, l, h, p, g, n = 2, 20, 4, 3, 2, 5
     x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
     A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
-    want, _ = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 8)
+    want, _ = minimamba.DefaultScan().chunked(x, dt, A, B, C, D, None, 8)
     for window in (l, l + 7):
         got = mit.sliding_window_ssd(x, dt, A, B, C, window=window, D=D, chunk_size=8)
         assert torch.equal(got, want), f"window={window} >= l={l} must be the identity"
@@ -212,7 +215,7 @@ def test_rri_and_delta_scaling_equal_the_oracle_in_both_paths(data):
     assert_close(got, want, f"rri chunked (lambda_a={lambda_a}, lambda_B={lambda_B})", **TOL[torch.float64])
     assert_close(got_h, want_h, "rri final state", **TOL[torch.float64])
     # step path
-    scan, s, ys = mit.RRIScan(mit.SSDScan(), lambda_a, lambda_B), h0, []
+    scan, s, ys = mit.RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B), h0, []
     for t in range(x.shape[1]):
         y, s = scan.step(x[:, t], dt[:, t], A if A.dim() == 1 else A[:, t], B[:, t], C[:, t], D, s)
         ys.append(y)
@@ -228,7 +231,7 @@ def test_rri_and_delta_disabled_are_exactly_the_plain_scan():
     b, l, h, p, g, n = 2, 13, 2, 3, 1, 4
     x, dt = torch.randn(b, l, h, p), torch.rand(b, l, h) + 0.1
     A, B, C, D = -torch.rand(h) - 0.1, torch.randn(b, l, g, n), torch.randn(b, l, g, n), torch.randn(h)
-    want = mit.SSDScan().chunked(x, dt, A, B, C, D, None, 4)
+    want = minimamba.DefaultScan().chunked(x, dt, A, B, C, D, None, 4)
     for got in (mit.rri_ssd(x, dt, A, B, C, lambda_a=1.0, lambda_B=1.0, chunk_size=4, D=D),
                 mit.delta_scaled_ssd(x, dt, A, B, C, factor=1.0, chunk_size=4, D=D)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -284,7 +287,7 @@ def test_state_norm_equals_oracle_in_chunked_streaming_and_step(data):
     assert_close(got, want, f"state norm chunked (every={every})", **TOL[torch.float64])
     assert_close(got_h, want_h, "state norm final state", **TOL[torch.float64])
     # streaming: pieces that do not line up with the clamp positions, mixed with single steps
-    scan = mit.StateNormScan(mit.SSDScan(), taus, every)
+    scan = mit.StateNormScan(minimamba.DefaultScan(), taus, every)
     cut = data.draw(st.integers(0, l))
     y1, s = scan.chunked(x[:, :cut], dt[:, :cut], A if A.dim() == 1 else A[:, :cut], B[:, :cut], C[:, :cut], D, None, 3) \
         if cut > 0 else (x[:, :0], None)
@@ -300,7 +303,7 @@ def test_state_norm_disabled_and_above_all_norms():
     b, l, h, p, g, n = 2, 30, 2, 3, 1, 4
     x, dt = torch.randn(b, l, h, p, dtype=torch.float64), torch.rand(b, l, h, dtype=torch.float64) + 0.1
     A, B, C = -torch.rand(h, dtype=torch.float64) - 0.1, torch.randn(b, l, g, n, dtype=torch.float64), torch.randn(b, l, g, n, dtype=torch.float64)
-    want = mit.SSDScan().chunked(x, dt, A, B, C, None, None, 8)
+    want = minimamba.DefaultScan().chunked(x, dt, A, B, C, None, None, 8)
     off = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), math.inf), every=4, chunk_size=8)
     assert torch.equal(off[0], want[0]) and torch.equal(off[1], want[1]), "tau = inf must be the identity"
     high = mit.state_norm_ssd(x, dt, A, B, C, taus=torch.full((h,), 1e9), every=4, chunk_size=8)
@@ -334,7 +337,7 @@ def methods(model, ids):
     with torch.no_grad():
         taus = mit.calibrate_state_norm(model, ids[:, :12], every=4) * 0.3
     return [
-        ("plain", lambda: mit._swapped_scans(model, lambda inner, i: inner)),
+        ("plain", lambda: mit._SwappedScans(model, lambda inner, i: inner)),
         ("rri", lambda: mit.rri(model, lambda_a=0.9, lambda_B=0.7)),
         ("delta", lambda: mit.delta_scaling(model, 0.5)),
         ("state_norm", lambda: mit.state_norm(model, taus, every=3)),
@@ -482,11 +485,11 @@ def test_trace_states_matches_direct_computation(tiny):
         def __init__(self, inner):
             self.inner = inner
 
-        def chunked(self, x, dt, A, B, C, D, state, chunk_size):
+        def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
             seen.append((dt, A))
-            return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size)
+            return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
 
-    with torch.no_grad(), mit._swapped_scans(model, lambda inner, i: Capture(inner) if i == 0 else inner):
+    with torch.no_grad(), mit._SwappedScans(model, lambda inner, i: Capture(inner) if i == 0 else inner):
         _, state = model(ids[:, :every * 2])
     trace = mit.trace_states(model, ids, every=every, top_k=3)
     l = ids.shape[1]
@@ -509,3 +512,311 @@ def test_trace_states_matches_direct_computation(tiny):
             tr = mit.trace_states(model, ids[:, :8], every=4)
         assert tr.mean.shape == (2, 2, model.config.nheads) and bool(torch.isfinite(tr.rms).all())
     assert bool((tr.norm <= 0.1 * (1 + 1e-5)).all()), "state_norm trace: norms above tau at the clamp points"
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: bad arguments, states from another block, another shape or device; blocks left out of order
+# --------------------------------------------------------------------------------------------------
+
+
+def small_inputs(b=2, l=6, h=4, p=2, g=2, n=3, seed=5):
+    """x, dt, A, B, C for the scan-level refusal tests (float32, per-head A)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, l, h, p, generator=gen), torch.rand(b, l, h, generator=gen) + 0.1,
+            -torch.rand(h, generator=gen) - 0.1, torch.randn(b, l, g, n, generator=gen),
+            torch.randn(b, l, g, n, generator=gen))
+
+
+# (call(model, x, dt, A, B, C), the error, the words its message must hold: what was expected and got)
+BAD_ARGUMENTS = {
+    "rri_ssd lambda_B=inf": (lambda m, *s: mit.rri_ssd(*s, lambda_a=1.0, lambda_B=math.inf, chunk_size=4),
+                             ValueError, ["lambda_B must be a finite number > 0", "got inf"]),
+    "delta_scaled_ssd factor=inf": (lambda m, *s: mit.delta_scaled_ssd(*s, factor=math.inf, chunk_size=4),
+                                    ValueError, ["factor must be a finite number > 0", "got inf"]),
+    "rri lambda_B=inf": (lambda m, *s: mit.rri(m, lambda_B=math.inf), ValueError, ["lambda_B", "got inf"]),
+    "rri lambda_B=nan": (lambda m, *s: mit.rri(m, lambda_B=math.nan), ValueError, ["lambda_B", "got nan"]),
+    "rri lambda_B=0": (lambda m, *s: mit.rri(m, lambda_B=0.0), ValueError, ["lambda_B", "got 0.0"]),
+    "rri lambda_B=10**400": (lambda m, *s: mit.rri(m, lambda_B=10**400), ValueError, ["lambda_B", "got 1000"]),
+    "rri lambda_B=None": (lambda m, *s: mit.rri(m, lambda_B=None), TypeError, ["lambda_B", "got None (NoneType)"]),
+    "rri lambda_a=nan": (lambda m, *s: mit.rri(m, lambda_a=math.nan), ValueError, ["lambda_a must be a number in (0, 1]", "got nan"]),
+    "rri lambda_a=inf": (lambda m, *s: mit.rri(m, lambda_a=math.inf), ValueError, ["lambda_a", "got inf"]),
+    "rri lambda_a=1.5": (lambda m, *s: mit.rri(m, lambda_a=1.5), ValueError, ["lambda_a", "got 1.5"]),
+    "rri lambda_a=0": (lambda m, *s: mit.rri(m, lambda_a=0), ValueError, ["lambda_a", "got 0"]),
+    "rri lambda_a=True": (lambda m, *s: mit.rri(m, lambda_a=True), TypeError, ["lambda_a", "got True (bool)"]),
+    "rri lambda_a='0.9'": (lambda m, *s: mit.rri(m, lambda_a="0.9"), TypeError, ["lambda_a", "got '0.9' (str)"]),
+    "rri lambda_a=tensor": (lambda m, *s: mit.rri(m, lambda_a=torch.tensor(0.9)), TypeError, ["lambda_a", "(Tensor)"]),
+    "delta_scaling inf": (lambda m, *s: mit.delta_scaling(m, math.inf), ValueError, ["factor", "got inf"]),
+    "delta_scaling -inf": (lambda m, *s: mit.delta_scaling(m, -math.inf), ValueError, ["factor", "got -inf"]),
+    "delta_scaling nan": (lambda m, *s: mit.delta_scaling(m, math.nan), ValueError, ["factor", "got nan"]),
+    "delta_scaling 0": (lambda m, *s: mit.delta_scaling(m, 0), ValueError, ["factor", "got 0"]),
+    "delta_scaling True": (lambda m, *s: mit.delta_scaling(m, True), TypeError, ["factor", "got True (bool)"]),
+    "sliding_window 0": (lambda m, *s: mit.sliding_window(m, 0), ValueError, ["window must be a positive int", "got 0"]),
+    "sliding_window True": (lambda m, *s: mit.sliding_window(m, True), TypeError, ["window", "got True (bool)"]),
+    "sliding_window 4.0": (lambda m, *s: mit.sliding_window(m, 4.0), TypeError, ["window", "got 4.0 (float)"]),
+    "sliding_window inf": (lambda m, *s: mit.sliding_window(m, math.inf), TypeError, ["window", "got inf (float)"]),
+    "sliding_window None": (lambda m, *s: mit.sliding_window(m, None), TypeError, ["window", "got None"]),
+    "sliding_window_quadratic 0": (lambda m, *s: mit.sliding_window_quadratic(*s, window=0), ValueError, ["window", "got 0"]),
+    "sliding_window_quadratic -1": (lambda m, *s: mit.sliding_window_quadratic(*s, window=-1), ValueError, ["window", "got -1"]),
+    "sliding_window_quadratic inf": (lambda m, *s: mit.sliding_window_quadratic(*s, window=math.inf), TypeError, ["window", "got inf"]),
+    "state_norm every=0": (lambda m, *s: mit.state_norm(m, torch.ones(2, 8), every=0), ValueError, ["every must be a positive int", "got 0"]),
+    "state_norm every=True": (lambda m, *s: mit.state_norm(m, torch.ones(2, 8), every=True), TypeError, ["every", "got True (bool)"]),
+    "state_norm every=2.0": (lambda m, *s: mit.state_norm(m, torch.ones(2, 8), every=2.0), TypeError, ["every", "got 2.0 (float)"]),
+    "state_norm taus nan": (lambda m, *s: mit.state_norm(m, torch.full((2, 8), math.nan)), ValueError, ["taus must be a (n_layer, h) = (2, 8) tensor of thresholds > 0", "got [nan"]),
+    "state_norm taus 0": (lambda m, *s: mit.state_norm(m, torch.zeros(2, 8)), ValueError, ["taus", "got [0.0"]),
+    "state_norm taus -inf": (lambda m, *s: mit.state_norm(m, torch.full((2, 8), -math.inf)), ValueError, ["taus", "got [-inf"]),
+    "state_norm taus bool": (lambda m, *s: mit.state_norm(m, torch.ones(2, 8, dtype=torch.bool)), TypeError, ["taus", "got a torch.bool tensor"]),
+    "state_norm taus complex": (lambda m, *s: mit.state_norm(m, torch.ones(2, 8, dtype=torch.cfloat)), TypeError, ["taus", "got a torch.complex64 tensor"]),
+    "state_norm taus str": (lambda m, *s: mit.state_norm(m, "big"), TypeError, ["taus", "got 'big' (str)"]),
+    "state_norm taus (h,)": (lambda m, *s: mit.state_norm(m, torch.ones(8)), ValueError, ["taus", "got shape (8,)"]),
+    "state_norm_ssd taus (1,)": (lambda m, *s: mit.state_norm_ssd(*s, taus=torch.ones(1), every=2, chunk_size=4),
+                                 ValueError, ["taus has 1 thresholds, the inputs have h = 4 heads"]),
+    "state_norm_ssd taus (h+1,)": (lambda m, *s: mit.state_norm_ssd(*s, taus=torch.ones(5), every=2, chunk_size=4),
+                                   ValueError, ["taus has 5 thresholds"]),
+    "state_norm_ssd initial_state of another d_state": (
+        lambda m, *s: mit.state_norm_ssd(*s, taus=torch.ones(4), every=2, chunk_size=4, initial_state=torch.zeros(2, 4, 2, 5)),
+        ValueError, ["state must be (b, h, p, n) = (2, 4, 2, 3), got (2, 4, 2, 5)"]),
+    "clamp_state tau (h+1,)": (lambda m, *s: mit.clamp_state(torch.ones(1, 2, 3, 4), torch.ones(3)), ValueError, ["tau (h,)", "(3,)"]),
+    "SlidingWindowScan layer=True": (lambda m, *s: mit.SlidingWindowScan(None, 4, layer=True), TypeError, ["layer", "got True"]),
+    "StateNormScan layer=-1": (lambda m, *s: mit.StateNormScan(None, torch.ones(4), 2, layer=-1), ValueError, ["layer", "got -1"]),
+    "rri_ssd A of another h": (lambda m, x, dt, A, B, C: mit.rri_ssd(x, dt, torch.ones(5), B, C, lambda_a=0.9, lambda_B=1.0, chunk_size=4),
+                               ValueError, ["A must be (h,) = (4,)", "got (5,)"]),
+    "first_token_retention A of another h": (lambda m, x, dt, *s: mit.first_token_retention(dt, torch.ones(5)), ValueError, ["A (h,)", "shape (5,)"]),
+    "first_token_retention dt list": (lambda m, *s: mit.first_token_retention([0.1], torch.ones(1)), ValueError, ["dt must be a (b, l, h) tensor", "got a list"]),
+    "rri_ssd chunk_size=None": (lambda m, *s: mit.rri_ssd(*s, lambda_a=0.9, lambda_B=1.0, chunk_size=None), TypeError, ["chunk_size", "got None"]),
+    "sliding_window_ssd chunk_size=True": (lambda m, *s: mit.sliding_window_ssd(*s, window=2, chunk_size=True), TypeError, ["chunk_size", "got True"]),
+    "chunked return_state='no'": (lambda m, *s: mit.RRIScan(minimamba.DefaultScan(), 0.9).chunked(*s, None, None, 4, return_state="no"),
+                                  TypeError, ["return_state must be a bool", "got 'no'"]),
+    "state_statistics top_k=0": (lambda m, *s: mit.state_statistics(torch.ones(1, 2, 3, 4), top_k=0), ValueError, ["top_k", "got 0"]),
+    "state_statistics top_k=True": (lambda m, *s: mit.state_statistics(torch.ones(1, 2, 3, 4), top_k=True), TypeError, ["top_k", "got True"]),
+    "trace_states every=True": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 4, dtype=torch.long), every=True), TypeError, ["every", "got True"]),
+    "trace_states empty input": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 0, dtype=torch.long)), ValueError, ["l >= 1", "shape (1, 0)"]),
+    "trace_states on_progress=5": (lambda m, *s: mit.trace_states(m, torch.zeros(1, 4, dtype=torch.long), on_progress=5), TypeError, ["on_progress", "got 5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_refused_with_what_was_expected_and_received(tiny, case):
+    model, _ = tiny
+    call, error, words = BAD_ARGUMENTS[case]
+    before = [m.scan for m in mit._mixers(model)]
+    with pytest.raises(error) as info:
+        call(model, *small_inputs())
+    for w in words:
+        assert w in str(info.value), f"{case}: {w!r} not in the message {str(info.value)!r}"
+    assert all(a is b for a, b in zip(before, [m.scan for m in mit._mixers(model)])), f"{case} touched the model"
+
+
+def test_numbers_of_any_real_type_are_accepted():
+    """ints for floats, numpy scalars, lists for taus: converted, and the same method as the plain value."""
+    np = pytest.importorskip("numpy")
+    assert mit.RRIScan(None, np.float64(0.9), 1).lambda_a == 0.9 and mit.RRIScan(None, 1, 1).lambda_B == 1.0
+    assert type(mit.SlidingWindowScan(None, np.int64(4)).window) is int
+    assert mit.StateNormScan(None, [1, 2], np.int32(3)).taus.dtype == torch.float32
+    assert mit.DeltaScaleScan(None, 2).name == "delta_scaling(factor=2.0)"
+    # a huge window and lambda_a in the denormal range are valid, and still compute
+    x, dt, A, B, C = small_inputs()
+    want = mit.sliding_window_ssd(x, dt, A, B, C, window=6, chunk_size=4)
+    assert torch.equal(mit.sliding_window_ssd(x, dt, A, B, C, window=10**30, chunk_size=4), want)
+    assert torch.equal(mit.sliding_window_quadratic(x, dt, A, B, C, window=10**30),
+                       mit.sliding_window_quadratic(x, dt, A, B, C, window=6))
+    y, _ = mit.rri_ssd(x, dt, A, B, C, lambda_a=1e-310, lambda_B=1.0, chunk_size=4)
+    assert bool(torch.isfinite(y).all())
+
+
+def test_rri_with_dt_zero_or_below_the_floor_stays_finite():
+    """dt = 0 (softplus underflow) or a denormal dt with a strong lambda_a: log(lambda_a) / dt would be
+    -inf in float32 and 0 * inf = nan; with the floor the output is finite and, the tokens being the first
+    ones (nothing to forget yet, almost nothing written), equal to the oracle."""
+    x, dt, A, B, C = small_inputs()
+    dt[:, 0], dt[:, 1] = 0.0, 1e-40
+    got, got_h = mit.rri_ssd(x, dt, A, B, C, lambda_a=1e-3, lambda_B=1.0, chunk_size=4)
+    assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(got_h).all())
+    want, _ = oracle(*(t.double() for t in (x, dt, A, B, C)), lambda_a=1e-3)
+    assert_close(got.double(), want, "rri with dt = 0 and 1e-40 vs oracle", **TOL[torch.float32])
+
+
+def in_block(block):
+    """The block, or no block at all for None."""
+    return block if block is not None else contextlib.nullcontext()
+
+
+def model_state(model, ids, block):
+    """The model's state after ids inside `block` (None: outside any block)."""
+    with torch.no_grad(), in_block(block):
+        return model(ids)[1]
+
+
+FOREIGN_STATES = {  # (block that makes the state, block that continues it, error, words)
+    "window 4 -> window 8": (lambda m: mit.sliding_window(m, 4), lambda m: mit.sliding_window(m, 8), ValueError,
+                             ["this state was made by sliding_window(window=4) in layer 0; "
+                              "this block is sliding_window(window=8) in layer 0"]),
+    "state_norm -> window": (lambda m: mit.state_norm(m, torch.ones(2, 8), every=3), lambda m: mit.sliding_window(m, 4),
+                             ValueError, ["made by state_norm(every=3, taus=#", "this block is sliding_window(window=4)"]),
+    "window -> state_norm": (lambda m: mit.sliding_window(m, 4), lambda m: mit.state_norm(m, torch.ones(2, 8), every=3),
+                             ValueError, ["made by sliding_window(window=4) in layer 0; this block is state_norm(every=3"]),
+    "state_norm every 3 -> 4": (lambda m: mit.state_norm(m, torch.ones(2, 8), every=3),
+                                lambda m: mit.state_norm(m, torch.ones(2, 8), every=4), ValueError, ["this block is state_norm(every=4"]),
+    "state_norm taus -> other taus": (lambda m: mit.state_norm(m, torch.ones(2, 8), every=3),
+                                      lambda m: mit.state_norm(m, torch.full((2, 8), 2.0), every=3), ValueError, ["made by state_norm(every=3, taus=#"]),
+    "plain -> window": (lambda m: None, lambda m: mit.sliding_window(m, 4), TypeError,
+                        ["this block is sliding_window(window=4) in layer 0, which continues only a state made by the same block, got a Tensor"]),
+    "plain -> state_norm": (lambda m: None, lambda m: mit.state_norm(m, torch.ones(2, 8), every=3), TypeError,
+                            ["this block is state_norm(every=3", "got a Tensor", "start the block from state None"]),
+    "rri -> window": (lambda m: mit.rri(m, 0.9, 0.9), lambda m: mit.sliding_window(m, 4), TypeError, ["got a Tensor"]),
+    "window -> rri": (lambda m: mit.sliding_window(m, 4), lambda m: mit.rri(m, 0.9, 0.9), TypeError,
+                      ["this state was made by sliding_window(window=4) in layer 0; this block is rri(lambda_a=0.9, lambda_B=0.9)"]),
+    "state_norm -> delta": (lambda m: mit.state_norm(m, torch.ones(2, 8), every=3), lambda m: mit.delta_scaling(m, 0.5), TypeError,
+                            ["made by state_norm(every=3", "this block is delta_scaling(factor=0.5)"]),
+    "window -> no block": (lambda m: mit.sliding_window(m, 4), lambda m: None, TypeError, ["got a WindowState"]),
+    "state_norm -> no block": (lambda m: mit.state_norm(m, torch.ones(2, 8), every=3), lambda m: None, TypeError, ["got a NormState"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_STATES))
+def test_a_state_continues_only_in_the_block_that_made_it(tiny, case):
+    model, ids = tiny
+    make, cont, error, words = FOREIGN_STATES[case]
+    state = model_state(model, ids[:, :10], make(model))
+    with pytest.raises(error) as info, torch.no_grad(), in_block(cont(model)):
+        model(ids[:, 10:], state)
+    for w in words:
+        assert w in str(info.value), f"{case}: {w!r} not in {str(info.value)!r}"
+    assert all(type(m.scan).__name__ == "DefaultScan" for m in mit._mixers(model)), f"{case}: a block stayed installed"
+
+
+def test_the_same_block_entered_again_continues_its_state(tiny):
+    """A state is tied to its block's kind and parameters, not to the `with` statement: a new block with
+    the same parameters (and rri on top, which does not change the state's form) continues it exactly."""
+    model, ids = tiny
+    h = model.config.nheads
+    for make in (lambda: mit.sliding_window(model, 4), lambda: mit.state_norm(model, torch.full((2, h), 0.5), every=3)):
+        with torch.no_grad(), make():
+            want, _ = model(ids)
+        with torch.no_grad():
+            with make():
+                first, state = model(ids[:, :9])
+            with make():
+                second, _ = model(ids[:, 9:], state.detach())  # detach keeps the record
+        assert_close(torch.cat([first, second], 1), want, "continued in a second block", **MODEL_TOL)
+    with torch.no_grad():
+        with mit.sliding_window(model, 4):
+            _, state = model(ids[:, :9])
+        with mit.sliding_window(model, 4), mit.rri(model, 0.9, 0.9):
+            model(ids[:, 9:], state)
+
+
+def test_a_state_of_another_layer_shape_or_device_is_refused():
+    x, dt, A, B, C = small_inputs()  # b 2, h 4, p 2, g 2, n 3
+    base = minimamba.DefaultScan()
+    window, norm = mit.SlidingWindowScan(base, 4, layer=0), mit.StateNormScan(base, torch.ones(4), 2, layer=0)
+    _, ws = window.chunked(x, dt, A, B, C, None, None, 4)
+    _, ns = norm.chunked(x, dt, A, B, C, None, None, 4)
+    other = small_inputs(n=4)
+    for scan, st in ((window, ws), (norm, ns)):
+        with pytest.raises(ValueError, match=r"in layer 0; this block is .* in layer 1"):
+            type(scan)(base, *((4,) if scan is window else (torch.ones(4), 2)), layer=1).chunked(x, dt, A, B, C, None, st, 4)
+        with pytest.raises(ValueError, match=r"this state is \(b, h, p, n\) = \(2, 4, 2, 3\), the inputs need \(2, 4, 2, 4\)"):
+            scan.chunked(*other, None, st, 4)  # another d_state
+        with pytest.raises(ValueError, match=r"= \(2, 4, 2, 3\), the inputs need \(1, 4, 2, 3\)"):
+            scan.step(x[:1, 0], dt[:1, 0], A, B[:1, 0], C[:1, 0], None, st)  # another batch
+        moved = dataclasses.replace(st, h=st.h.to("meta"))
+        with pytest.raises(ValueError, match="this state is on meta, the inputs on cpu"):
+            scan.chunked(x, dt, A, B, C, None, moved, 4)
+    with pytest.raises(ValueError, match=r"this state's cached B has g = 2 groups, the inputs' B has 1"):
+        x1, dt1, A1, B1, C1 = small_inputs(g=1)
+        window.chunked(x1, dt1, A1, B1, C1, None, ws, 4)
+    # a tensor state of another shape under a transform: the model's scan says so
+    with pytest.raises(ValueError, match=r"state must be \(b, h, p, n\) = \(2, 4, 2, 3\)"):
+        mit.RRIScan(base, 0.9).chunked(x, dt, A, B, C, None, torch.zeros(2, 4, 2, 5), 4)
+
+
+def chain(model):
+    """Each layer's scans from the top: [[type name, ...], ...]."""
+    out = []
+    for m in mit._mixers(model):
+        names, s = [], m.scan
+        while s is not None:
+            names.append(type(s).__name__)
+            s = getattr(s, "inner", None)
+        out.append(names)
+    return out
+
+
+@pytest.mark.parametrize("order", ["A B -A -B", "A B -A C -C -B", "A B C -B -A -C", "A B C -A -C -B"])
+def test_blocks_left_out_of_order_restore_every_layer(tiny, order):
+    """Enter and leave blocks in any order: while open, each layer holds exactly the open blocks' scans
+    (oldest lowest) and computes what those blocks compute; once all are left, the model's own scans."""
+    model, ids = tiny
+    base = [m.scan for m in mit._mixers(model)]
+    make = {"A": lambda: mit.sliding_window(model, 5), "B": lambda: mit.rri(model, 0.9, 0.8),
+            "C": lambda: mit.delta_scaling(model, 0.5)}
+    kind = {"A": "SlidingWindowScan", "B": "RRIScan", "C": "DeltaScaleScan"}
+    open_blocks, ctx = [], {}
+    for step in order.split():
+        name = step.lstrip("-")
+        if step.startswith("-"):
+            ctx.pop(name).__exit__(None, None, None)
+            open_blocks.remove(name)
+        else:
+            ctx[name] = make[name]()
+            ctx[name].__enter__()
+            open_blocks.append(name)
+        want_chain = [kind[b] for b in reversed(open_blocks)] + [type(base[0]).__name__]
+        assert chain(model) == [want_chain] * len(base), f"after {step}: {chain(model)}"
+    assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
+    # the blocks still open after "A B -A" compute what B alone computes
+    with mit.rri(model, 0.9, 0.8):
+        want = run_paths(model, ids)[0]
+    a, b = mit.sliding_window(model, 5), mit.rri(model, 0.9, 0.8)
+    a.__enter__(), b.__enter__(), a.__exit__(None, None, None)
+    try:
+        assert torch.equal(run_paths(model, ids)[0], want)
+    finally:
+        b.__exit__(None, None, None)
+    assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
+
+
+def test_an_exception_inside_a_block_restores_the_model(tiny):
+    model, ids = tiny
+    base = [m.scan for m in mit._mixers(model)]
+    with pytest.raises(KeyError):
+        with mit.sliding_window(model, 4), mit.rri(model, 0.9, 0.9):
+            raise KeyError("inside")
+    plain = model_state(model, ids, None)
+    with pytest.raises(TypeError, match="got a Tensor"):  # an error from inside the forward
+        with torch.no_grad(), mit.state_norm(model, torch.ones(2, model.config.nheads), every=2):
+            model(ids, plain)
+    assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
+
+
+def test_a_block_is_entered_again_once_left_and_not_while_open(tiny):
+    model, ids = tiny
+    base = [m.scan for m in mit._mixers(model)]
+    block = mit.sliding_window(model, 4)
+    with torch.no_grad():
+        with block:
+            first, _ = model(ids)
+        with block:  # the same object, a second time
+            assert torch.equal(model(ids)[0], first)
+        with block:
+            with pytest.raises(RuntimeError, match="this block is already open"):
+                block.__enter__()
+    with pytest.raises(RuntimeError, match="this block is not open"):
+        block.__exit__(None, None, None)
+    assert all(a is b for a, b in zip(base, [m.scan for m in mit._mixers(model)]))
+
+
+def test_return_state_goes_through_transforms_and_stateful_scans_return_theirs():
+    x, dt, A, B, C = small_inputs()
+    flags = []
+
+    class Recording(minimamba.DefaultScan):
+        def chunked(self, *args, return_state=True):
+            flags.append(return_state)
+            return super().chunked(*args, return_state=return_state)
+
+    y, _ = mit.DeltaScaleScan(mit.RRIScan(Recording(), 0.9), 0.5).chunked(x, dt, A, B, C, None, None, 4, return_state=False)
+    assert flags == [False]
+    for scan in (mit.SlidingWindowScan(Recording(), 3), mit.StateNormScan(Recording(), torch.ones(4), 2)):
+        _, state = mit.RRIScan(scan, 0.9).chunked(x, dt, A, B, C, None, None, 4, return_state=False)
+        assert isinstance(state, (mit.WindowState, mit.NormState)) and state.h is not None
