@@ -1,42 +1,47 @@
-"""kernels: the fast and the reference SSM scans behind minimamba.
+"""kernels: faster SSM scans and a faster causal conv for minimamba, installed by one call.
 
-Same signatures and shapes as minimamba.ssd (see its glossary: b, l, h, p, g, n, q, c):
-    ssd_sequential   the plain recurrence, one token at a time: the oracle every other path is
-                     tested against (slow; O(l) Python steps).
-    ssd_chunked      the chunked SSD [SSD, arXiv 2405.21060, Listing 1] restructured for speed:
-                     every heavy term is a batched matmul, C B^T is computed once per group (not per
-                     head), the chunk-to-chunk pass is linear in the number of chunks, x keeps its
-                     own memory layout (no transposed copies for steps 2 and 4), inference builds its
-                     big temporaries in place, training uses a hand-written backward that recomputes
-                     the intermediates instead of keeping them, and the whole function compiles with
-                     torch.compile(fullgraph=True) without recompiling for every new length.
-    ssd_chunked_compiled   torch.compile(ssd_chunked, fullgraph=True, dynamic=True), built on first use.
+    import kernels
+    model = kernels.accelerate(minimamba.Mamba2LM(config))   # same function, faster; returns model
+    kernels.restore(model)                                   # back to minimamba's own code
 
-Speed on CPU (experiments/bench.py measures it; README "Performance"): apart from the matmuls, the
-scan is bound by memory traffic, and a fresh multi-megabyte tensor costs page faults on first touch
-(several times a pass over memory that is already mapped). Hence: few temporaries, in place where
-autograd allows (no autograd, or tensors autograd does not keep), one fused multiply-add per chunk
-in the chunk-to-chunk loop, long inputs in segments of SCAN_SEGMENT tokens (bounded temporaries that
-get reused), and, where the decays allow it, step 1 without per-head (q, q) blocks
-(FACTORED_DECAY_RANGE). Compiling does not pay off on CPU (minutes of compile time, no speed-up
-measured at l = 4096); it is for GPUs.
+accelerate() puts a FastScan into every layer's `mixer.scan` and a conv with a hand-written backward
+into `mixer.conv`: the two plug-in points of minimamba.Mamba2Mixer (mitigations.py wraps the same
+`mixer.scan`, so enter mitigations after accelerating). This file imports minimamba, never the
+reverse; tests prove the accelerated model computes what the plain one does (logits and gradients).
 
-Reading order: ssd_sequential (what is computed), then ssd_chunked (how it is computed fast):
-_chunk_layout, _ssd_chunked_forward (steps 1-4; _diag_factored), _ssd_chunked_backward (the same
-steps, reversed), the segmented drivers, _SSDChunked (the autograd glue), ssd_chunked.
+Paper: [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (Listing 1 is the chunked scan).
+
+Reading order (sections)
+    1. ssd_sequential        the plain recurrence, one token at a time: the oracle every path is tested against
+    2. ssd_chunked           the chunked SSD restructured for speed and torch.compile (what a GPU runs):
+                             every heavy term a batched matmul, C B^T once per group, the chunk-to-chunk
+                             pass linear in the number of chunks; ssd_chunked_compiled compiles it
+    3. ssd_quadratic         training without a state: a sequence that fits one chunk, from a zero state,
+                             whose final state nobody reads, needs only step 1 (attention-like form)
+    4. eager training        a hand-written backward for ssd_chunked (autograd through the chunk loop
+                             would keep every intermediate and cost O(c^2))
+    5. CPU-only tricks       the factored decay mask, segments, in-place buffers, the conv's backward;
+                             their knobs are the fields of CpuTricks
+    6. accelerate / restore  installing all of it into a model
+
+Glossary: as minimamba (b batch, l length, h heads, p headdim, n d_state, g groups, q chunk,
+c chunks), and r = h / g heads per group.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import minimamba
 from minimamba import _compute_dtype, check_scan_inputs
 
 # ---------------------------------------------------------------------------------------------------
-# The oracle: the recurrence itself
+# 1. The oracle: the recurrence itself
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -64,14 +69,39 @@ def ssd_sequential(x, dt, A, B, C, *, D=None, initial_state=None):
     return y.to(x.dtype), S
 
 
-def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_state=None):
-    """ssd_sequential with the chunked signature (chunk_size is accepted and has no effect)."""
-    return ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
+def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_state=None, return_final_state=True):
+    """ssd_sequential with minimamba.ssd's signature (chunk_size is accepted and has no effect)."""
+    y, S = ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
+    return y, (S if return_final_state else None)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The fast path
+# 2. The chunked scan, matmul-shaped and compile-ready
 # ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuTricks:
+    """What ssd_chunked does differently in eager mode on a CPU (section 5), each measured there:
+    apart from the matmuls the scan is bound by memory traffic, and a fresh multi-megabyte tensor
+    costs page faults on first touch. None of it changes the result beyond float rounding."""
+
+    segment: int = 512  # long inputs run as whole-chunk segments of about this many tokens, state
+    # carried (bounded, reused temporaries; at h 24, p 64, n 128, q 128, l 4096, 1 thread, segments of
+    # 256 / 512 / 1024 / 4096 tokens took 112 / 90 / 139 / 173 ms)
+    factored_range: float | None = 60.0  # nats: step 1 splits the decay mask where |cumsum| stays
+    # below this (see _diag_factored); None: always the per-head blocks
+    factored_backward: bool = True  # the backward of step 1 also uses the factored mask where it can
+    keep_freed_memory: bool = True  # accelerate() asks glibc's malloc to keep freed memory for reuse
+    # (see keep_freed_memory): measured on the toy training step (T_train 64), 1600 page faults and
+    # ~29 ms per step without, 8 and ~21 ms with
+
+    def __post_init__(self):
+        if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
+            raise ValueError(f"segment must be a positive int (tokens), got {self.segment!r}")
+        if self.factored_range is not None and not 0 <= self.factored_range <= 80:
+            raise ValueError(f"factored_range must be None or in [0, 80] nats (e^80 is near float32's "
+                             f"largest value), got {self.factored_range!r}")
 
 
 def _pass_states_loop(states, decay, S0, out=None):
@@ -80,14 +110,11 @@ def _pass_states_loop(states, decay, S0, out=None):
     S_in[0] = S0;  S_in[c+1] = decay_c * S_in[c] + states_c.
     states (b, c, h, p, n), decay (b, c, h) = exp(sum of a over each chunk), S0 (b, h, p, n)
     -> (states entering each chunk (b, c, h, p, n), final state (b, h, p, n)).
-    out: an optional (b, c, h, p, n) buffer for the entering states (no autograd only).
-
-    Without autograd every step is one fused multiply-add written in place into a preallocated
-    buffer: on CPU a fresh multi-megabyte tensor per chunk costs more in page faults than the
-    arithmetic. With autograd the steps must stay out of place (autograd keeps each S_in[c]).
+    Without autograd every step is one fused multiply-add written in place into a buffer (out, or a
+    new one); with autograd the steps stay out of place (autograd keeps each S_in[c]).
     """
-    b, c = states.shape[:2]
     d = decay[..., None, None]  # (b, c, h, 1, 1)
+    c = states.shape[1]
     if not (torch.is_grad_enabled() and (states.requires_grad or decay.requires_grad or S0.requires_grad)):
         entering = torch.empty_like(states) if out is None else out  # (b, c, h, p, n)
         entering[:, 0] = S0
@@ -106,24 +133,20 @@ def _pass_states_doubling(states, decay, S0):
 
     Elements (alpha_c, s_c) combine as (alpha1, s1) then (alpha2, s2) -> (alpha1 alpha2, alpha2 s1 + s2).
     After the round with shift d, position c holds the combination of chunks c-2d+1 .. c.
-    ceil(log2 c) rounds of O(c) work: O(c log c), no c x c matrix, and no Python loop whose length
-    is the number of chunks (such a loop would make the compiler specialize on every length; here
-    it only sees comparisons d < c, so one graph serves every c between two powers of two).
-    Shapes as _pass_states_loop. The decays multiply (no log-space sum): each factor is in (0, 1],
-    so products underflow gracefully to 0 and never overflow.
+    ceil(log2 c) rounds of O(c) work and no Python loop whose length is the number of chunks (such a
+    loop would make the compiler specialize on every length; here it only sees comparisons d < c, so
+    one graph serves every c between two powers of two). Shapes as _pass_states_loop. The decays
+    multiply (each factor in (0, 1]): products underflow gracefully to 0 and never overflow.
     """
-    b, c = states.shape[:2]
+    c = states.shape[1]
     # fold the initial state into chunk 0: S_end[0] = alpha_0 S0 + s_0
-    first = decay[:, :1, :, None, None] * S0[:, None] + states[:, :1]
-    s = torch.cat([first, states[:, 1:]], dim=1)  # (b, c, h, p, n)
-    alpha = decay  # (b, c, h)
-    d = 1
+    s = torch.cat([decay[:, :1, :, None, None] * S0[:, None] + states[:, :1], states[:, 1:]], dim=1)
+    alpha, d = decay, 1
     while d < c:
         s = s + alpha[..., None, None] * F.pad(s, (0, 0, 0, 0, 0, 0, d, 0))[:, :c]
         alpha = alpha * F.pad(alpha, (0, 0, d, 0), value=1.0)[:, :c]
         d *= 2
-    entering = torch.cat([S0[:, None], s[:, :-1]], dim=1)  # state before chunk c = after chunk c-1
-    return entering, s[:, -1]
+    return torch.cat([S0[:, None], s[:, :-1]], dim=1), s[:, -1]  # state before chunk c = after chunk c-1
 
 
 def _chunk_layout(x, dt, A, B, C, q, g):
@@ -139,71 +162,17 @@ def _chunk_layout(x, dt, A, B, C, q, g):
     pad = (-l) % q
     c = (l + pad) // q
     # Compiled, the pad is always applied (a Python `if pad` would be one more guard). Known limit:
-    # padding (F.pad, or a cat) by a symbolic amount still guards on "l % q == 0", so lengths that
-    # are a multiple of q compile one extra graph per power-of-two bucket.
+    # padding by a symbolic amount still guards on "l % q == 0", so lengths that are a multiple of q
+    # compile one extra graph per power-of-two bucket.
     if torch.compiler.is_compiling() or pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    # Discretize: X = x * dt (what gets written), a = dt * A (log of the decay alpha).
-    a = dt * (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))  # (b, c*q, h)
+    a = dt * (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))  # (b, c*q, h): a = dt A, log of the decay
     X = (x * dt[..., None]).reshape(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p) a view
     a = a.reshape(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
     Bc = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
     Cc = C.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
     return X, torch.cumsum(a, dim=-1), Bc, Cc, x, dt
-
-
-# Step 1 may split the decay mask as L[i, s] = exp(cs_i) exp(-cs_s), cs = a_cumsum from the chunk's
-# start, which turns the per-head (q, q) blocks into one (q, q) @ (q, r*p) matmul per group (same
-# flops). Exact wherever the factors stay in float32's range: output row i uses exp(-cs_s) for s <= i
-# only, the largest being exp(-cs_i), so row i is computed this way when |cs_s| <= this many nats for
-# every s <= i (then each term is below e^60 ~ 1e26 and no sum of them can overflow). That test depends
-# on tokens up to i only, so outputs stay exactly causal. Rows past it (chunks that forget faster) are
-# recomputed from the per-head blocks built from differences of cumsums (minimamba.segsum's rule).
-# Eager CPU only (deciding whether any row needs the blocks is a device sync on a GPU). The backward
-# (CPU) decides per (chunk, head): the factored mask where |cs| stays in range over the chunk, the
-# blocks for the other pairs.
-FACTORED_DECAY_RANGE = 60.0
-
-
-def _can_factor_decay(a_cumsum, grad):
-    """Whether step 1 may use the factored decay mask (see FACTORED_DECAY_RANGE) at all."""
-    return not grad and not torch.compiler.is_compiling() and a_cumsum.device.type == "cpu"
-
-
-def _factor_in_backward(x):
-    """Whether the backward of step 1 uses the factored mask where it can (CPU: choosing the pairs that
-    need blocks is a device sync on a GPU); otherwise every head goes through its (q, q) block."""
-    return x.device.type == "cpu"
-
-
-def _head_blocks(a_cumsum, CB, bad):
-    """The per-head (q, q) blocks M = CB o L for the (chunk, head) pairs where `bad` (b, c, g, r) holds
-    (the factored mask does not reach them). a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked.
-    Returns the pairs' index tensors (ib, ic, ig, ir), M (k, q, q) and L (k, q, q)."""
-    ib, ic, ig, ir = bad.nonzero().unbind(1)
-    a = a_cumsum[ib, ic, ig, ir]  # (k, q)
-    L = (a[:, :, None] - a[:, None, :]).clamp_(max=0.0).exp_()  # (k, q, q); above the diagonal CB = 0
-    return (ib, ic, ig, ir), L * CB[ib, ic, ig], L
-
-
-def _diag_factored(a_cumsum, CB, X):
-    """Y_diag of step 1 through the factored mask, rows beyond FACTORED_DECAY_RANGE from the blocks.
-    a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked, X (b, c, g, q, r, p) -> (b, c, g, q, r, p)."""
-    b, c, g, q, r, p = X.shape
-    log_down = (-a_cumsum).clamp_(max=FACTORED_DECAY_RANGE)  # (b, c, g, r, q): finite factors only
-    up = torch.exp(a_cumsum.clamp(max=FACTORED_DECAY_RANGE)).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-    down = torch.exp(log_down).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-    Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)
-    # rows whose factors left the range: |cs_s| > FACTORED_DECAY_RANGE for some s <= i (a running max)
-    bad = torch.cummax(a_cumsum.abs(), dim=-1).values > FACTORED_DECAY_RANGE  # (b, c, g, r, q)
-    pairs = bad.any(-1)  # (b, c, g, r): the (chunk, head) pairs with such rows
-    if pairs.any():
-        idx, M, _ = _head_blocks(a_cumsum, CB, pairs)
-        Xh, Yh = X.permute(0, 1, 2, 4, 3, 5), Y_diag.permute(0, 1, 2, 4, 3, 5)  # (b, c, g, r, q, p) views
-        blocks = M @ Xh[idx]  # (k, q, p)
-        Yh[idx] = torch.where(bad[idx][..., None], blocks, Yh[idx])
-    return Y_diag
 
 
 def _decay_blocks(a_cumsum, CB, grad):
@@ -219,17 +188,17 @@ def _decay_blocks(a_cumsum, CB, grad):
     return seg.clamp_(max=0.0).exp_().mul_(CB[:, :, :, None])
 
 
-def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None):
-    """Steps 1-4 of ssd_chunked on float inputs in the compute dtype; S0 (b, h, p, n) (zeros if none).
+def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, tricks=None, y_out=None, entering_out=None):
+    """Steps 1-4 on float inputs in the compute dtype; S0 (b, h, p, n) (zeros if none).
     Returns y (b, l, h, p), the final state (b, h, p, n) and the states entering each chunk
     (b, c, h, p, n), which the hand-written backward keeps instead of every intermediate.
-    Without autograd, y_out (b, c*q, h, p) and entering_out (b, c, h, p, n) may be given: buffers
-    (slices of the caller's output) that receive the results, so segments need no concatenation."""
+    tricks: a CpuTricks (eager CPU) or None. Without autograd, y_out (b, c*q, h, p) and entering_out
+    (b, c, h, p, n) may be buffers (slices of the caller's output) that receive the results."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, S0))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, S0))
+    fused = not grad and not torch.compiler.is_compiling()  # in-place buffers are safe
     X, a_cumsum, Bc, Cc, xf, _ = _chunk_layout(x, dt, A, B, C, q, g)
     c = X.shape[1]
 
@@ -237,9 +206,8 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None
     # decay mask L per head.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    if _can_factor_decay(a_cumsum, grad):
-        # L[i, s] = exp(cs_i) exp(-cs_s): Y_diag = diag(e^cs) (C B^T) diag(e^-cs) X, see FACTORED_DECAY_RANGE
-        Y_diag = _diag_factored(a_cumsum, CB, X)  # (b, c, g, q, r, p)
+    if fused and tricks is not None and tricks.factored_range is not None:
+        Y_diag = _diag_factored(a_cumsum, CB, X, tricks.factored_range)  # (b, c, g, q, r, p), section 5
     else:
         M = _decay_blocks(a_cumsum, CB, grad)  # (b, c, g, r, q, q)
         Y_diag = (M @ X.transpose(3, 4)).transpose(3, 4)  # (b, c, g, q, r, p), a view
@@ -252,26 +220,181 @@ def _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, y_out=None, entering_out=None
 
     # Step 3: pass states between chunks, linear in c.
     chunk_decay = torch.exp(a_cumsum[..., -1]).reshape(b, c, h)  # (b, c, h)
-    pass_states = _pass_states_doubling if torch.compiler.is_compiling() else _pass_states_loop
-    entering, final = (pass_states(states, chunk_decay, S0) if entering_out is None else
-                       _pass_states_loop(states, chunk_decay, S0, out=entering_out))  # (b, c, h, p, n), (b, h, p, n)
+    if torch.compiler.is_compiling():
+        entering, final = _pass_states_doubling(states, chunk_decay, S0)
+    else:
+        entering, final = _pass_states_loop(states, chunk_decay, S0, out=entering_out)  # (b, c, h, p, n)
 
     # Step 4: Y_off = exp(a_cumsum) * (C S_in^T), one (q, n) @ (n, r*p) matmul per group, which
     # lands in x's own (q, r, p) layout; then Y = Y_diag + Y_off (+ D x).
     S_in = entering.view(b, c, g, r * p, n).transpose(-1, -2)  # (b, c, g, n, r*p)
     Y_off = (Cc @ S_in).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
     exp_cs = torch.exp(a_cumsum).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
-    if grad or torch.compiler.is_compiling():
+    if not fused:
         Y = (Y_off * exp_cs).add_(Y_diag).transpose(2, 3).reshape(b, c * q, h, p)  # (b, c*q, h, p)
     else:  # one fused pass that writes straight into the output, in its (b, c*q, h, p) layout
         Y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device) if y_out is None else y_out
         torch.addcmul(Y_diag, Y_off, exp_cs, out=Y.view(b, c, q, g, r, p).transpose(2, 3))
     if D is not None:
-        Y = Y.addcmul_(xf, D[:, None])
+        Y = Y.addcmul_(xf, D[:, None]) if fused else Y + xf * D[:, None]
     return Y[:, :l], final, entering
 
 
-def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
+def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True,
+                cpu_tricks: CpuTricks | None = CpuTricks()):
+    """The chunked SSD scan in four matmul-shaped steps (same result as minimamba.ssd).
+
+    Layout: heads are split as h = g * r (r = h / g heads per group), so every term that depends
+    only on B or C is computed once per group, and heads of a group are batched into one matmul.
+    x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
+    (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
+    With autograd in eager mode a hand-written backward (section 4) recomputes the intermediates
+    instead of keeping them; compiled, autograd runs through the forward. cpu_tricks (section 5)
+    apply in eager mode on a CPU; None switches them off.
+    Args/Returns: as minimamba.ssd.
+    """
+    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
+    ct = _compute_dtype(x.dtype)
+    S0 = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
+    args = [x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct), None if D is None else D.to(ct), S0]
+    tricks = cpu_tricks if (x.device.type == "cpu" and not torch.compiler.is_compiling()) else None
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    if grad and not torch.compiler.is_compiling():
+        y, final = _SSDChunked.apply(*args, chunk_size, tricks)
+    else:
+        y, final, _ = _forward_segmented(*args, chunk_size, tricks, keep_entering=False)
+    return y.to(x.dtype), (final if return_final_state else None)
+
+
+_compiled = None
+
+
+def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True):
+    """torch.compile(ssd_chunked, fullgraph=True, dynamic=True), compiled on the first call.
+
+    dynamic=True makes the length symbolic, so new lengths reuse the graph (a new graph only when
+    the number of chunks crosses a power of two, from the doubling scan's comparisons).
+    """
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=True)
+    return _compiled(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state,
+                     return_final_state=return_final_state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Training without a state: one chunk from a zero state, final state unread
+# ---------------------------------------------------------------------------------------------------
+
+
+def ssd_quadratic(x, dt, A, B, C, *, D=None, factored_range: float | None = None):
+    """Step 1 of the SSD alone, the quadratic ("attention-like") form [SSD sec. 4]:
+        y_i = sum_{s <= i} (C_i . B_s) exp(cs_i - cs_s) dt_s x_s + D x_i,   cs = cumsum(dt A)
+    which is the whole scan for a sequence from a zero state when nobody reads the final state:
+    no (b, h, p, n) state is ever built. O(l^2) per head: meant for l up to a chunk (plain training
+    at T_train <= chunk_size).
+
+    factored_range (nats, eager CPU): when every head's cumsum spans at most 2 * factored_range,
+    L = exp(cs_i - m) exp(m - cs_s) (m = the middle of that span, so each factor is at most
+    e^factored_range) and all heads of a group share ONE (l, l) @ (l, r*p) matmul with C B^T, with a
+    hand-written backward (_QuadraticFactored); else (or None) per-head (l, l) blocks through
+    autograd. Shapes as minimamba.ssd; returns y (b, l, h, p).
+    """
+    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D)
+    ct, r = _compute_dtype(x.dtype), h // g
+    xf, dtf, Af, Bf, Cf = x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct)
+    Df = None if D is None else D.to(ct)
+    if factored_range is not None:
+        with torch.no_grad():
+            cs = torch.cumsum(dtf * Af, dim=1)  # (b, l, h)
+            spread = cs.amax(1) - cs.amin(1)  # (b, h)
+        if bool((spread <= 2 * factored_range).all()):
+            return _QuadraticFactored.apply(xf, dtf, Af, Bf, Cf, Df).to(x.dtype)
+    cs = torch.cumsum(dtf * Af, dim=1).transpose(1, 2)  # (b, h, l)
+    CB = torch.tril(Cf.transpose(1, 2) @ Bf.permute(0, 2, 3, 1))  # (b, g, l, l), i >= s
+    causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril_()
+    L = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, l, l)
+    X = (xf * dtf[..., None]).view(b, l, g, r, p).permute(0, 2, 3, 1, 4)  # (b, g, r, l, p)
+    y = ((L.view(b, g, r, l, l) * CB[:, :, None]) @ X).permute(0, 3, 1, 2, 4).reshape(b, l, h, p)
+    return (y if Df is None else y + Df[:, None] * xf).to(x.dtype)
+
+
+class _QuadraticFactored(torch.autograd.Function):
+    """ssd_quadratic's factored form with its backward written out. With E = exp(cs - m), F = 1 / E
+    (m the middle of cs's span, a constant: y does not depend on it), X = x dt, V = F X and
+    Z = (C B^T) V per group (heads stacked as (l, r*p)):
+        forward   y = E Z + D x
+        backward  dZ = E dy,  dCB = tril(dZ V^T),  dV = CB^T dZ,  dC = dCB B,  dB = dCB^T C,
+                  dX = F dV,  dcs = E <dy, Z>_p - <dV, V>_p = E <dy, Z>_p - <dX, X>_p,
+                  da = reversed cumsum of dcs,  dx = dt dX + D dy,  ddt = <dX, x>_p + A da,
+                  dA = dt da (summed over b, l when A is per head),  dD = <dy, x>
+    Inputs in the compute dtype: x (b, l, h, p), dt (b, l, h), A (h,) or (b, l, h), B, C (b, l, g, n), D."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D):
+        b, l, h, p = x.shape
+        g = B.shape[2]
+        cs = torch.cumsum(dt * A, dim=1)  # (b, l, h)
+        E = torch.exp(cs - (cs.amax(1, keepdim=True) + cs.amin(1, keepdim=True)) / 2)  # (b, l, h), centred
+        X = x * dt[..., None]  # (b, l, h, p)
+        V = X / E[..., None]
+        CB = torch.tril(C.transpose(1, 2) @ B.permute(0, 2, 3, 1))  # (b, g, l, l)
+        Z = (CB @ V.view(b, l, g, -1).transpose(1, 2)).transpose(1, 2).reshape(b, l, h, p)
+        ctx.save_for_backward(x, dt, A, B, C, D, E, X, V, CB, Z)
+        y = Z * E[..., None]
+        return y if D is None else y.addcmul_(x, D[:, None])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, dt, A, B, C, D, E, X, V, CB, Z = ctx.saved_tensors
+        b, l, h, p = x.shape
+        g = B.shape[2]
+        dZ = (dy * E[..., None]).view(b, l, g, -1).transpose(1, 2)  # (b, g, l, r*p)
+        dCB = torch.tril(dZ @ V.view(b, l, g, -1).permute(0, 2, 3, 1))  # (b, g, l, l)
+        dX = (CB.transpose(-1, -2) @ dZ).transpose(1, 2).reshape(b, l, h, p) / E[..., None]
+        dC = (dCB @ B.transpose(1, 2)).transpose(1, 2)  # (b, l, g, n)
+        dB = (dCB.transpose(-1, -2) @ C.transpose(1, 2)).transpose(1, 2)
+        dcs = (dy * Z).sum(-1) * E - (dX * X).sum(-1)  # (b, l, h)
+        da = dcs.flip(1).cumsum(1).flip(1)
+        dx = dX * dt[..., None]
+        if D is not None:
+            dx = dx.addcmul_(dy, D[:, None])
+        ddt = (dX * x).sum(-1).addcmul_(da, A)
+        dA = da * dt if A.dim() == 3 else (da * dt).sum((0, 1))
+        dD = None if D is None else (dy * x).sum((0, 1, 3))
+        return dx, ddt, dA, dB, dC, dD
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Eager training: a hand-written backward for ssd_chunked
+# ---------------------------------------------------------------------------------------------------
+
+
+class _SSDChunked(torch.autograd.Function):
+    """ssd_chunked with a hand-written backward (_ssd_chunked_backward). Autograd through the forward
+    would keep every per-head (q, q) block and temporary of steps 1-4, and its chunk loop costs
+    O(c^2) in the backward (each of the c slices of the states gets a full-size zero gradient); this
+    keeps only the inputs and the states entering each chunk (one (h, p, n) state per chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, S0, q, tricks):
+        y, final, entering = _forward_segmented(x, dt, A, B, C, D, S0, q, tricks)
+        ctx.q, ctx.tricks = q, tricks
+        ctx.save_for_backward(x, dt, A, B, C, D, S0, entering)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY, dfinal):
+        x, dt, A, B, C, D, S0, entering = ctx.saved_tensors
+        if dfinal is None:  # the final state was not used
+            dfinal = torch.zeros_like(S0)
+        grads = _backward_segmented(x, dt, A, B, C, D, S0, ctx.q, ctx.tricks, entering, dY, dfinal)
+        return (*(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, tricks, entering, dY, dfinal):
     """Gradients of _ssd_chunked_forward with respect to x, dt, A, B, C, D, S0, by hand: each step's
     intermediates are recomputed from the inputs (cheap, matmul-shaped) instead of kept.
 
@@ -294,8 +417,7 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
     r = h // g
     X, a_cumsum, Bc, Cc, xf, dtf = _chunk_layout(x, dt, A, B, C, q, g)
     c = X.shape[1]
-    dYp = F.pad(dY, (0, 0, 0, 0, 0, c * q - l))  # (b, c*q, h, p)
-    dYc = dYp.view(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p)
+    dYc = F.pad(dY, (0, 0, 0, 0, 0, c * q - l)).view(b, c, q, g, r, p).transpose(2, 3)  # (b, c, g, q, r, p)
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()  # (q, q) i >= s
 
     # step 4: Y_off = exp(s) (C S_in^T)
@@ -316,15 +438,13 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
         torch.addcmul(dS_in[:, i], dec[:, i], dstates[:, i], out=dstates[:, i - 1])
     dS0 = torch.addcmul(dS_in[:, 0], dec[:, 0], dstates[:, 0])  # (b, h, p, n)
     # ds_last += e^{s_last} <G_{c+1}, S_in[c]>, a batched dot product per chunk and head
-    dot = (dstates * entering).sum((-1, -2)).view(b, c, g, r)  # (a batched (1, pn) @ (pn, 1) matmul is slower)
-    ds[..., -1] += dot * chunk_decay.view(b, c, g, r)
+    ds[..., -1] += (dstates * entering).sum((-1, -2)).view(b, c, g, r) * chunk_decay.view(b, c, g, r)
 
     # step 2: states = (X o w)^T B
     w = torch.exp(a_cumsum[..., -1:] - a_cumsum).transpose(3, 4)  # (b, c, g, q, r)
     dstates_g = dstates.view(b, c, g, r * p, n)  # (b, c, g, r*p, n)
     dXw = (Bc @ dstates_g.transpose(-1, -2)).view(b, c, g, q, r, p)  # (b, c, g, q, r, p)
-    Xw = (X * w[..., None]).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
-    dB = Xw @ dstates_g  # (b, c, g, q, n)
+    dB = (X * w[..., None]).view(b, c, g, q, r * p) @ dstates_g  # (b, c, g, q, n)
     P = (dXw * X).sum(-1).mul_(w).transpose(3, 4)  # (b, c, g, r, q)
     ds -= P
     ds[..., -1] += P.sum(-1)
@@ -332,35 +452,11 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
 
     # step 1: Y_diag = (CB o L) X, per head
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(~causal, 0.0)  # (b, c, g, q, q)
-    if _factor_in_backward(x):
-        # the factored mask L = diag(e^cs) 1 diag(e^-cs) (see FACTORED_DECAY_RANGE) for the heads whose
-        # |cs| stays in range over the chunk: with U = e^cs dY and V = e^-cs X per head, stacked as
-        # (q, r*p) per group,  dX += e^-cs (CB^T U),  dCB = U V^T,  and the rows and columns of
-        # Q = dM o M sum to  sum_s Q_is = dY_i . Y_diag_i  and  sum_i Q_is = X_s . (M^T dY)_s:
-        # no per-head (q, q) block. The other (chunk, head) pairs get zero factors here and the blocks below.
-        R = FACTORED_DECAY_RANGE
-        bad = a_cumsum.abs().amax(-1) > R  # (b, c, g, r)
-        ok = (~bad).to(X.dtype)[:, :, :, None, :, None]  # (b, c, g, 1, r, 1)
-        up = torch.exp(a_cumsum.clamp(max=R)).transpose(3, 4)[..., None] * ok  # (b, c, g, q, r, 1)
-        down = torch.exp((-a_cumsum).clamp_(max=R)).transpose(3, 4)[..., None] * ok
-        U = (dYc * up).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
-        V = (X * down).view(b, c, g, q, r * p)
-        dX1 = (CB.transpose(-1, -2) @ U).view(b, c, g, q, r, p).mul_(down)  # M^T dY per head
-        Y1 = (CB @ V).view(b, c, g, q, r, p).mul_(up)  # Y_diag
-        ds += (Y1.mul_(dYc).sum(-1) - (X * dX1).sum(-1)).transpose(3, 4)
-        dX += dX1
-        dCB = U @ V.transpose(-1, -2)  # (b, c, g, q, q)
-        if bad.any():  # the blocks of the other pairs, as in the general case below
-            idx, M, L = _head_blocks(a_cumsum, CB, bad)
-            Xh, dYh = X.permute(0, 1, 2, 4, 3, 5)[idx], dYc.permute(0, 1, 2, 4, 3, 5)[idx]  # (k, q, p)
-            dXh, dsh, dML = _head_block_grads(M, L, Xh, dYh)
-            dX.permute(0, 1, 2, 4, 3, 5)[idx] += dXh
-            ds[idx] += dsh
-            dCB.index_put_(idx[:3], dML, accumulate=True)
+    if tricks is not None and tricks.factored_backward and tricks.factored_range is not None:
+        dCB = _diag_factored_backward(a_cumsum, CB, X, dYc, dX, ds, tricks.factored_range)  # section 5
     else:  # every head through its (q, q) block
-        seg = a_cumsum[..., :, None] - a_cumsum[..., None, :]  # (b, c, g, r, q, q)
-        L = seg.clamp_(max=0.0).exp_()  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
-        M = L * CB[:, :, :, None]  # (b, c, g, r, q, q)
+        L = (a_cumsum[..., :, None] - a_cumsum[..., None, :]).clamp_(max=0.0).exp_()  # (b, c, g, r, q, q)
+        M = L * CB[:, :, :, None]  # (b, c, g, r, q, q); above the diagonal M = CB o L = 0 anyway
         dXh, dsh, dML = _head_block_grads(M, L, X.transpose(3, 4), dYc.transpose(3, 4))
         dX += dXh.transpose(3, 4)
         ds += dsh
@@ -368,7 +464,20 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
     dCB.masked_fill_(~causal, 0.0)
     dC += dCB @ Bc
     dB += dCB.transpose(-1, -2) @ Cc
-    return _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf)
+
+    # the discretization: a = dt A, X = x dt; s = cumsum(a) inside each chunk
+    da = ds.flip(-1).cumsum(-1).flip(-1).permute(0, 1, 4, 2, 3).reshape(b, c * q, h)[:, :l]  # (b, l, h)
+    dX = dX.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
+    x0, dt0 = xf[:, :l], dtf[:, :l]
+    dx = dX * dt0[..., None]
+    if D is not None:
+        dx = dx.addcmul_(dY, D[:, None])
+    ddt = (dX * x0).sum(-1).addcmul_(da, A)  # (b, l, h)
+    dA = da * dt0 if A.dim() == 3 else (da * dt0).sum((0, 1))
+    dD = None if D is None else (dY * x0).sum((0, 1, 3))
+    dB = dB.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
+    dC = dC.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
+    return dx, ddt, dA, dB, dC, dD, dS0
 
 
 def _head_block_grads(M, L, X_h, dY_h):
@@ -382,146 +491,266 @@ def _head_block_grads(M, L, X_h, dY_h):
     return dX_h, Q.sum(-1) - Q.sum(-2), dM.mul_(L)
 
 
-def _discretization_grads(x, dt, A, B, C, D, q, ds, dX, dB, dC, dY, dS0, xf, dtf):
-    """The end of _ssd_chunked_backward: from the gradients of the chunk-layout quantities (s = a_cumsum,
-    X = x dt, B, C) to those of the inputs."""
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    c = ds.shape[1]
-    # discretization: a = dt A, X = x dt; s = cumsum(a) inside each chunk
-    da = ds.flip(-1).cumsum(-1).flip(-1).permute(0, 1, 4, 2, 3).reshape(b, c * q, h)[:, :l]  # (b, l, h)
-    dX = dX.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
-    x0, dt0 = xf[:, :l], dtf[:, :l]
-    dx = dX * dt0[..., None]
-    if D is not None:
-        dx = dx.addcmul_(dY, D[:, None])
-    ddt = (dX * x0).sum(-1)  # (b, l, h)
-    ddt = ddt.addcmul_(da, A)
-    dA = da * dt0 if A.dim() == 3 else (da * dt0).sum((0, 1))
-    dD = None if D is None else (dY * x0).sum((0, 1, 3))
-    dB = dB.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
-    dC = dC.transpose(2, 3).reshape(b, c * q, g, n)[:, :l]
-    return dx, ddt, dA, dB, dC, dD, dS0
+# ---------------------------------------------------------------------------------------------------
+# 5. CPU-only tricks (eager mode): factored decay mask, segments, in-place buffers, the conv's backward
+# ---------------------------------------------------------------------------------------------------
+# The factored decay mask: step 1 may split L[i, s] = exp(cs_i) exp(-cs_s), cs = a_cumsum from the
+# chunk's start, which turns the per-head (q, q) blocks into one (q, q) @ (q, r*p) matmul per group
+# (same flops). Exact wherever the factors stay in float32's range: output row i uses exp(-cs_s) for
+# s <= i only, the largest being exp(-cs_i), so row i is computed this way when |cs_s| <= R nats for
+# every s <= i (each term below e^60 ~ 1e26 at R = 60: no sum of them can overflow). That test depends
+# on tokens up to i only, so outputs stay exactly causal. Rows past it (chunks that forget faster) are
+# recomputed from per-head blocks built from differences of cumsums (minimamba.segsum's rule).
+# On a GPU deciding whether any row needs the blocks would be a device sync, hence CPU only.
 
 
-# Eager CPU runs of long inputs go through steps 1-4 in segments of this many tokens (rounded down to
-# whole chunks, at least one), the state carried from one to the next: the same sums, so the same
-# result bit for bit, but every temporary is bounded by the segment instead of growing with l. On
-# CPU a fresh multi-megabyte temporary costs page faults on first touch, and small ones stay in
-# cache and get reused; measured at h 24, p 64, n 128, q 128, l 4096 (1 thread): segments of
-# 256 / 512 / 1024 / 4096 tokens took 112 / 90 / 139 / 173 ms. The backward is segmented the same way.
-SCAN_SEGMENT = 512
+def _head_blocks(a_cumsum, CB, bad):
+    """The per-head (q, q) blocks M = CB o L for the (chunk, head) pairs where `bad` (b, c, g, r) holds
+    (the factored mask does not reach them). a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked.
+    Returns the pairs' index tensors (ib, ic, ig, ir), M (k, q, q) and L (k, q, q)."""
+    ib, ic, ig, ir = bad.nonzero().unbind(1)
+    a = a_cumsum[ib, ic, ig, ir]  # (k, q)
+    L = (a[:, :, None] - a[:, None, :]).clamp_(max=0.0).exp_()  # (k, q, q); above the diagonal CB = 0
+    return (ib, ic, ig, ir), L * CB[ib, ic, ig], L
 
 
-def _segments(x, q):
-    """[(start, end)] of the segments of x's length (whole chunks of q); one segment if x is not on
-    the CPU (a GPU wants all the parallel work at once) or under torch.compile."""
+def _diag_factored(a_cumsum, CB, X, R):
+    """Y_diag of step 1 through the factored mask, rows beyond R nats from the blocks.
+    a_cumsum (b, c, g, r, q), CB (b, c, g, q, q) masked, X (b, c, g, q, r, p) -> (b, c, g, q, r, p)."""
+    b, c, g, q, r, p = X.shape
+    up = torch.exp(a_cumsum.clamp(max=R)).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+    down = torch.exp((-a_cumsum).clamp_(max=R)).transpose(3, 4)[..., None]  # (b, c, g, q, r, 1)
+    Y_diag = (CB @ (X * down).view(b, c, g, q, r * p)).view(b, c, g, q, r, p).mul_(up)
+    # rows whose factors left the range: |cs_s| > R for some s <= i (a running max)
+    bad = torch.cummax(a_cumsum.abs(), dim=-1).values > R  # (b, c, g, r, q)
+    pairs = bad.any(-1)  # (b, c, g, r): the (chunk, head) pairs with such rows
+    if pairs.any():
+        idx, M, _ = _head_blocks(a_cumsum, CB, pairs)
+        Xh, Yh = X.permute(0, 1, 2, 4, 3, 5), Y_diag.permute(0, 1, 2, 4, 3, 5)  # (b, c, g, r, q, p) views
+        Yh[idx] = torch.where(bad[idx][..., None], M @ Xh[idx], Yh[idx])
+    return Y_diag
+
+
+def _diag_factored_backward(a_cumsum, CB, X, dYc, dX, ds, R):
+    """Step 1's backward with the factored mask L = diag(e^cs) 1 diag(e^-cs) for the (chunk, head) pairs
+    whose |cs| stays within R over the chunk: with U = e^cs dY and V = e^-cs X per head, stacked as
+    (q, r*p) per group,  dX += e^-cs (CB^T U),  dCB = U V^T,  and the rows and columns of Q = dM o M sum
+    to  sum_s Q_is = dY_i . Y_diag_i  and  sum_i Q_is = X_s . (M^T dY)_s: no per-head (q, q) block. The
+    other pairs get zero factors here and their blocks after. Adds to dX and ds in place; returns dCB."""
+    b, c, g, q, r, p = X.shape
+    bad = a_cumsum.abs().amax(-1) > R  # (b, c, g, r)
+    ok = (~bad).to(X.dtype)[:, :, :, None, :, None]  # (b, c, g, 1, r, 1)
+    up = torch.exp(a_cumsum.clamp(max=R)).transpose(3, 4)[..., None] * ok  # (b, c, g, q, r, 1)
+    down = torch.exp((-a_cumsum).clamp_(max=R)).transpose(3, 4)[..., None] * ok
+    U = (dYc * up).view(b, c, g, q, r * p)  # (b, c, g, q, r*p)
+    V = (X * down).view(b, c, g, q, r * p)
+    dX1 = (CB.transpose(-1, -2) @ U).view(b, c, g, q, r, p).mul_(down)  # M^T dY per head
+    Y1 = (CB @ V).view(b, c, g, q, r, p).mul_(up)  # Y_diag
+    ds += (Y1.mul_(dYc).sum(-1) - (X * dX1).sum(-1)).transpose(3, 4)
+    dX += dX1
+    dCB = U @ V.transpose(-1, -2)  # (b, c, g, q, q)
+    if bad.any():  # the blocks of the other pairs
+        idx, M, L = _head_blocks(a_cumsum, CB, bad)
+        Xh, dYh = X.permute(0, 1, 2, 4, 3, 5)[idx], dYc.permute(0, 1, 2, 4, 3, 5)[idx]  # (k, q, p)
+        dXh, dsh, dML = _head_block_grads(M, L, Xh, dYh)
+        dX.permute(0, 1, 2, 4, 3, 5)[idx] += dXh
+        ds[idx] += dsh
+        dCB.index_put_(idx[:3], dML, accumulate=True)
+    return dCB
+
+
+# Segments: eager CPU runs of long inputs go through steps 1-4 in segments of whole chunks with the
+# state carried from one to the next: the same sums, so the same result bit for bit, but every
+# temporary is bounded by the segment instead of growing with l (small buffers stay in cache and get
+# reused; fresh multi-megabyte ones cost page faults). The backward is segmented the same way.
+
+
+def _segments(x, q, tricks):
+    """[(start, end)] of whole-chunk segments of x's length (one segment without tricks)."""
     l = x.shape[1]
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if tricks is None:
         return [(0, l)]
-    seg = max(1, SCAN_SEGMENT // q) * q
+    seg = max(1, tricks.segment // q) * q
     return [(s, min(s + seg, l)) for s in range(0, l, seg)]
 
 
-def _piece(t, s, e, A_per_head=False):
-    """The tokens s:e of a (b, l, ...) input; A of shape (h,) is the same for every token."""
-    return t if (t is None or A_per_head and t.dim() == 1) else t[:, s:e]
+def _piece(A, s, e):
+    """The tokens s:e of a per-token A (b, l, h); A of shape (h,) is the same for every token."""
+    return A if A.dim() == 1 else A[:, s:e]
 
 
-def _ssd_chunked_forward_segmented(x, dt, A, B, C, D, S0, q, keep_entering=True):
-    """_ssd_chunked_forward over _segments with the state carried; same returns, except that the
-    entering states are None unless keep_entering (only the backward needs them)."""
-    segments = _segments(x, q)
+def _forward_segmented(x, dt, A, B, C, D, S0, q, tricks, keep_entering=True):
+    """_ssd_chunked_forward over _segments with the state carried, each segment writing into slices
+    of preallocated outputs; same returns, except that the entering states are None unless
+    keep_entering (only the backward needs them)."""
+    segments = _segments(x, q, tricks)
     if len(segments) == 1:
-        return _ssd_chunked_forward(x, dt, A, B, C, D, S0, q)
+        return _ssd_chunked_forward(x, dt, A, B, C, D, S0, q, tricks)
     b, l, h, p = x.shape
     c = -(-l // q)
-    y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device)  # each segment writes its slice
+    y = torch.empty(b, c * q, h, p, dtype=x.dtype, device=x.device)
     entering = torch.empty(b, c, h, p, B.shape[-1], dtype=x.dtype, device=x.device) if keep_entering else None
     S = S0
     for s, e in segments:
         c0, c1 = s // q, -(-e // q)  # the segment's chunks
-        _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e, True), B[:, s:e], C[:, s:e], D, S, q,
+        _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e), B[:, s:e], C[:, s:e], D, S, q, tricks,
                                        y_out=y[:, c0 * q:c1 * q],
                                        entering_out=None if entering is None else entering[:, c0:c1])
     return y[:, :l], S, entering
 
 
-def _ssd_chunked_backward_segmented(x, dt, A, B, C, D, S0, q, entering, dY, dfinal):
+def _backward_segmented(x, dt, A, B, C, D, S0, q, tricks, entering, dY, dfinal):
     """_ssd_chunked_backward over _segments, last to first, the state's gradient carried backwards;
     the gradients of A (h,) and D add up over segments. Same returns."""
-    segments = _segments(x, q)
+    segments = _segments(x, q, tricks)
     if len(segments) == 1:
-        return _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, entering, dY, dfinal)
+        return _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, tricks, entering, dY, dfinal)
     parts, dS = [], dfinal
     for s, e in reversed(segments):
-        c0, c1 = s // q, -(-e // q)  # the segment's chunks
-        *grads, dS = _ssd_chunked_backward(x[:, s:e], dt[:, s:e], _piece(A, s, e, True), B[:, s:e], C[:, s:e], D,
-                                           entering[:, c0], q, entering[:, c0:c1], dY[:, s:e], dS)
+        c0, c1 = s // q, -(-e // q)
+        *grads, dS = _ssd_chunked_backward(x[:, s:e], dt[:, s:e], _piece(A, s, e), B[:, s:e], C[:, s:e], D,
+                                           entering[:, c0], q, tricks, entering[:, c0:c1], dY[:, s:e], dS)
         parts.append(grads)
     dx, ddt, dA, dB, dC, dD = (list(reversed(p)) for p in zip(*parts))
     dA = torch.cat(dA, dim=1) if A.dim() == 3 else torch.stack(dA).sum(0)
     dD = None if D is None else torch.stack(dD).sum(0)
-    return (torch.cat(dx, dim=1), torch.cat(ddt, dim=1), dA, torch.cat(dB, dim=1), torch.cat(dC, dim=1), dD, dS)
+    return torch.cat(dx, dim=1), torch.cat(ddt, dim=1), dA, torch.cat(dB, dim=1), torch.cat(dC, dim=1), dD, dS
 
 
-class _SSDChunked(torch.autograd.Function):
-    """ssd_chunked with a hand-written backward (_ssd_chunked_backward). Autograd through the forward
-    would keep every per-head (q, q) block and temporary of steps 1-4, and its chunk loop costs
-    O(c^2) in the backward (each of the c slices of the states gets a full-size zero gradient); this
-    keeps only the inputs and the states entering each chunk (one (h, p, n) state per chunk)."""
+def causal_conv_inplace(xBC, past, weight, bias):
+    """minimamba.causal_conv_silu's conv without the silu and without concatenating [past | xBC]:
+    k shifted multiply-adds accumulated in place into one buffer, the few outputs that read `past`
+    done apart (a fresh tensor per tap, or the concatenation, costs one more pass over memory each).
+    xBC (b, l, c), past (b, k-1, c), weight (k, c), bias (c,) or None -> pre-activation (b, l, c)."""
+    k, l = weight.shape[0], xBC.shape[1]
+    out = xBC * weight[k - 1]  # (b, l, c): the tap on token t itself
+    for j in range(k - 1):
+        s = k - 1 - j  # tap j reads the input s steps back: xBC_{t-s} for t >= s, past_{t+j} for t < s
+        if s < l:
+            out[:, s:].addcmul_(xBC[:, : l - s], weight[j])
+        m = min(s, l)
+        out[:, :m].addcmul_(past[:, j:j + m], weight[j])
+    return out if bias is None else out.add_(bias)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS:
+    blocks up to 32 MiB come from the heap (M_MMAP_THRESHOLD, glibc's largest) and the heap is not
+    trimmed (M_TRIM_THRESHOLD). Otherwise every fresh multi-megabyte temporary of a training step is
+    mapped anew and page-faulted in on first touch, which costs more than the arithmetic on it.
+    Process-wide and idempotent; the peak memory is unchanged, freed memory stays resident.
+    Returns False where there is no glibc (macOS, Windows, musl): nothing is changed there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+class CausalConvSilu(torch.autograd.Function):
+    """silu(causal_conv_inplace(xBC, past, weight, bias)) with a hand-written backward: autograd
+    through the in-place shifted adds would keep a zero-filled full-size gradient per shifted slice
+    and copy it back. It keeps the inputs and pre. With pre = the conv, sigma = sigmoid(pre):
+        dpre = dout * sigma * (1 + pre (1 - sigma))                          (silu')
+        dxpad_m = sum_j weight_j dpre_{m-j}   (0 <= m-j < l)                  (the conv, transposed)
+        dweight_j = sum_{b,t} dpre_t xpad_{t+j};   dbias = sum_{b,t} dpre_t
+    Same signature as minimamba.causal_conv_silu (use CausalConvSilu.apply)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, S0, q):
-        y, final, entering = _ssd_chunked_forward_segmented(x, dt, A, B, C, D, S0, q)
-        ctx.q = q
-        ctx.save_for_backward(x, dt, A, B, C, D, S0, entering)
-        return y, final
+    def forward(ctx, xBC, past, weight, bias):
+        pre = causal_conv_inplace(xBC, past, weight, bias)  # (b, l, c)
+        if not any(ctx.needs_input_grad):  # no autograd: nothing to keep
+            return F.silu(pre, inplace=True)
+        ctx.save_for_backward(xBC, past, weight, bias, pre)
+        return F.silu(pre)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dY, dfinal):
-        x, dt, A, B, C, D, S0, entering = ctx.saved_tensors
-        grads = _ssd_chunked_backward_segmented(x, dt, A, B, C, D, S0, ctx.q, entering, dY, dfinal)
-        return (*(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad)), None)
+    def backward(ctx, dout):
+        xBC, past, weight, bias, pre = ctx.saved_tensors
+        k, l = weight.shape[0], xBC.shape[1]
+        dpre = torch.ops.aten.silu_backward(dout, pre)  # dout * silu'(pre), one fused pass (b, l, c)
+        dxBC = dpre * weight[k - 1]
+        dpast = torch.zeros_like(past)  # (b, k-1, c)
+        dweight = torch.empty_like(weight)  # (k, c)
+        dweight[k - 1] = (dpre * xBC).sum((0, 1))
+        for j in range(k - 1):
+            s, m = k - 1 - j, min(k - 1 - j, l)
+            dw = (dpre[:, :m] * past[:, j:j + m]).sum((0, 1))
+            if s < l:
+                dxBC[:, : l - s].addcmul_(dpre[:, s:], weight[j])
+                dw += (dpre[:, s:] * xBC[:, : l - s]).sum((0, 1))
+            dpast[:, j:j + m].addcmul_(dpre[:, :m], weight[j])
+            dweight[j] = dw
+        return dxBC, dpast, dweight, None if bias is None else dpre.sum((0, 1))
 
 
-def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
-    """The chunked SSD scan in four matmul-shaped steps (same result as minimamba.ssd).
+# ---------------------------------------------------------------------------------------------------
+# 6. Installing: accelerate(model), restore(model)
+# ---------------------------------------------------------------------------------------------------
 
-    Layout: heads are split as h = g * r (r = h / g heads per group), so every term that depends
-    only on B or C is computed once per group, and heads of a group are batched into one matmul.
-    x keeps its natural (q, r*p) layout per chunk and group, so steps 2 and 4 are single
-    (r*p, q) @ (q, n) and (q, n) @ (n, r*p) matmuls with no copies.
-    Without autograd (inference) the big per-head (q, q) decay blocks are built in place, or not at
-    all where the factored mask applies (FACTORED_DECAY_RANGE): on CPU every fresh multi-megabyte
-    temporary costs page faults, so fewer temporaries is most of the speed; long inputs run in
-    SCAN_SEGMENT-token segments. With autograd (eager), a hand-written backward (_SSDChunked)
-    recomputes the intermediates instead of keeping them; compiled, autograd runs through the forward.
-    Args/Returns: as minimamba.ssd.
+
+class FastScan:
+    """A mixer's scan (minimamba.DefaultScan's two methods) backed by this file:
+    chunked -> ssd_quadratic for one chunk from a zero state whose final state nobody reads (plain
+               training), else ssd_chunked (eager; compiled when `compiled`);
+    step    -> minimamba.ssd_step (one token is already O(1))."""
+
+    def __init__(self, compiled: bool = False, cpu_tricks: CpuTricks | None = CpuTricks()):
+        self.compiled, self.cpu_tricks = compiled, cpu_tricks
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        if state is None and not return_state and x.shape[1] <= chunk_size:
+            factored = self.cpu_tricks.factored_range if (self.cpu_tricks and x.device.type == "cpu") else None
+            return ssd_quadratic(x, dt, A, B, C, D=D, factored_range=factored), None
+        if self.compiled:
+            return ssd_chunked_compiled(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state,
+                                        return_final_state=return_state)
+        return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state,
+                           return_final_state=return_state, cpu_tricks=self.cpu_tricks)
+
+    def step(self, x, dt, A, B, C, D, state):
+        return minimamba.ssd_step(x, dt, A, B, C, D=D, state=state)
+
+
+def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | None = CpuTricks()):
+    """Install this file's fast paths into every layer of a minimamba.Mamba2LM; returns the model.
+
+    mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; on a CPU with
+    cpu_tricks.keep_freed_memory, keep_freed_memory() for the whole process. compiled: use
+    ssd_chunked_compiled (default: when the model's parameters are on CUDA; compiling on a CPU costs
+    minutes and ran no faster there). Call it before entering any mitigation (they wrap the scan);
+    calling it twice re-installs. restore(model) puts minimamba's own code back.
     """
-    b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, initial_state, chunk_size)
-    ct = _compute_dtype(x.dtype)
-    S0 = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
-    args = [x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct), None if D is None else D.to(ct), S0]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    if grad and not torch.compiler.is_compiling():
-        y, final = _SSDChunked.apply(*args, chunk_size)
-    else:
-        y, final, _ = _ssd_chunked_forward_segmented(*args, chunk_size, keep_entering=False)
-    return y.to(x.dtype), final
+    mixers = _mixers(model)
+    if compiled is None:
+        compiled = next(model.parameters()).device.type == "cuda"
+    for m in mixers:
+        if not isinstance(m.scan, (minimamba.DefaultScan, FastScan)):
+            raise RuntimeError(f"layer {m.layer_idx} runs {type(m.scan).__name__}, not the model's own scan: "
+                               "call kernels.accelerate(model) before entering a mitigation, not inside one")
+    for m in mixers:
+        m.scan, m.conv = FastScan(compiled, cpu_tricks), CausalConvSilu.apply
+    if cpu_tricks is not None and cpu_tricks.keep_freed_memory and next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()
+    return model
 
 
-_compiled = None
+def restore(model):
+    """Undo accelerate(): every layer gets minimamba's DefaultScan and causal_conv_silu back."""
+    for m in _mixers(model):
+        if not isinstance(m.scan, (minimamba.DefaultScan, FastScan)):
+            raise RuntimeError(f"layer {m.layer_idx} runs {type(m.scan).__name__}: exit the mitigation first")
+        m.scan, m.conv = minimamba.DefaultScan(), minimamba.causal_conv_silu
+    return model
 
 
-def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
-    """torch.compile(ssd_chunked, fullgraph=True, dynamic=True), compiled on the first call.
+def is_accelerated(model) -> bool:
+    return all(isinstance(m.scan, FastScan) for m in _mixers(model))
 
-    dynamic=True makes the length symbolic, so new lengths reuse the graph (a new graph only when
-    the number of chunks crosses a power of two, from the doubling scan's comparisons).
-    """
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=True)
-    return _compiled(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state)
+
+def _mixers(model) -> list:
+    if not isinstance(model, minimamba.Mamba2LM):
+        raise TypeError(f"kernels.accelerate needs a minimamba.Mamba2LM, got {type(model).__name__}")
+    return [block.mixer for block in model.backbone.layers]

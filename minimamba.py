@@ -2,8 +2,10 @@
 
 A language model built from Mamba-2 mixer layers that loads the official checkpoints
 (state-spaces/mamba2-* and Hugging Face Mamba2ForCausalLM layouts) and reproduces their logits.
-Copy this file alone and it works: it imports only torch and the standard library (kernels.py, if
-it is importable next to it, adds a faster scan; it is optional).
+Copy this file alone and it works: it imports only torch and the standard library, and the code
+you read here is the code that runs. (kernels.py can install faster versions of the scan and the
+conv into a model, `kernels.accelerate(model)`; mitigations.py wraps the scan. Both plug in
+through `mixer.scan` and `mixer.conv`; this file never imports them.)
 
 Papers
     [SSD]     Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
@@ -12,13 +14,13 @@ Papers
               Long-Context Modeling", arXiv 2410.07145 (why this file exposes the state).
 
 Reading order
-    1. Mamba2Config            the hyper-parameters, official names and defaults
-    2. ssd_step, ssd            the state space recurrence, one token and chunked (SSD steps 1-4)
-    3. DefaultScan             which scan a layer uses (and the hook mitigations.py replaces)
-    4. Mamba2Mixer             one Mamba-2 layer: in_proj -> conv -> SSM -> gated norm -> out_proj
-    5. Mamba2LM                embedding -> n_layer residual blocks -> norm_f -> tied lm_head;
-                               forward (streaming with Mamba2State), step, generate
-    6. checkpoints             from_pretrained / save_pretrained, a tiny safetensors reader/writer
+    1. Mamba2Config     the hyper-parameters, official names and defaults, strictly checked
+    2. ssd_step, ssd    the state space recurrence, one token and chunked (SSD steps 1-4)
+    3. DefaultScan      the SSM part of a layer as a replaceable object (the plug-in hook)
+    4. Mamba2Mixer      one Mamba-2 layer: in_proj -> conv -> SSM -> gated norm -> out_proj
+    5. Mamba2LM         embedding -> n_layer residual blocks -> norm_f -> tied lm_head;
+                        forward (streaming with Mamba2State), step, generate
+    6. loading          from_pretrained: config translation, a checked safetensors reader
 
 Glossary (dimension letters used in shapes and einsum strings)
     b  batch size
@@ -40,13 +42,12 @@ The state space model of one head (a P x N matrix state S), [SSD] eq. (1) / [Stu
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
+import hashlib
 import json
 import math
-import os
+import pickle
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,6 @@ import torch.nn.functional as F
 # 1. Configuration
 # --------------------------------------------------------------------------------------------------
 
-SCAN_IMPLS = ("auto", "ssd", "chunked", "compiled", "sequential")
-
 
 @dataclass(frozen=True)
 class Mamba2Config:
@@ -67,6 +66,7 @@ class Mamba2Config:
 
     Only d_model, n_layer and vocab_size have no default. The derived sizes (d_inner, nheads,
     conv_dim, padded_vocab_size) are properties, so a config can never disagree with itself.
+    Types are strict (a JSON "false" is not a bool, "0.001" is not a float) and floats finite.
     """
 
     d_model: int  # d, width of the residual stream
@@ -89,40 +89,43 @@ class Mamba2Config:
     conv_bias: bool = True  # bias in conv1d
     residual_in_fp32: bool = True  # keep the residual stream in float32
     tie_embeddings: bool = True  # lm_head shares the embedding matrix
-    scan: str = "auto"  # which SSM scan forward() uses; a runtime choice, not saved in checkpoints:
-    # "ssd" (this file), "chunked" (kernels.ssd_chunked), "compiled" (torch.compile of it),
-    # "sequential" (kernels.ssd_sequential, slow oracle), "auto" (with kernels.py importable: the
-    # compiled scan on CUDA, the eager kernels.ssd_chunked elsewhere; without it, this file's ssd)
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim",
-                     "ngroups", "chunk_size", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
+        def number(name, value, finite=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (
+                    finite and math.isinf(value)):
+                raise ValueError(f"Mamba2Config.{name} must be a {'finite ' if finite else ''}number, got {value!r}")
+            return float(value)
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"Mamba2Config.{f.name} must be a positive int, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"Mamba2Config.{f.name} must be true or false (a bool), got {value!r}")
+            if f.type == "float":
+                number(f.name, value)
+            if f.type.startswith("tuple"):
+                if not isinstance(value, (tuple, list)) or len(value) != 2:
+                    raise ValueError(f"Mamba2Config.{f.name} must be a (low, high) pair, got {value!r}")
+                # JSON gives lists; keep tuples so the frozen config stays hashable (only dt_limit's high may be inf)
+                object.__setattr__(self, f.name, (number(f.name, value[0]),
+                                                  number(f.name, value[1], finite=f.name != "dt_limit")))
         if self.d_inner % self.headdim != 0:
             raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model "
                              f"= {self.expand} * {self.d_model} = {self.d_inner}")
         if self.nheads % self.ngroups != 0:
-            raise ValueError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim "
-                             f"= {self.nheads}")
+            raise ValueError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if not self.dt_init_floor > 0:
             raise ValueError(f"dt_init_floor must be > 0, got {self.dt_init_floor}")
-        lo, hi = self.dt_limit
-        if not 0 <= lo < hi:
+        if not 0 <= self.dt_limit[0] < self.dt_limit[1]:
             raise ValueError(f"dt_limit must be (low, high) with 0 <= low < high, got {self.dt_limit}")
-        lo, hi = self.A_init_range
-        if not 0 < lo <= hi:
+        if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {self.A_init_range}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if self.scan not in SCAN_IMPLS:
-            raise ValueError(f"scan must be one of {SCAN_IMPLS}, got {self.scan!r}")
-        # JSON gives lists; keep tuples so the frozen config stays hashable
-        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
-        object.__setattr__(self, "A_init_range", tuple(float(v) for v in self.A_init_range))
 
     @property
     def d_inner(self) -> int:  # e * d
@@ -152,6 +155,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_compute_dtype(t.dtype))
+
+
 def _heads_from_groups(t: torch.Tensor, nheads: int) -> torch.Tensor:
     """(..., g, n) -> (..., h, n): head i reads group i // (h / g) (repeat_interleave, not tile)."""
     return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
@@ -166,10 +173,7 @@ def check_scan_inputs(x, dt, A, B, C, D=None, state=None, chunk_size=None, step=
     lead = "(b, h" if step else "(b, l, h"
     if x.dim() != (3 if step else 4):
         raise ValueError(f"x must be {lead}, p), got shape {tuple(x.shape)}")
-    if step:
-        (b, h, p), l = x.shape, 1
-    else:
-        b, l, h, p = x.shape
+    (b, h, p), l = (x.shape, 1) if step else ((x.shape[0], *x.shape[2:]), x.shape[1])
     seq = () if step else (l,)
     if tuple(dt.shape) != (b, *seq, h):
         raise ValueError(f"dt must be {lead}) = {(b, *seq, h)}, got {tuple(dt.shape)}")
@@ -191,7 +195,7 @@ def check_scan_inputs(x, dt, A, B, C, D=None, state=None, chunk_size=None, step=
         raise ValueError(f"state is on {state.device}, the inputs on {x.device}")
     if state is not None and tuple(state.shape) != (b, h, p, n):
         raise ValueError(f"state must be (b, h, p, n) = {(b, h, p, n)}, got {tuple(state.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return b, l, h, p, g, n
 
@@ -208,8 +212,7 @@ def ssd_step(x, dt, A, B, C, *, D=None, state=None):
     if state is None:
         state = x.new_zeros(b, h, p, n, dtype=ct)
     xf, dtf = x.to(ct), dt.to(ct)
-    Bh = _heads_from_groups(B.to(ct), h)  # (b, h, n)
-    Ch = _heads_from_groups(C.to(ct), h)  # (b, h, n)
+    Bh, Ch = _heads_from_groups(B.to(ct), h), _heads_from_groups(C.to(ct), h)  # (b, h, n)
     # S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T
     decay = torch.exp(dtf * A.to(ct))  # (b, h)
     state = state.to(ct) * decay[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dtf, xf, Bh)
@@ -224,19 +227,16 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     """Segment sums: out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, and -inf for i < j.
 
     exp(segsum(a)) is the SSD paper's 1-semiseparable mask L (Listing 1). Built from a masked
-    cumsum of differences, never as exp(cs_i) * exp(-cs_j), which overflows for long chunks.
-    a (..., q) -> (..., q, q).
+    cumsum, never as exp(cs_i) * exp(-cs_j), which overflows for long chunks. a (..., q) -> (..., q, q).
     """
     q = a.shape[-1]
     x = a[..., None].expand(*a.shape, q)  # x[..., i, j] = a_i
-    strictly_lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1)
-    x = x.masked_fill(~strictly_lower, 0)
+    x = x.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1), 0)
     out = torch.cumsum(x, dim=-2)  # out[..., i, j] = sum_{j < m <= i} a_m
-    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=0)
-    return out.masked_fill(~lower, -math.inf)
+    return out.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device)), -math.inf)
 
 
-def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
+def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True):
     """The chunked SSD scan, [SSD] Listing 1, in its four numbered steps; exact for any length.
 
     Args:
@@ -244,7 +244,8 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
         A: (h,) negative decay rates, or per-token (b, l, h) (how a mitigation changes the decay);
         B, C: (b, l, g, n) input and output projections; D: (h,) skip or None;
         chunk_size: q, any positive int (the result does not depend on it);
-        initial_state: (b, h, p, n) or None for zeros.
+        initial_state: (b, h, p, n) or None for zeros;
+        return_final_state: False when nobody will read the final state (then None is returned).
     Returns:
         y: (b, l, h, p) in x.dtype; final_state: (b, h, p, n) in float32 (float64 stays float64).
     """
@@ -254,95 +255,62 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
     # Discretize: X = x * dt (what gets written), a = dt * A (log of the decay alpha).
     X = x.to(ct) * dt.to(ct)[..., None]  # (b, l, h, p)
     a = dt.to(ct) * A.to(ct)  # (b, l, h)
-    Bh = _heads_from_groups(B.to(ct), h)  # (b, l, h, n)
-    Ch = _heads_from_groups(C.to(ct), h)  # (b, l, h, n)
+    Bh, Ch = _heads_from_groups(B.to(ct), h), _heads_from_groups(C.to(ct), h)  # (b, l, h, n)
     # Pad l to a multiple of q with zeros: a padded step has dt = 0, so it neither decays nor writes,
     # and the final state stays exact.
     pad = (-l) % q
     X, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, Bh, Ch))
-    a = F.pad(a, (0, 0, 0, pad))
     c = (l + pad) // q
     X, Bh, Ch = (t.reshape(b, c, q, h, t.shape[-1]) for t in (X, Bh, Ch))  # (b, c, q, h, .)
-    a = a.reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    a = F.pad(a, (0, 0, 0, pad)).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
     a_cumsum = torch.cumsum(a, dim=-1)  # (b, h, c, q)
 
     # Step 1 (diagonal blocks, within a chunk): Y_diag = (C B^T o L) X, L = exp(segsum(a)).
     L = torch.exp(segsum(a))  # (b, h, c, q, q)
-    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, L, X)
-
-    # Step 2 (chunk states): S_c = sum_s exp(a_cumsum[last] - a_cumsum[s]) X_s B_s^T.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, h, c, q)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_to_end, X)
-
-    # Step 3 (between chunks): S_{c+1} = exp(sum of a over chunk c) S_c + states_c. A linear loop;
-    # states_in[c] is the state entering chunk c.
-    S = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # (b, h, c)
-    states_in = []
-    for i in range(c):
-        states_in.append(S)
-        S = chunk_decay[:, :, i, None, None] * S + states[:, i]
-    states_in = torch.stack(states_in, dim=1)  # (b, c, h, p, n)
-
-    # Step 4 (off-diagonal blocks): the entering state read out at each position,
-    # Y_off = exp(a_cumsum) * (C S_in).
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states_in, torch.exp(a_cumsum))
-
-    y = (Y_diag + Y_off).reshape(b, c * q, h, p)[:, :l]
+    Y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, L, X)
+    S = None
+    # One chunk from a zero state with nobody reading the final state (plain training at T <= q):
+    # step 1, the quadratic ("attention-like") form, is the whole answer; steps 2-4 would build a
+    # (b, h, p, n) state per chunk only to throw it away.
+    if c > 1 or initial_state is not None or return_final_state:
+        # Step 2 (chunk states): S_c = sum_s exp(a_cumsum[last] - a_cumsum[s]) X_s B_s^T.
+        decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # (b, h, c, q)
+        states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_to_end, X)
+        # Step 3 (between chunks): S_{c+1} = exp(sum of a over chunk c) S_c + states_c. A linear loop;
+        # states_in[c] is the state entering chunk c.
+        S = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
+        chunk_decay = torch.exp(a_cumsum[..., -1])  # (b, h, c)
+        states_in = []
+        for i in range(c):
+            states_in.append(S)
+            S = chunk_decay[:, :, i, None, None] * S + states[:, i]
+        # Step 4 (off-diagonal blocks): the entering state read out, Y_off = exp(a_cumsum) * (C S_in).
+        Y = Y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, torch.stack(states_in, dim=1), torch.exp(a_cumsum))
+    y = Y.reshape(b, c * q, h, p)[:, :l]
     if D is not None:
         y = y + D.to(ct)[:, None] * x.to(ct)
-    return y.to(x.dtype), S
+    return y.to(x.dtype), (S if return_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Which scan a layer uses: the default, and the hook that mitigations.py replaces
+# 3. The SSM of a layer as a replaceable object: the hook kernels.py and mitigations.py use
 # --------------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    """kernels.py if it sits next to this file (or is installed), else None: it is optional.
-    (An unrelated module of the same name, e.g. PyPI's `kernels`, is ignored: it has no ssd_chunked.)"""
-    try:
-        import kernels
-    except ImportError:
-        return None
-    return kernels if hasattr(kernels, "ssd_chunked") else None
 
 
 class DefaultScan:
     """The SSM part of a Mamba2Mixer, kept as a replaceable object (not an nn.Module).
 
-    Every Mamba2Mixer has `mixer.scan`. forward() calls scan.chunked(...) on the whole piece and
-    step() calls scan.step(...) for one token, with dt already softplus-ed and clamped and
-    A = -exp(A_log) in float32. A mitigation (mitigations.py) swaps in its own object with the
-    same two methods; its state may be any object, which Mamba2State carries along unchanged.
+    Every Mamba2Mixer has `mixer.scan`: forward() calls scan.chunked(...) on the whole piece and
+    forward(one_token=True) calls scan.step(...) for one token, with dt already softplus-ed and clamped and
+    A = -exp(A_log) in float32. kernels.py installs a faster object with the same two methods;
+    a mitigation (mitigations.py) wraps whatever is there. A scan's state may be any object with
+    a detach() method; Mamba2State carries it along unchanged.
     """
 
-    def __init__(self, impl: str = "auto"):
-        if impl not in SCAN_IMPLS:
-            raise ValueError(f"scan must be one of {SCAN_IMPLS}, got {impl!r}")
-        self.impl = impl
-
-    def _scan_fn(self, device: torch.device):
-        impl = self.impl
-        if impl == "ssd":
-            return ssd
-        k = _kernels()
-        if impl == "auto":
-            # On CPU compiling takes minutes and did not run faster than eager (experiments/bench.py).
-            if k is None:
-                return ssd
-            return k.ssd_chunked_compiled if device.type == "cuda" else k.ssd_chunked
-        if k is None:
-            raise ImportError(f"scan={impl!r} needs kernels.py next to minimamba.py; "
-                              "use scan='ssd' (this file's scan) instead")
-        return {"chunked": k.ssd_chunked, "compiled": k.ssd_chunked_compiled,
-                "sequential": k.ssd_sequential_chunked}[impl]
-
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
-        """A whole piece of the sequence: shapes as ssd(); returns (y, final_state). With
-        return_state=False the caller will not read the final state (it may be returned as None)."""
-        return self._scan_fn(x.device)(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state)
+        """A whole piece of the sequence: shapes as ssd(); returns (y, final_state). return_state=False
+        is the caller's promise not to read the final state (it is then None)."""
+        return ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state, return_final_state=return_state)
 
     def step(self, x, dt, A, B, C, D, state):
         """One token: shapes as ssd_step(); returns (y, new_state)."""
@@ -354,12 +322,6 @@ class DefaultScan:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rms_inverse(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(mean(x^2 over the last dim) + eps), keepdim; from the norm, a reduction that needs no
-    x^2 temporary as large as x."""
-    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
-
-
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in weight's dtype."""
 
@@ -369,8 +331,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * _rms_inverse(xf, self.eps) * self.weight.float()).to(self.weight.dtype)
+        xf = _at_least_fp32(x)
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * _at_least_fp32(self.weight)).to(self.weight.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -385,76 +347,20 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        weight = self.weight.float().unflatten(-1, (-1, self.group_size))  # (g, d_inner / g)
-        if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or weight.requires_grad):
-            g = F.silu(z.float()) * y.float()  # (b, l, d_inner)
-            g = g.unflatten(-1, (-1, self.group_size))  # (b, l, g, d_inner / g)
-            g = g * _rms_inverse(g, self.eps) * weight
-        else:  # the same operations in one buffer (inference)
-            g = F.silu(z.float()).mul_(y).unflatten(-1, (-1, self.group_size))
-            g = g.mul_(_rms_inverse(g, self.eps)).mul_(weight)
-        return g.flatten(-2).to(self.weight.dtype)
+        g = (_at_least_fp32(y) * F.silu(_at_least_fp32(z))).unflatten(-1, (-1, self.group_size))  # (..., g, d_inner / g)
+        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * _at_least_fp32(self.weight)).to(self.weight.dtype)
 
 
-def causal_conv(xBC, past, weight, bias):
-    """The causal depthwise conv of new raw inputs xBC (b, l, c), preceded by the k-1 raw inputs
-    before them, past (b, k-1, c) (zeros at the start of a sequence); weight (c, k), bias (c,) or None:
-        out_t = bias + sum_{j<k} weight[:, j] * xpad_{t+j},   xpad = [past | xBC]  (xpad_{t+k-1} is token t)
-    Written as k shifted multiply-adds in the (b, l, c) layout, accumulated in place into one buffer,
-    with the few outputs that read `past` done apart: nn.Conv1d's (b, c, l) layout would cost two
-    transposed copies of the activations, and concatenating [past | xBC] or a fresh tensor per tap one
-    more pass over memory each (on CPU, each fresh tensor also costs page faults). Returns (b, l, c)."""
-    k, l = weight.shape[1], xBC.shape[1]
-    out = xBC * weight[:, k - 1]  # (b, l, c): the tap on token t itself
-    for j in range(k - 1):
-        s = k - 1 - j  # tap j reads the input s steps back: xBC_{t-s} for t >= s, past_{t+j} for t < s
-        if s < l:
-            out[:, s:].addcmul_(xBC[:, : l - s], weight[:, j])
-        m = min(s, l)
-        out[:, :m].addcmul_(past[:, j:j + m], weight[:, j])
-    return out if bias is None else out.add_(bias)
-
-
-class _CausalConvSilu(torch.autograd.Function):
-    """silu(causal_conv(xBC, past, weight, bias)) with a hand-written backward: autograd through
-    causal_conv's in-place shifted adds would keep a zero-filled full-size gradient per shifted slice
-    and copy it back (measured: the conv was the costliest part of the model's backward). It keeps
-    the inputs and pre. With pre = causal_conv(...), sigma = sigmoid(pre), out = pre * sigma:
-        dpre = dout * sigma * (1 + pre (1 - sigma))                          (silu')
-        dxpad_m = sum_j weight_j dpre_{m-j}   (0 <= m-j < l)                  (the conv, transposed)
-        dweight_j = sum_{b,t} dpre_t xpad_{t+j};   dbias = sum_{b,t} dpre_t
-    """
-
-    @staticmethod
-    def forward(ctx, xBC, past, weight, bias):
-        pre = causal_conv(xBC, past, weight, bias)  # (b, l, c)
-        if not any(ctx.needs_input_grad):  # no autograd: nothing to keep
-            return F.silu(pre, inplace=True)
-        ctx.save_for_backward(xBC, past, weight, bias, pre)
-        return F.silu(pre)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        xBC, past, weight, bias, pre = ctx.saved_tensors
-        k, l = weight.shape[1], xBC.shape[1]
-        sig = torch.sigmoid(pre)
-        dpre = torch.mul(sig, pre)  # sigma pre, then dpre = (sigma + sigma pre (1 - sigma)) dout:
-        dpre = dpre.addcmul_(dpre, sig, value=-1.0).add_(sig).mul_(dout)  # (b, l, c)
-        dxBC = dpre * weight[:, k - 1]
-        dpast = torch.zeros_like(past)  # (b, k-1, c)
-        dweight = torch.empty_like(weight)  # (c, k)
-        dweight[:, k - 1] = (dpre * xBC).sum((0, 1))
-        for j in range(k - 1):
-            s, m = k - 1 - j, min(k - 1 - j, l)
-            dw = (dpre[:, :m] * past[:, j:j + m]).sum((0, 1))
-            if s < l:
-                dxBC[:, : l - s].addcmul_(dpre[:, s:], weight[:, j])
-                dw += (dpre[:, s:] * xBC[:, : l - s]).sum((0, 1))
-            dpast[:, j:j + m].addcmul_(dpre[:, :m], weight[:, j])
-            dweight[:, j] = dw
-        dbias = None if bias is None else dpre.sum((0, 1))
-        return dxBC, dpast, dweight, dbias
+def causal_conv_silu(xBC, past, weight, bias):
+    """silu of the causal depthwise conv over time of new raw inputs xBC (b, l, c), preceded by the
+    k-1 raw inputs before them, past (b, k-1, c) (zeros at the start of a sequence):
+        out_t = silu(bias + sum_{j<k} weight[j] * xpad_{t+j}),   xpad = [past | xBC], token t = xpad_{t+k-1}
+    weight (k, c) (one row per tap: conv1d.weight[:, 0].T, contiguous), bias (c,) or None. Written as
+    k shifted multiply-adds in the (b, l, c) layout (no transposes); returns (b, l, c)."""
+    xpad, (k, l) = torch.cat([past, xBC], dim=1), (weight.shape[0], xBC.shape[1])
+    out = sum(xpad[:, j:j + l] * weight[j] for j in range(k))
+    return F.silu(out if bias is None else out + bias)
 
 
 class Mamba2Mixer(nn.Module):
@@ -464,95 +370,64 @@ class Mamba2Mixer(nn.Module):
         3. dt = softplus(dt + dt_bias);  A = -exp(A_log)
         4. y = SSM(x, dt, A, B, C) + D x                 (self.scan)
         5. out = out_proj(GatedRMSNorm(y, z))
-    Parameter names are mamba_ssm's, so checkpoints load without key surgery.
+    Parameter names are mamba_ssm's, so checkpoints load without key surgery. Two plug-in points:
+    self.scan (step 4, section 3) and self.conv (step 2, a function like causal_conv_silu).
+    forward() runs a piece of a sequence, or one token (one_token=True: the recurrent step).
     """
 
     def __init__(self, config: Mamba2Config, layer_idx: int):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         cfg, h = config, config.nheads
-        d_in_proj = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + h  # [z | x B C | dt]
-        self.in_proj = nn.Linear(cfg.d_model, d_in_proj, bias=cfg.bias)
-        # depthwise: one length-k filter per channel. An nn.Conv1d for the official parameter names and
-        # init; applied by causal_conv, with the padding done by hand (zeros, or the conv state)
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
-                                bias=cfg.conv_bias)
+        self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + h, bias=cfg.bias)
+        # depthwise: one length-k filter per channel; an nn.Conv1d for the official names and init,
+        # applied by self.conv with the left context filled in by hand (zeros, or the conv state)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(h))  # initialized in Mamba2LM._init_weights
         self.A_log = nn.Parameter(torch.empty(h))
         self.D = nn.Parameter(torch.empty(h))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // cfg.ngroups, cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
-        self.scan = DefaultScan(cfg.scan)
+        self.scan = DefaultScan()
+        self.conv = causal_conv_silu
 
-    def _split(self, zxbcdt):
-        """in_proj output (..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., h)."""
-        cfg = self.config
-        return torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+    def forward(self, u, conv_state=None, ssm_state=None, return_state=True, one_token=False):
+        """A piece of a sequence, u (b, l, d); or with one_token, one token u (b, d) through scan.step (O(1)).
 
-    def _ssm_inputs(self, xBC, dt):
-        """After the conv: x (..., h, p), B and C (..., g, n), dt = softplus(dt + dt_bias) clamped,
-        and A = -exp(A_log), all SSM parameters in float32."""
+        conv_state (b, conv_dim, k): the last k raw (pre-conv) xBC inputs, or None for zeros;
+        ssm_state: what self.scan keeps (default (b, h, p, n)) or None; return_state=False: nobody
+        reads the states after this piece (plain training), so they are not built (None, None).
+        Returns: out (b, l, d) (or (b, d)), conv_state, ssm_state, ready to continue the sequence.
+        """
         cfg = self.config
-        x, B, C = torch.split(xBC, [cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))
-        B = B.unflatten(-1, (cfg.ngroups, cfg.d_state))
-        C = C.unflatten(-1, (cfg.ngroups, cfg.d_state))
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        z, xBC, dt = torch.split(self.in_proj(u[:, None] if one_token else u),
+                                 [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)  # (b, l, .)
+        # Causal conv: left context is the last k-1 raw inputs of the previous piece (zeros at the start).
+        past = (xBC.new_zeros(xBC.shape[0], cfg.d_conv - 1, cfg.conv_dim) if conv_state is None
+                else conv_state[:, :, 1:].transpose(1, 2).to(xBC.dtype))  # (b, k-1, conv_dim)
+        taps = self.conv1d.weight[:, 0].T.contiguous()  # (k, conv_dim): one contiguous row per tap
+        x, B, C = torch.split(self.conv(xBC, past, taps, self.conv1d.bias),
+                              [cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))  # (b, l, h, p)
+        B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))  # (b, l, g, n)
+        dt = F.softplus(_at_least_fp32(dt) + _at_least_fp32(self.dt_bias))  # (b, l, h), SSM parameters in fp32
         if cfg.dt_limit != (0.0, math.inf):
             dt = dt.clamp(*cfg.dt_limit)
-        A = -torch.exp(self.A_log.float())  # (h,)
-        return x, dt, A, B, C
-
-    def _conv_silu(self, xBC, past):
-        """silu(causal_conv(xBC, past)): xBC (b, l, conv_dim) raw inputs, past (b, k-1, conv_dim)."""
-        return _CausalConvSilu.apply(xBC, past, self.conv1d.weight[:, 0, :], self.conv1d.bias)
-
-    def forward(self, u, conv_state=None, ssm_state=None):
-        """A piece of a sequence.
-
-        Args: u (b, l, d); conv_state (b, conv_dim, k): the last k raw (pre-conv) xBC inputs,
-              or None for zeros; ssm_state: what self.scan keeps (default (b, h, p, n)) or None.
-        Returns: out (b, l, d), conv_state, ssm_state, ready to continue the sequence.
-        """
-        b, l, _ = u.shape
-        k = self.config.d_conv
-        z, xBC, dt = self._split(self.in_proj(u))  # xBC (b, l, conv_dim)
-        # Causal conv: left context is the last k-1 raw inputs of the previous piece (zeros at the start).
-        past = xBC.new_zeros(b, k - 1, xBC.shape[-1]) if conv_state is None else conv_state[:, :, 1:].transpose(1, 2)
-        past = past.to(xBC.dtype)  # (b, k-1, conv_dim)
-        conv_state = torch.cat([past, xBC[:, -k:]], dim=1)[:, -k:].transpose(1, 2)  # (b, conv_dim, k)
-        x, dt, A, B, C = self._ssm_inputs(self._conv_silu(xBC, past), dt)
-        y, ssm_state = self.scan.chunked(x, dt, A, B, C, self.D, ssm_state, self.config.chunk_size)
-        y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)
-        return self.out_proj(y), conv_state, ssm_state
-
-    def step(self, u, conv_state, ssm_state):
-        """One token: u (b, d), conv_state (b, conv_dim, k) or None; returns (out (b, d), states)."""
-        z, xBC, dt = self._split(self.in_proj(u))
-        if conv_state is None:
-            conv_state = xBC.new_zeros(*xBC.shape, self.config.d_conv)
-        conv_state = torch.cat([conv_state[:, :, 1:].to(xBC.dtype), xBC[:, :, None]], dim=-1)  # (b, conv_dim, k)
-        x, dt, A, B, C = self._ssm_inputs(self._conv_silu(xBC[:, None], conv_state[:, :, :-1].transpose(1, 2))[:, 0], dt)
-        y, ssm_state = self.scan.step(x, dt, A, B, C, self.D, ssm_state)
-        y = self.norm(y.flatten(-2), z)  # (b, d_inner)
-        return self.out_proj(y), conv_state, ssm_state
+        A = -torch.exp(_at_least_fp32(self.A_log))  # (h,)
+        if one_token:
+            y, ssm_state = self.scan.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, ssm_state)
+            y = y[:, None]
+        else:
+            y, ssm_state = self.scan.chunked(x, dt, A, B, C, self.D, ssm_state, cfg.chunk_size, return_state)
+        out = self.out_proj(self.norm(y.flatten(-2), z))  # (b, l, d)
+        if return_state:  # the last k raw inputs, (b, conv_dim, k)
+            conv_state = torch.cat([past, xBC[:, -cfg.d_conv:]], dim=1)[:, -cfg.d_conv:].transpose(1, 2)
+        return out[:, 0] if one_token else out, (conv_state if return_state else None), ssm_state
 
 
 # --------------------------------------------------------------------------------------------------
 # 5. The language model
 # --------------------------------------------------------------------------------------------------
-
-
-def _detach(obj):
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detach(o) for o in obj)
-    if hasattr(obj, "detach"):
-        return obj.detach()
-    raise TypeError(f"cannot detach a state of type {type(obj).__name__}: give it a detach() method")
 
 
 @dataclass
@@ -571,7 +446,8 @@ class Mamba2State:
 
     def detach(self) -> "Mamba2State":
         """A copy cut from the autograd graph (truncated backpropagation through time)."""
-        return Mamba2State([_detach(c) for c in self.conv], [_detach(s) for s in self.ssm], self.seqlen)
+        cut = lambda s: None if s is None else s.detach()  # noqa: E731
+        return Mamba2State([cut(c) for c in self.conv], [cut(s) for s in self.ssm], self.seqlen)
 
 
 class Block(nn.Module):
@@ -589,18 +465,6 @@ class Backbone(nn.Module):
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-
-
-# On CPU, forward() without autograd runs inputs longer than this many tokens (rounded down to whole
-# chunks, at least one) as consecutive segments with the state carried, which gives the same result
-# bit for bit (streaming is exact). Why: a layer's temporaries grow with l, and on CPU a fresh
-# multi-megabyte buffer costs page faults on first touch (glibc returns big blocks to the OS on
-# free), so a 16K-token call cost ~9x a 4K-token call. Bounded segments keep memory bounded, the
-# buffers small enough to be reused, and the cost linear in l. Measured with the benchmark's model
-# (d_model 256, 4 layers, 1 thread, ms): segments of 512 / 1024 / 2048 / 4096 tokens took
-# 264 / 272 / 304 / 327 at l = 4096 and 1572 / 1666 / 1858 / 1899 at l = 16384. On a GPU one call
-# is best (no page faults, more parallel work), so nothing is split there.
-INFERENCE_SEGMENT = 512
 
 
 class Mamba2LM(nn.Module):
@@ -635,8 +499,7 @@ class Mamba2LM(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         for block in self.backbone.layers:
-            m = block.mixer
-            h = cfg.nheads
+            m, h = block.mixer, cfg.nheads
             dt = torch.exp(torch.rand(h) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
             dt = dt.clamp(min=cfg.dt_init_floor)
             m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
@@ -656,48 +519,38 @@ class Mamba2LM(nn.Module):
         what = "(b, l)" if ndim == 2 else "(b,)"
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.LongTensor of shape {what}, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() != ndim:
-            raise ValueError(f"input_ids must have shape {what}, got {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold integer token ids (int64 or int32), got dtype {input_ids.dtype}")
+        if input_ids.dim() != ndim or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must have shape {what} with at least one token, got {tuple(input_ids.shape)}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
 
-    def _check_state(self, state, batch):
+    def _check_state(self, state, input_ids):
+        cfg, b = self.config, input_ids.shape[0]
         if state is None:
-            return Mamba2State([None] * self.config.n_layer, [None] * self.config.n_layer, 0)
+            return Mamba2State([None] * cfg.n_layer, [None] * cfg.n_layer, 0)
         if not isinstance(state, Mamba2State):
             raise TypeError(f"state must be a Mamba2State (returned by forward/step), got {type(state).__name__}")
-        if len(state.conv) != self.config.n_layer or len(state.ssm) != self.config.n_layer:
-            raise ValueError(f"state has {len(state.conv)} layers, the model has {self.config.n_layer}")
-        conv = state.conv[0]
-        if conv is not None and conv.shape[0] != batch:
-            raise ValueError(f"state was made for batch size {conv.shape[0]}, input has batch size {batch}")
+        if len(state.conv) != cfg.n_layer or len(state.ssm) != cfg.n_layer:
+            raise ValueError(f"state has {len(state.conv)} layers, the model has {cfg.n_layer}")
+        for conv in state.conv:
+            if conv is not None and (tuple(conv.shape) != (b, cfg.conv_dim, cfg.d_conv) or conv.device != input_ids.device):
+                raise ValueError(f"state's conv part is {tuple(conv.shape)} on {conv.device}; this model and input "
+                                 f"need (b, conv_dim, d_conv) = {(b, cfg.conv_dim, cfg.d_conv)} on {input_ids.device}")
         return state
 
     # ---- running the model -----------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, state: Mamba2State | None = None):
-        """Args: input_ids (b, l) token ids, any l >= 1; state from an earlier call, or None.
-        Returns: logits (b, l, padded_vocab_size) in float32, and the state after the last token.
+    def forward(self, input_ids: torch.Tensor, state: Mamba2State | None = None, return_state: bool = True):
+        """Args: input_ids (b, l) token ids, any l >= 1; state from an earlier call, or None;
+              return_state: False when nobody reads the state after this call (plain training):
+              then it is not built, and None is returned in its place.
+        Returns: logits (b, l, padded_vocab_size) in float32 (float64 for a float64 model), and the state after the last token.
         """
         self._check_ids(input_ids, 2)
-        state = self._check_state(state, input_ids.shape[0])
-        q = self.config.chunk_size
-        segment = max(1, INFERENCE_SEGMENT // q) * q  # whole chunks: the scan then does the very same sums
-        l = input_ids.shape[1]
-        if torch.is_grad_enabled() or l <= segment or input_ids.device.type != "cpu":
-            return self._run(input_ids, state, one_token=False)
-        # Inference on a long input: segments with the state carried, exactly as streaming does
-        # (see INFERENCE_SEGMENT); backpropagation needs every activation anyway, so it gets one call.
-        pieces = []
-        for start in range(0, l, segment):
-            logits, state = self._run(input_ids[:, start:start + segment], state, one_token=False)
-            pieces.append(logits)
-        return torch.cat(pieces, dim=1), state
+        return self._run(input_ids, self._check_state(state, input_ids), one_token=False, return_state=return_state)
 
     def step(self, input_ids: torch.Tensor, state: Mamba2State | None):
         """One token per sequence, O(1) in the context length.
@@ -705,23 +558,22 @@ class Mamba2LM(nn.Module):
         Returns: logits (b, padded_vocab_size) in float32, and the new state.
         """
         self._check_ids(input_ids, 1)
-        return self._run(input_ids, self._check_state(state, input_ids.shape[0]), one_token=True)
+        return self._run(input_ids, self._check_state(state, input_ids), one_token=True)
 
-    def _run(self, input_ids, state: Mamba2State, one_token: bool):
+    def _run(self, input_ids, state: Mamba2State, one_token: bool, return_state: bool = True):
         """The model itself, on checked inputs: a piece of l tokens (b, l), or one token (b,) through
         each mixer's step(). embedding -> [residual += mixer(RMSNorm(residual))] x n_layer -> norm_f -> lm_head."""
         hidden = self.backbone.embedding(input_ids)  # (b, l, d) or (b, d)
-        residual = hidden.float() if self.config.residual_in_fp32 else hidden
+        residual = _at_least_fp32(hidden) if self.config.residual_in_fp32 else hidden
         conv, ssm = [], []
         for i, block in enumerate(self.backbone.layers):
-            mixer = block.mixer.step if one_token else block.mixer
-            out, c, s = mixer(block.norm(residual), state.conv[i], state.ssm[i])
+            out, c, s = block.mixer(block.norm(residual), state.conv[i], state.ssm[i], return_state, one_token)
             residual = residual + out
             conv.append(c)
             ssm.append(s)
-        logits = self.lm_head(self.backbone.norm_f(residual)).float()
+        logits = _at_least_fp32(self.lm_head(self.backbone.norm_f(residual)))
         n = 1 if one_token else input_ids.shape[1]
-        return logits, Mamba2State(conv, ssm, state.seqlen + n)
+        return logits, (Mamba2State(conv, ssm, state.seqlen + n) if return_state else None)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -732,17 +584,16 @@ class Mamba2LM(nn.Module):
         smallest set whose probability reaches top_p (nucleus). Only real vocabulary ids
         (< vocab_size) are ever produced. Returns (b, l + max_new_tokens) token ids.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         logits, state = self(input_ids)
-        logits = logits[:, -1]
-        out = [input_ids]
+        logits, out = logits[:, -1], [input_ids]
         for i in range(max_new_tokens):
             token = sample(logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator)
             out.append(token[:, None])
@@ -750,59 +601,37 @@ class Mamba2LM(nn.Module):
                 logits, state = self._run(token, state, one_token=True)
         return torch.cat(out, dim=1)
 
-    # ---- checkpoints -----------------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, **overrides) -> "Mamba2LM":
         """Load a local checkpoint directory in the state-spaces (mamba_ssm) or Hugging Face layout.
 
-        The directory holds config.json and model.safetensors (or a sharded
-        model.safetensors.index.json) or pytorch_model.bin (read with weights_only=True). No network:
-        fetch checkpoints with your own tools. overrides set runtime config fields (e.g. scan="ssd").
-        Missing or unexpected keys and shape mismatches raise an error that names them.
+        The directory holds config.json and one of model.safetensors, a sharded
+        model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True). No network:
+        fetch checkpoints with your own tools. overrides replace config fields (e.g. chunk_size=64).
+        Missing or unexpected keys, shape mismatches, corrupt files, a folder holding two layouts and
+        an interrupted save are errors that name the file and the problem.
         """
         path = Path(path)
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json: expected a checkpoint directory")
-        raw = json.loads((path / "config.json").read_text())
-        config = dataclasses.replace(config_from_dict(raw), **overrides)
+        config = dataclasses.replace(config_from_dict(_read_json(config_file)), **overrides)
         model = cls(config)
-        weights = _read_weights(path)
-        state_dict = _to_minimamba_keys(weights, config)
+        state_dict = {"backbone.embedding.weight" if k == "backbone.embeddings.weight" else k: v
+                      for k, v in _read_weights(path).items()}
         expected = model.state_dict()
-        if config.tie_embeddings:
+        if config.tie_embeddings:  # a tied lm_head is the embedding; a copy in the file is dropped
             expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
+            state_dict.pop("lm_head.weight", None)
+        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"checkpoint {path} does not match the config:\n  missing keys: {missing}\n"
-                             f"  unexpected keys: {unexpected}\n  shape mismatches: {shapes}")
+        bad = [k for k, v in state_dict.items() if not v.is_floating_point()]
+        if missing or unexpected or shapes or bad:
+            raise ValueError(f"checkpoint {path} does not match its config:\n  missing keys: {missing}\n"
+                             f"  unexpected keys: {unexpected}\n  shape mismatches: {shapes}\n  not float: {bad}")
         model.load_state_dict(state_dict, strict=False)  # strict check done above (tied lm_head)
         return model.to(dtype) if dtype is not None else model
-
-    def save_pretrained(self, path, layout: str = "hf"):
-        """Write config.json and the weights to a directory.
-
-        layout "hf": model.safetensors and a Mamba2ForCausalLM config that transformers reads too;
-        layout "mamba_ssm": pytorch_model.bin and a state-spaces config. Files are written to a
-        temporary name and renamed, so a killed save never leaves a half-written file.
-        """
-        if layout not in ("hf", "mamba_ssm"):
-            raise ValueError(f"layout must be 'hf' or 'mamba_ssm', got {layout!r}")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if layout == "hf":
-            if self.config.tie_embeddings:
-                sd.pop("lm_head.weight")
-            sd["backbone.embeddings.weight"] = sd.pop("backbone.embedding.weight")
-            _atomic_write(path / "model.safetensors", lambda f: _write_safetensors(f, sd))
-        else:
-            _atomic_write(path / "pytorch_model.bin", lambda f: torch.save(sd, f))
-        text = json.dumps(config_to_dict(self.config, layout), indent=2)
-        _atomic_write(path / "config.json", lambda f: f.write(text.encode()))
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -820,55 +649,53 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         # drop a token when the tokens ranked above it already reach top_p (the first always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Checkpoints: config translation, key mapping, a small safetensors reader and writer
+# 6. Loading checkpoints: config translation, weight files, a checked safetensors reader
 # --------------------------------------------------------------------------------------------------
 
 # Hugging Face Mamba2Config name -> our (mamba_ssm) name
-_HF_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
-             "state_size": "d_state", "conv_kernel": "d_conv", "expand": "expand", "head_dim": "headdim",
-             "n_groups": "ngroups", "chunk_size": "chunk_size", "layer_norm_epsilon": "norm_eps",
-             "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor",
-             "time_step_limit": "dt_limit", "use_bias": "bias", "use_conv_bias": "conv_bias",
-             "residual_in_fp32": "residual_in_fp32", "tie_word_embeddings": "tie_embeddings"}
-# mamba_ssm's Mamba2 constructor arguments (ssm_cfg) we support -> our name
-_SSM_CFG_NAMES = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "headdim": "headdim",
-                  "ngroups": "ngroups", "chunk_size": "chunk_size", "dt_min": "dt_min", "dt_max": "dt_max",
-                  "dt_init_floor": "dt_init_floor", "dt_limit": "dt_limit", "A_init_range": "A_init_range",
-                  "bias": "bias", "conv_bias": "conv_bias"}
+HF_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
+            "state_size": "d_state", "conv_kernel": "d_conv", "expand": "expand", "head_dim": "headdim",
+            "n_groups": "ngroups", "chunk_size": "chunk_size", "layer_norm_epsilon": "norm_eps",
+            "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor",
+            "time_step_limit": "dt_limit", "use_bias": "bias", "use_conv_bias": "conv_bias",
+            "residual_in_fp32": "residual_in_fp32", "tie_word_embeddings": "tie_embeddings"}
+# mamba_ssm's Mamba2 constructor arguments (ssm_cfg) we support (same names as ours)
+SSM_CFG_NAMES = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "dt_min", "dt_max",
+                 "dt_init_floor", "dt_limit", "A_init_range", "bias", "conv_bias")
 # mamba_ssm options that change the architecture: supported only at these values
 _SSM_CFG_FIXED = {"layer": "Mamba2", "rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False,
                   "d_ssm": None, "activation": "silu"}
 _SSM_CFG_IGNORED = {"dt_init", "dt_scale", "use_mem_eff_path", "process_group", "sequence_parallel",
                     "device", "dtype", "layer_idx"}  # initialization/runtime details with no effect on the function
+MANIFEST = "checkpoint.json"  # written last by checkpoints.save_pretrained: which files, their sha256
 
 
 def config_from_dict(raw: dict) -> Mamba2Config:
     """A Mamba2Config from a config.json of either layout (detected by its keys)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     if "d_model" in raw:  # state-spaces / mamba_ssm
-        ssm_cfg = dict(raw.get("ssm_cfg") or {})
-        if ssm_cfg.get("layer") != "Mamba2":
-            raise ValueError(f"ssm_cfg.layer is {ssm_cfg.get('layer')!r}: only Mamba2 checkpoints are supported")
+        ssm_cfg = raw.get("ssm_cfg") or {}
+        if not isinstance(ssm_cfg, dict) or ssm_cfg.get("layer") != "Mamba2":
+            raise ValueError(f"ssm_cfg.layer is {ssm_cfg.get('layer') if isinstance(ssm_cfg, dict) else ssm_cfg!r}: "
+                             "only Mamba2 checkpoints are supported")
         for key, value in _SSM_CFG_FIXED.items():
             if key in ssm_cfg and ssm_cfg[key] != value:
                 raise ValueError(f"unsupported ssm_cfg.{key}={ssm_cfg[key]!r} (minimamba implements {value!r})")
-        unknown = set(ssm_cfg) - set(_SSM_CFG_NAMES) - set(_SSM_CFG_FIXED) - _SSM_CFG_IGNORED
+        unknown = set(ssm_cfg) - set(SSM_CFG_NAMES) - set(_SSM_CFG_FIXED) - _SSM_CFG_IGNORED
         if unknown:
             raise ValueError(f"unknown ssm_cfg keys {sorted(unknown)}")
         if raw.get("d_intermediate", 0) or raw.get("attn_layer_idx"):
             raise ValueError("hybrid checkpoints (MLP or attention layers) are not supported")
         if raw.get("rms_norm", True) is not True:
             raise ValueError("rms_norm=False (LayerNorm blocks) is not supported")
-        kwargs = {ours: ssm_cfg[theirs] for theirs, ours in _SSM_CFG_NAMES.items() if theirs in ssm_cfg}
-        for key in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "residual_in_fp32"):
-            if key in raw:
-                kwargs[key] = raw[key]
-        if "tie_embeddings" in raw:
-            kwargs["tie_embeddings"] = raw["tie_embeddings"]
+        kwargs = {k: ssm_cfg[k] for k in SSM_CFG_NAMES if k in ssm_cfg}
+        kwargs.update({k: raw[k] for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple",
+                                           "residual_in_fp32", "tie_embeddings") if k in raw})
         if "norm_epsilon" in raw:
             kwargs["norm_eps"] = raw["norm_epsilon"]
         return Mamba2Config(**kwargs)
@@ -877,7 +704,7 @@ def config_from_dict(raw: dict) -> Mamba2Config:
             raise ValueError(f"model_type is {raw.get('model_type')!r}, expected 'mamba2'")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={raw['hidden_act']!r} is not supported (Mamba-2 uses silu)")
-        kwargs = {ours: _json_float(raw[theirs]) for theirs, ours in _HF_NAMES.items() if theirs in raw}
+        kwargs = {ours: _json_float(raw[theirs]) for theirs, ours in HF_NAMES.items() if theirs in raw}
         kwargs.setdefault("ngroups", 8)  # transformers' defaults where the file is silent
         kwargs.setdefault("tie_embeddings", False)
         config = Mamba2Config(**kwargs, pad_vocab_size_multiple=1)
@@ -890,141 +717,148 @@ def config_from_dict(raw: dict) -> Mamba2Config:
 
 def _json_float(value):
     """transformers >= 5 writes infinity as {"__float__": "Infinity"}; older files say Infinity."""
-    if isinstance(value, dict) and "__float__" in value:
+    if isinstance(value, dict) and set(value) == {"__float__"}:
         return float(value["__float__"])
-    if isinstance(value, list):
-        return [_json_float(v) for v in value]
-    return value
+    return [_json_float(v) for v in value] if isinstance(value, list) else value
 
 
-def config_to_dict(config: Mamba2Config, layout: str) -> dict:
-    """The config.json of a layout ("hf" or "mamba_ssm") for config."""
-    if layout == "hf":
-        out = {"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], "num_heads": config.nheads}
-        for theirs, ours in _HF_NAMES.items():
-            value = getattr(config, ours)
-            out[theirs] = list(value) if isinstance(value, tuple) else value
-        out["vocab_size"] = config.padded_vocab_size
-        return out
-    ssm_cfg = {"layer": "Mamba2"}
-    for theirs, ours in _SSM_CFG_NAMES.items():
-        value = getattr(config, ours)
-        ssm_cfg[theirs] = list(value) if isinstance(value, tuple) else value
-    return {"d_model": config.d_model, "d_intermediate": 0, "n_layer": config.n_layer,
-            "vocab_size": config.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
-            "rms_norm": True, "residual_in_fp32": config.residual_in_fp32, "fused_add_norm": True,
-            "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
-            "tie_embeddings": config.tie_embeddings, "norm_epsilon": config.norm_eps}
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _to_minimamba_keys(weights: dict, config: Mamba2Config) -> dict:
-    """Map either layout's keys to ours (Hugging Face says backbone.embeddings, mamba_ssm .embedding)."""
-    out = {}
-    for key, value in weights.items():
-        if key == "backbone.embeddings.weight":
-            key = "backbone.embedding.weight"
-        out[key] = value
-    if config.tie_embeddings:
-        out.pop("lm_head.weight", None)  # a tied copy, if the file has one
-    return out
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_weights(path: Path) -> dict:
-    if (path / "model.safetensors").is_file():
-        return read_safetensors(path / "model.safetensors")
-    if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
-        weights = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            weights.update(read_safetensors(path / shard))
+    """{name: tensor} from the one weight layout of a folder (a checkpoints.save_pretrained manifest,
+    when there is one, names the files and their sha256; an interrupted save has an incomplete one)."""
+    files = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if (path / f).is_file()]
+    if (path / MANIFEST).is_file():
+        manifest = _read_json(path / MANIFEST)
+        if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+            raise ValueError(f"{path / MANIFEST} says an earlier save into {path} was interrupted: the folder "
+                             "may mix old and new files; save again")
+        for name, digest in manifest["files"].items():
+            if not (path / name).is_file() or sha256_of(path / name) != digest:
+                raise ValueError(f"{path / name} is missing or is not the file {path / MANIFEST} names (sha256 differs)")
+        files = [f for f in files if f in manifest["files"]]
+    if len(files) > 1:
+        raise ValueError(f"{path} holds {' and '.join(files)}: which weights are current is ambiguous; keep one")
+    if not files:
+        raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    if files[0] == "pytorch_model.bin":
+        try:
+            weights = torch.load(path / files[0], map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # the file asks to build objects other than tensors: refused
+            raise pickle.UnpicklingError(f"{path / files[0]}: refused, it holds more than tensors: {e}") from None
+        except Exception as e:
+            raise ValueError(f"{path / files[0]} is not a readable torch checkpoint: {e}") from None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ValueError(f"{path / files[0]} must hold a dict of tensors")
         return weights
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    if files[0] == "model.safetensors":
+        return read_safetensors(path / files[0])
+    index = _read_json(path / files[0])
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / files[0]} has no weight_map of tensor name -> shard file")
+    weights = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise ValueError(f"{path / files[0]} names shard {shard!r}: shards must be files inside {path}")
+        part = read_safetensors(path / shard)
+        if set(part) & set(weights) or any(weight_map.get(k) != shard for k in part):
+            raise ValueError(f"{path / shard} holds tensors that another shard also holds or that "
+                             f"{files[0]} assigns elsewhere: {sorted(k for k in part if weight_map.get(k) != shard or k in weights)[:5]}")
+        weights.update(part)
+    if set(weights) != set(weight_map):
+        raise ValueError(f"{path / files[0]} lists tensors no shard holds: {sorted(set(weight_map) - set(weights))[:5]}")
+    return weights
 
 
 # safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 # data_offsets}}, then the raw little-endian bytes. (https://github.com/huggingface/safetensors)
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_ST_ALIGN = 8  # header padded with spaces so tensor data starts 8-byte aligned
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path) -> dict:
-    """Read a .safetensors file into {name: tensor} on the CPU (no third-party package needed)."""
+    """Read a .safetensors file into {name: tensor} on the CPU (no third-party package needed).
+
+    The header is checked against the file before anything is read or allocated: its length, each
+    entry's dtype and shape, offsets inside the data section, no overlaps, bytes = numel * itemsize.
+    """
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
+        def bad(why):
+            return ValueError(f"{path} is not a valid safetensors file: {why}")
+
+        if size < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
-        out = {}
+        if not 0 < header_len <= size - 8:
+            raise bad(f"header length {header_len} does not fit in the file's {size} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        base, data_len, spans = 8 + header_len, size - 8 - header_len, []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
+            if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
+                raise bad(f"tensor {name!r} has no supported dtype ({info.get('dtype') if isinstance(info, dict) else info!r})")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+                raise bad(f"tensor {name!r} needs a shape of ints >= 0 and data_offsets [start, end], got {info}")
+            start, end = offsets
+            nbytes = math.prod(shape) * ST_DTYPES[info["dtype"]].itemsize
+            if not 0 <= start <= end <= data_len or end - start != nbytes:
+                raise bad(f"tensor {name!r} ({info['dtype']} {shape}: {nbytes} bytes) has data_offsets {offsets} "
+                          f"outside the {data_len}-byte data section or of the wrong size")
+            spans.append((start, end, name))
+        for (_, end1, name1), (start2, _, name2) in zip(sorted(spans), sorted(spans)[1:]):
+            if start2 < end1:
+                raise bad(f"the data of tensors {name1!r} and {name2!r} overlap")
+        out = {}
+        for start, end, name in spans:
             f.seek(base + start)
             data = bytearray(f.read(end - start))
+            dtype = ST_DTYPES[header[name]["dtype"]]
             t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(info["shape"])
+            out[name] = t.reshape(header[name]["shape"])
     return out
-
-
-def _write_safetensors(f, tensors: dict):
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % _ST_ALIGN)
-    f.write(struct.pack("<Q", len(blob)) + blob)
-    for t in tensors.values():
-        if t.numel():
-            f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
-
-
-def write_safetensors(path, tensors: dict):
-    """Write {name: tensor} to a .safetensors file (tensors are copied to contiguous CPU memory)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda f: _write_safetensors(f, tensors))
-
-
-def _atomic_write(path: Path, write):
-    """Write through a temporary file in the same folder, then rename: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":  # a tour in a few seconds: python minimamba.py
     import time
 
     torch.manual_seed(0)
-    config = Mamba2Config(d_model=256, n_layer=4, vocab_size=256, d_state=64, headdim=32, chunk_size=64)
-    model = Mamba2LM(config).eval()
-    print(f"Mamba2LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, scan={config.scan}")
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        model.save_pretrained(tmp)
-        again = Mamba2LM.from_pretrained(tmp).eval()
+    model = Mamba2LM(Mamba2Config(d_model=256, n_layer=4, vocab_size=256, d_state=64, headdim=32, chunk_size=64)).eval()
+    print(f"Mamba2LM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    with torch.no_grad():
         ids = torch.randint(0, 256, (1, 4096))
-        same = torch.equal(model(ids[:, :64])[0], again(ids[:, :64])[0])
-        print(f"save_pretrained -> from_pretrained gives identical logits: {same}")
         t0 = time.perf_counter()
         logits, state = model(ids)
         t1 = time.perf_counter()
         print(f"forward, l = 4096: {4096 / (t1 - t0):,.0f} tokens/s")
+        first, state = model(ids[:, :1000])
+        rest, _ = model(ids[:, 1000:1064], state)
+        print(f"streaming: 1000 tokens then 64 more = one call, max |diff| {(rest - logits[:, 1000:1064]).abs().max():.1e}")
         out = model.generate(ids[:, :16], 64, temperature=1.0, top_k=20)
-        t2 = time.perf_counter()
-        print(f"generate 64 tokens (prefill 16): {64 / (t2 - t1):,.0f} tokens/s; sample: {out[0, 16:32].tolist()}")
+        print(f"generate 64 tokens (prefill 16) in {time.perf_counter() - t1:.2f} s: {out[0, 16:32].tolist()}")

@@ -8,7 +8,7 @@ What it measures, in ONE run (so ratios share the machine's state at that moment
        forward and forward+backward; tokens/s, peak memory, and achieved FLOP/s of ssd_chunked
        from an explicit count of its matmul flops (scan_flops, checked against torch's
        FlopCounterMode in tests/test_bench.py);
-    3. whole models: Mamba2LM (scan="ssd" and scan="chunked") against transformers'
+    3. whole models: Mamba2LM (plain, and with kernels.accelerate) against transformers'
        Mamba2ForCausalLM loaded from the SAME weights (save_pretrained in the Hugging Face layout,
        then transformers.Mamba2ForCausalLM.from_pretrained), forward and forward+backward;
     4. decoding: ms per new token with Mamba2LM.step after a prefill of growing context length,
@@ -76,6 +76,8 @@ from experiments.common import ProgressBar, atomic_write_json, atomic_write_text
 MIN_TIME_S = 1.0  # keep repeating a timed call until this much time has passed ...
 MIN_REPS = 3  # ... and at least this many timed calls ...
 MAX_REPS = 5  # ... but at most this many
+TOY_IMPLS = ("minimamba", "accelerated", "transformers")
+MODEL_IMPLS = ("minimamba", "accelerated", "transformers")  # the whole-model rows (one worker each)  # the toy-training rows, alternating in one worker
 MATMUL_SIZE = 2048  # the square fp32 matmul that measures the machine's FLOP/s
 DECODE_ROUNDS = 3  # decoding: rounds over all contexts (interleaved), `tokens` new tokens each
 WORKER_TIMEOUT_S = 1800  # a single measurement that takes longer is recorded as failed
@@ -113,6 +115,19 @@ class ScanShape:
 
 
 @dataclass(frozen=True)
+class ToyShape:
+    """The state-collapse demo's toy model (experiments/state_collapse.py --quick): d_model 64, 2 layers,
+    d_state 256, headdim 32 (4 heads per layer), chunk min(64, T), 512 tokens per training step."""
+
+    d_model: int = 64  # d
+    n_layer: int = 2
+    d_state: int = 256  # n
+    headdim: int = 32  # p
+    vocab_size: int = 256  # bytes
+    tokens_per_step: int = 512  # rows per step = tokens_per_step / T
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """What one run measures. quick() is the CPU-sized default of --quick."""
 
@@ -126,6 +141,9 @@ class BenchConfig:
     train_lengths: tuple[int, ...] = (4096,)  # l for forward+backward of the models
     decode_contexts: tuple[int, ...] = (128, 1024, 4096, 16384)  # prefill lengths before decoding
     decode_tokens: int = 32  # new tokens timed per context
+    toy: ToyShape = ToyShape()
+    toy_train_lengths: tuple[int, ...] = (16, 64)  # T_train of the toy training steps
+    toy_rounds: int = 30  # training steps per implementation, alternating (the median is shown)
     compiled: bool = True  # include kernels.ssd_chunked_compiled (compiling costs minutes on CPU)
     gpu_lengths: tuple[int, ...] = (8192, 16384, 32768, 65536)
     gpu_chunk_size: int = 256  # the official chunk size, used by the Triton kernels too
@@ -273,10 +291,10 @@ def measure_scan(spec) -> dict:
     return res
 
 
-def _model_config(ms: ModelShape, scan: str):
+def _model_config(ms: ModelShape):
     from minimamba import Mamba2Config
     return Mamba2Config(d_model=ms.d_model, n_layer=ms.n_layer, vocab_size=ms.vocab_size, d_state=ms.d_state,
-                        headdim=ms.headdim, chunk_size=ms.chunk_size, scan=scan)
+                        headdim=ms.headdim, chunk_size=ms.chunk_size)
 
 
 def _build_model(spec):
@@ -285,13 +303,17 @@ def _build_model(spec):
     from minimamba import Mamba2LM
     ms = ModelShape(**spec["shape"])
     torch.manual_seed(spec["seed"])
-    ours = Mamba2LM(_model_config(ms, spec["impl"] if spec["impl"] != "transformers" else "ssd"))
+    ours = Mamba2LM(_model_config(ms))
+    if spec["impl"] == "accelerated":
+        import kernels
+        return kernels.accelerate(ours), ms
     if spec["impl"] != "transformers":
         return ours, ms
     import transformers
+    from checkpoints import save_pretrained
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d, layout="hf")
+        save_pretrained(ours, d, layout="hf")
         hf = transformers.Mamba2ForCausalLM.from_pretrained(d)
     del ours
     return hf, ms
@@ -303,7 +325,8 @@ def _logits(model, ids):
 
 
 def measure_model(spec) -> dict:
-    """spec: impl ('ssd' | 'chunked' = Mamba2LM's scan, or 'transformers'), mode, l, shape."""
+    """spec: impl ('minimamba' = the plain model, 'accelerated' = kernels.accelerate, or 'transformers'),
+    mode, l, shape."""
     import torch
     model, ms = _build_model(spec)
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -423,7 +446,80 @@ def measure_gpu(spec) -> dict:
     return res
 
 
-MEASURES = {"matmul": measure_matmul, "scan": measure_scan, "model": measure_model, "decode": measure_decode}
+def _toy_model(impl: str, toy: ToyShape, t_train: int, seed: int):
+    """The demo's toy model for one T_train (chunk min(64, T), as the demo trains it), seeded; impl
+    "minimamba" (the plain model), "accelerated" (kernels.accelerate) or "transformers" (its
+    Mamba2ForCausalLM holding the very same weights)."""
+    import inspect
+
+    import torch
+    from minimamba import Mamba2Config, Mamba2LM
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(d_model=toy.d_model, n_layer=toy.n_layer, vocab_size=toy.vocab_size, d_state=toy.d_state,
+                       headdim=toy.headdim, chunk_size=min(64, t_train))
+    ours = Mamba2LM(cfg)
+    if impl == "accelerated":
+        import kernels
+        return kernels.accelerate(ours)
+    if impl != "transformers":
+        return ours
+    import transformers
+    from checkpoints import save_pretrained
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(ours, d, layout="hf")
+        return transformers.Mamba2ForCausalLM.from_pretrained(d)
+
+
+def measure_toy_train(spec) -> list[dict]:
+    """Training tokens/s of the state-collapse demo's toy model, one row per impl: every impl holds the
+    same initial weights and runs the same batches (random bytes, rows of T + 1), AdamW steps
+    alternating between the impls round after round in ONE process, so a burst of load on a shared
+    machine hits all alike. A step is forward, the byte cross-entropy, backward and optimizer.step;
+    the figure is the median step time over `rounds` (after one warm-up step each)."""
+    import inspect
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    toy, T, impls = ToyShape(**spec["shape"]), spec["t_train"], spec["impls"]
+    rows_per_step = toy.tokens_per_step // T
+    models = {impl: _toy_model(impl, toy, T, spec["seed"]) for impl in impls}
+    opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True) for impl, m in models.items()}
+    gen = torch.Generator().manual_seed(spec["seed"])
+    batches = [torch.randint(0, toy.vocab_size, (rows_per_step, T + 1), generator=gen) for _ in range(4)]
+
+    def step(impl, batch):
+        model, opt = models[impl], opts[impl]
+        x, y = batch[:, :-1], batch[:, 1:]
+        if impl == "transformers":
+            logits = model(x).logits
+        elif "return_state" in inspect.signature(model.forward).parameters:
+            logits, _ = model(x, return_state=False)  # plain training: nobody reads the final state
+        else:
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits[..., :toy.vocab_size].reshape(-1, toy.vocab_size), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for impl in impls:
+        step(impl, batches[0])  # warm-up
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for r in range(spec["rounds"]):
+        for impl in impls:
+            t0 = time.perf_counter()
+            step(impl, batches[r % len(batches)])
+            times[impl].append(time.perf_counter() - t0)
+    out = []
+    for impl in impls:
+        sec = statistics.median(times[impl])
+        out.append({"impl": impl, "seconds": sec, "all_seconds": times[impl],
+                    "tokens_per_s": rows_per_step * T / sec})
+    return out
+
+
+MEASURES = {"toy_train": measure_toy_train, "matmul": measure_matmul, "scan": measure_scan, "model": measure_model, "decode": measure_decode}
 
 
 def worker_main(spec_json: str) -> None:
@@ -443,7 +539,7 @@ def worker_main(spec_json: str) -> None:
             results = [{"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}]
         for res in results:
             res["torch_threads"] = torch.get_num_threads()
-            row = {k: v for k, v in spec.items() if k != "contexts"}
+            row = {k: v for k, v in spec.items() if k not in ("contexts", "impls")}
             print("RESULT " + json.dumps({**row, **res}), flush=True)
 
 
@@ -458,6 +554,9 @@ def plan(cfg: BenchConfig, cpu: bool = True) -> list[dict]:
     base = {"seed": cfg.seed}
     specs: list[dict] = []
     if cpu:
+        for t in cfg.toy_train_lengths:
+            specs.append({**base, "kind": "toy_train", "t_train": t, "impls": list(TOY_IMPLS),
+                          "rounds": cfg.toy_rounds, "shape": dataclasses.asdict(cfg.toy)})
         specs.append({**base, "kind": "matmul"})
         for l in cfg.sequential_lengths:
             specs.append({**base, "kind": "scan", "impl": "sequential", "mode": "fwd", "l": l, "shape": sh})
@@ -469,14 +568,14 @@ def plan(cfg: BenchConfig, cpu: bool = True) -> list[dict]:
             for impl in ["ssd", "chunked"]:
                 specs.append({**base, "kind": "scan", "impl": impl, "mode": "fwdbwd", "l": l, "shape": sh})
         for l in cfg.model_lengths:
-            for impl in ["ssd", "chunked", "transformers"]:
+            for impl in MODEL_IMPLS:
                 if impl == "transformers" and l > cfg.hf_max_len:
                     continue
                 specs.append({**base, "kind": "model", "impl": impl, "mode": "fwd", "l": l, "shape": ms})
         for l in cfg.train_lengths:
-            for impl in ["ssd", "chunked", "transformers"]:
+            for impl in MODEL_IMPLS:
                 specs.append({**base, "kind": "model", "impl": impl, "mode": "fwdbwd", "l": l, "shape": ms})
-        for impl in ["chunked", "transformers"]:
+        for impl in ["accelerated", "transformers"]:
             ctxs = [c for c in cfg.decode_contexts if impl != "transformers" or c <= cfg.hf_max_len]
             specs.append({**base, "kind": "decode", "impl": impl, "contexts": ctxs, "tokens": cfg.decode_tokens,
                           "shape": ms})
@@ -529,7 +628,9 @@ def _label(r: dict) -> str:
         return f"scan {r['impl']}"
     if r["kind"] == "gpu":
         return f"gpu {r['impl']} {r['dtype']}"
-    name = "transformers Mamba2" if r["impl"] == "transformers" else f"Mamba2LM scan={r['impl']}"
+    if r["kind"] == "toy_train":
+        return f"toy train {r['impl']}"
+    name = "transformers Mamba2" if r["impl"] == "transformers" else f"Mamba2LM {r['impl']}"
     return f"{'decode' if r['kind'] == 'decode' else 'model'} {name}"
 
 
@@ -538,8 +639,8 @@ def format_table(rows: list[dict]) -> str:
     head = f"{'what':34s} {'mode':7s} {'l/ctx':>7s} {'time':>10s} {'tokens/s':>10s} {'peak MB':>8s} {'GFLOP/s':>8s}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        l = r.get("l", r.get("context", ""))
-        mode = r.get("mode", r.get("dtype", "step" if r["kind"] == "decode" else ""))
+        l = r.get("l", r.get("context", r.get("t_train", "")))
+        mode = r.get("mode", r.get("dtype", {"decode": "step", "toy_train": "T"}.get(r["kind"], "")))
         if not r.get("ok"):
             lines.append(f"{_label(r):34s} {mode:7s} {l!s:>7s} {'FAILED':>10s}  {r.get('error', '')[:80]}")
             continue
@@ -575,26 +676,33 @@ def summarize(rows: list[dict], target_len: int = 4096, long_len: int = 16384) -
     def add(name, value, goal, met):
         out.append({"target": name, "value": value, "goal": goal, "met": met})
 
+    for t in sorted({r["t_train"] for r in rows if r.get("ok") and r["kind"] == "toy_train"}):
+        hf = _find(rows, kind="toy_train", impl="transformers", t_train=t)
+        for impl in [i for i in TOY_IMPLS if i != "transformers"]:
+            ours = _find(rows, kind="toy_train", impl=impl, t_train=t)
+            v = hf["seconds"] / ours["seconds"] if (ours and hf) else None
+            add(f"toy training ({impl}) tokens/s vs transformers (T_train={t})", v, ">= 4",
+                None if v is None else v >= 4)
     mm = _find(rows, kind="matmul")
     ck = _find(rows, kind="scan", impl="chunked", mode="fwd", l=target_len)
     frac = ck["flop_per_s"] / mm["flop_per_s"] if (mm and ck) else None
     add(f"ssd_chunked FLOP/s / matmul FLOP/s (l={target_len})", frac, ">= 0.30", None if frac is None else frac >= 0.30)
-    for scan in ("chunked", "ssd"):
+    for impl in ("accelerated", "minimamba"):
         for mode, goal in (("fwd", 3.0), ("fwdbwd", 2.0)):
-            ours = _find(rows, kind="model", impl=scan, mode=mode, l=target_len)
+            ours = _find(rows, kind="model", impl=impl, mode=mode, l=target_len)
             hf = _find(rows, kind="model", impl="transformers", mode=mode, l=target_len)
             v = hf["seconds"] / ours["seconds"] if (ours and hf) else None
-            add(f"Mamba2LM(scan={scan}) {mode} speed-up vs transformers (l={target_len})", v, f">= {goal:g}",
+            add(f"Mamba2LM {impl} {mode} speed-up vs transformers (l={target_len})", v, f">= {goal:g}",
                 None if v is None else v >= goal)
             m = ours["peak_mb"] / hf["peak_mb"] if (ours and hf and hf["peak_mb"] > 0) else None
-            add(f"Mamba2LM(scan={scan}) {mode} peak memory / transformers' (l={target_len})", m, "<= 0.5",
+            add(f"Mamba2LM {impl} {mode} peak memory / transformers' (l={target_len})", m, "<= 0.5",
                 None if m is None else m <= 0.5)
     for what, kw in (("scan chunked", dict(kind="scan", impl="chunked", mode="fwd")),
-                     ("Mamba2LM(scan=chunked)", dict(kind="model", impl="chunked", mode="fwd"))):
+                     ("Mamba2LM accelerated", dict(kind="model", impl="accelerated", mode="fwd"))):
         a, b = _find(rows, **kw, l=target_len), _find(rows, **kw, l=long_len)
         v = b["seconds"] / a["seconds"] if (a and b) else None
         add(f"{what} time({long_len}) / time({target_len})", v, "<= 4.5", None if v is None else v <= 4.5)
-    for impl in ("chunked", "transformers"):
+    for impl in ("accelerated", "transformers"):
         dec = sorted((r for r in rows if r.get("ok") and r["kind"] == "decode" and r["impl"] == impl),
                      key=lambda r: r["context"])
         if len(dec) >= 2 and dec[0]["ms_per_token"] > 0:

@@ -52,7 +52,7 @@ DEFAULTS = dict(
     seed=0,
     methods=["none", "rri", "delta", "state_norm", "sliding_window"],
     # the small model: 2 layers, d_model 64 -> 8 heads of 16 channels, d_state 16 (N_S = 8,976)
-    model=dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64, scan="ssd"),
+    model=dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64),
     # method settings: [SC]'s RRI values for Mamba-2 370M; LongMamba's 0.5; the official k = 128;
     # tau calibrated on `calib_tokens` tokens; a 1024-token window
     lambda_a=0.9999, lambda_B=0.75, delta_factor=0.5, norm_every=128, calib_tokens=2048, window=1024,

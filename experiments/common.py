@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from minimamba import _atomic_write
+from checkpoints import atomic_write
 
 PROGRESS_MIN_INTERVAL_S = 0.25  # redraw the bar at most this often on a terminal
 PROGRESS_LOG_EVERY_FRACTION = 0.1  # without a terminal, print a line every 10% of the work
@@ -88,10 +88,10 @@ class ProgressBar:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees either the old file or the whole new one
-    (minimamba's temporary-file-then-rename writer; the folder is created if needed)."""
+    (checkpoints.atomic_write: a temporary file, then a rename; the folder is created if needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

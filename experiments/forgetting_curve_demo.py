@@ -155,7 +155,8 @@ def train_copy_model(args) -> tuple[Path, int]:
             print(f"copy training step {step + 1}/{args.train_steps} L={L} loss={loss.item():.3f} acc={acc:.3f}",
                   file=sys.stderr, flush=True)
     log.close()
-    model.save_pretrained(model_dir)
+    from checkpoints import save_pretrained
+    save_pretrained(model, model_dir)
     return model_dir, args.copy_max_len
 
 

@@ -224,7 +224,8 @@ def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
                          seed=tcfg.seed, desc=f"train {model_label(spec)}")
     model_dir = Path(tcfg.out_dir) / "model"
     if spec["kind"] == "mamba2":
-        model.save_pretrained(str(model_dir))
+        from checkpoints import save_pretrained
+        save_pretrained(model, str(model_dir))
     else:
         model.save(model_dir)
     return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),

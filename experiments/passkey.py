@@ -343,7 +343,8 @@ def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:
                                                           answer_only=cfg.answer_only),
                          steps=cfg.steps, lr=cfg.lr, warmup_steps=tcfg.warmup_steps, seed=cfg.seed,
                          desc=f"train passkey n={n} p={p}")
-    model.save_pretrained(str(out / "models" / key))
+    from checkpoints import save_pretrained
+    save_pretrained(model, str(out / "models" / key))
     return {"model_dir": str(out / "models" / key), "state_size": state_size(model.config),
             "n_params": sum(q.numel() for q in model.parameters()), "final_loss": float(np.mean(losses[-10:])),
             "answer_loss": answer_loss(model, corpus, cfg, tcfg.batch_size),

@@ -289,7 +289,7 @@ def train_config(cfg: DemoConfig, t_train: int, device: torch.device):
     """The train.py config of the model for one T_train (same tokens per step for every T_train)."""
     from experiments.train import TrainConfig
     return TrainConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state, headdim=cfg.headdim,
-                       chunk_size=min(64, t_train), scan="chunked" if device.type == "cpu" else "auto",
+                       chunk_size=min(64, t_train),
                        task=cfg.task, copy_len=cfg.copy_len, seq_len=t_train, n_segments=1,
                        batch_size=cfg.tokens_per_step // t_train, steps=cfg.steps, lr=cfg.lr,
                        warmup_steps=min(100, cfg.steps // 10), out_dir=str(Path(cfg.out_dir) / f"T{t_train}"),

@@ -267,7 +267,7 @@ def mamba_train_config(*, out_dir: str | Path, d_model: int, n_layer: int, d_sta
     if tokens_per_step % t_train:
         raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of T_train={t_train}")
     return TrainConfig(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim,
-                       chunk_size=min(64, t_train), scan="chunked" if device == "cpu" else "auto",
+                       chunk_size=min(64, t_train),
                        task=task, copy_len=copy_len, seq_len=t_train, batch_size=tokens_per_step // t_train,
                        steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), out_dir=str(out_dir),
                        seed=seed, log_every=max(1, steps // 50), eval_every=0, ckpt_every=max(1, steps // 4),

@@ -59,6 +59,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import kernels
+from checkpoints import save_pretrained
+
 from experiments.common import CsvLog, ProgressBar, atomic_write_json, fsync_dir, run_metadata
 from experiments.data import VOCAB_SIZE, Corpus, copy_batch
 
@@ -88,7 +91,7 @@ class TrainConfig:
     chunk_size: int = 64  # q, SSD chunk length (any q gives the same function)
     dt_min: float = 1e-3  # Delta init range lower end (official 1e-3)
     dt_max: float = 1e-1  # Delta init range upper end (official 1e-1); smaller = slower initial decay
-    scan: str = "auto"  # minimamba scan implementation (a runtime choice; "chunked" is faster on CPU)
+    accelerate: bool = True  # kernels.accelerate(model): the same function, faster (kernels.py)
     # --- data ---
     data: str = ""  # text file or folder; "" = this Python's standard library
     task: str = "lm"  # lm: the corpus | copy: random-byte copy episodes | mix: even rows lm, odd rows copy
@@ -144,7 +147,7 @@ class TrainConfig:
         return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=VOCAB_SIZE,
                             d_state=self.d_state, headdim=self.headdim, expand=self.expand,
                             ngroups=self.ngroups, chunk_size=self.chunk_size,
-                            dt_min=self.dt_min, dt_max=self.dt_max, scan=self.scan)
+                            dt_min=self.dt_min, dt_max=self.dt_max)
 
 
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
@@ -265,7 +268,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "model"))
+    save_pretrained(model, tmp / "model")
     state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -347,6 +350,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     corpus = Corpus.load(cfg.data or None)
     model = Mamba2LM(cfg.model_config()).to(device)
+    if cfg.accelerate:
+        kernels.accelerate(model)
     optimizer = make_optimizer(model, cfg)
     start_step = 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -405,10 +410,11 @@ def train(cfg: TrainConfig) -> dict:
                 ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        logits, state = ddp_model(x, state)
+                        # the last segment's state is read by nobody: not built (return_state=False)
+                        logits, state = ddp_model(x, state, return_state=s < N - 1)
                     loss = lm_loss(logits, y) / n_backward
                     loss.backward()
-                state = state.detach()
+                state = state.detach() if state is not None else None
                 step_loss += loss.detach()
         if world > 1:  # report the global mean loss (gradients are already averaged by DDP)
             dist.all_reduce(step_loss)

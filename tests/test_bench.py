@@ -36,23 +36,29 @@ def test_summary_ratios_and_misses():
         dict(kind="matmul", ok=True, seconds=1.0, flop_per_s=100e9, peak_mb=1.0),
         _row("scan", "chunked", "fwd", 4096, 0.1, flops=4e9, flop_per_s=40e9),
         _row("scan", "chunked", "fwd", 16384, 0.5, flops=16e9, flop_per_s=32e9),
-        _row("model", "chunked", "fwd", 4096, 1.0, peak_mb=100.0),
+        _row("model", "accelerated", "fwd", 4096, 1.0, peak_mb=100.0),
         _row("model", "transformers", "fwd", 4096, 4.0, peak_mb=150.0),
-        _row("model", "chunked", "fwd", 16384, 5.0),
-        dict(kind="decode", impl="chunked", context=128, ms_per_token=2.0, ok=True),
-        dict(kind="decode", impl="chunked", context=4096, ms_per_token=2.2, ok=True),
+        _row("model", "accelerated", "fwd", 16384, 5.0),
+        dict(kind="decode", impl="accelerated", context=128, ms_per_token=2.0, ok=True),
+        dict(kind="decode", impl="accelerated", context=4096, ms_per_token=2.2, ok=True),
+        dict(kind="toy_train", impl="accelerated", t_train=16, seconds=0.02, ok=True),
+        dict(kind="toy_train", impl="minimamba", t_train=16, seconds=0.03, ok=True),
+        dict(kind="toy_train", impl="transformers", t_train=16, seconds=0.09, ok=True),
     ]
     s = {t["target"]: t for t in bench.summarize(rows)}
     frac = s["ssd_chunked FLOP/s / matmul FLOP/s (l=4096)"]
     assert frac["value"] == pytest.approx(0.4) and frac["met"] is True
-    fwd = s["Mamba2LM(scan=chunked) fwd speed-up vs transformers (l=4096)"]
+    fwd = s["Mamba2LM accelerated fwd speed-up vs transformers (l=4096)"]
     assert fwd["value"] == pytest.approx(4.0) and fwd["met"] is True
-    mem = s["Mamba2LM(scan=chunked) fwd peak memory / transformers' (l=4096)"]
+    mem = s["Mamba2LM accelerated fwd peak memory / transformers' (l=4096)"]
     assert mem["value"] == pytest.approx(100 / 150) and mem["met"] is False
-    assert s["Mamba2LM(scan=chunked) fwdbwd speed-up vs transformers (l=4096)"]["met"] is None  # not measured
+    assert s["Mamba2LM accelerated fwdbwd speed-up vs transformers (l=4096)"]["met"] is None  # not measured
+    toy = s["toy training (accelerated) tokens/s vs transformers (T_train=16)"]
+    assert toy["value"] == pytest.approx(4.5) and toy["met"] is True
+    assert s["toy training (minimamba) tokens/s vs transformers (T_train=16)"]["met"] is False
     assert s["scan chunked time(16384) / time(4096)"]["value"] == pytest.approx(5.0)
     assert s["scan chunked time(16384) / time(4096)"]["met"] is False
-    assert s["decode chunked: ms/token at ctx 4096 / at ctx 128"]["value"] == pytest.approx(1.1)
+    assert s["decode accelerated: ms/token at ctx 4096 / at ctx 128"]["value"] == pytest.approx(1.1)
     text = bench.format_summary(bench.summarize(rows))
     assert "NOT MET" in text and "not measured" in text
 
@@ -65,10 +71,18 @@ def test_table_shows_failures_and_values():
 
 
 def test_decode_worker_gives_one_row_per_context():
-    spec = {"seed": 0, "kind": "decode", "impl": "chunked", "contexts": [8, 40], "tokens": 2, "rounds": 1,
+    spec = {"seed": 0, "kind": "decode", "impl": "accelerated", "contexts": [8, 40], "tokens": 2, "rounds": 1,
             "shape": {"d_model": 32, "n_layer": 1, "d_state": 8, "headdim": 8, "chunk_size": 16, "vocab_size": 64}}
     rows = bench.measure_decode(spec)
     assert [r["context"] for r in rows] == [8, 40] and all(r["ms_per_token"] > 0 for r in rows)
+
+
+def test_toy_training_worker_times_every_impl_on_the_same_weights():
+    spec = {"seed": 0, "t_train": 8, "impls": list(bench.TOY_IMPLS), "rounds": 2,
+            "shape": {"d_model": 16, "n_layer": 1, "d_state": 8, "headdim": 8, "vocab_size": 256, "tokens_per_step": 32}}
+    rows = bench.measure_toy_train(spec)
+    assert [r["impl"] for r in rows] == list(bench.TOY_IMPLS)
+    assert all(r["seconds"] > 0 and len(r["all_seconds"]) == 2 and r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_worker_measures_time_and_memory_in_a_subprocess():

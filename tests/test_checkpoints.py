@@ -1,6 +1,7 @@
 """Checkpoints: a random transformers Mamba2ForCausalLM loads into Mamba2LM with the same logits and
-greedy generation; the state-spaces (mamba_ssm) layout loads too; save_pretrained round-trips and
-is readable by transformers; broken checkpoints get errors that name the problem."""
+greedy generation; the state-spaces (mamba_ssm) layout loads too; checkpoints.save_pretrained
+round-trips and is readable by transformers; a key or shape that does not fit the config is named.
+(Killed saves, corrupt and hostile files: tests/test_reliability.py.)"""
 
 import json
 import pickle
@@ -9,7 +10,8 @@ import pytest
 import torch
 from conftest import max_rel_err
 
-from minimamba import Mamba2Config, Mamba2LM, read_safetensors, write_safetensors
+from checkpoints import save_pretrained, write_safetensors
+from minimamba import MANIFEST, Mamba2Config, Mamba2LM, read_safetensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +82,7 @@ def test_state_spaces_checkpoint_loads_and_agrees(tmp_path):
 def test_save_pretrained_round_trip(tmp_path, layout):
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, chunk_size=8)).eval()
-    model.save_pretrained(tmp_path, layout=layout)
+    save_pretrained(model, tmp_path, layout=layout)
     loaded = Mamba2LM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 50, (2, 20))
     assert torch.equal(model(ids)[0], loaded(ids)[0])
@@ -93,7 +95,7 @@ def test_transformers_reads_what_we_save(tmp_path):
     hf = hf_model()
     hf.save_pretrained(tmp_path / "a")
     model = Mamba2LM.from_pretrained(tmp_path / "a").eval()
-    model.save_pretrained(tmp_path / "b")
+    save_pretrained(model, tmp_path / "b")
     again = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "b").eval()
     with torch.no_grad():
         assert max_rel_err(again(IDS).logits, hf(IDS).logits) <= 1e-6
@@ -102,7 +104,7 @@ def test_transformers_reads_what_we_save(tmp_path):
 def test_sharded_safetensors_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     weights = read_safetensors(tmp_path / "model.safetensors")
     names = sorted(weights)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
@@ -112,6 +114,7 @@ def test_sharded_safetensors_checkpoint(tmp_path):
     index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "model.safetensors").unlink()
+    (tmp_path / MANIFEST).unlink()  # a hand-made sharded folder, as the official ones are
     ids = torch.randint(0, 50, (1, 10))
     assert torch.equal(Mamba2LM.from_pretrained(tmp_path)(ids)[0], model(ids)[0])
 
@@ -131,7 +134,8 @@ def test_safetensors_round_trip(tmp_path, dtype):
 def _saved(tmp_path):
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
+    (tmp_path / MANIFEST).unlink()  # the folder then reads like an official one, edited by hand below
     return read_safetensors(tmp_path / "model.safetensors")
 
 
@@ -160,11 +164,12 @@ class _NotATensor:
 def test_bin_files_load_with_weights_only(tmp_path):
     """A pickle that would run code (any non-tensor object) is refused."""
     torch.manual_seed(0)
-    Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=50, d_state=8, headdim=8)).save_pretrained(
-        tmp_path, layout="mamba_ssm")
+    save_pretrained(Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=50, d_state=8, headdim=8)),
+                    tmp_path, layout="mamba_ssm")
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     sd["evil"] = _NotATensor()
     torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / MANIFEST).unlink()
     with pytest.raises(pickle.UnpicklingError):
         Mamba2LM.from_pretrained(tmp_path)
 

@@ -269,9 +269,10 @@ def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
     import json
     from minimamba import Mamba2Config, Mamba2LM
     from experiments import state_collapse as SC
+    from checkpoints import save_pretrained
     torch.manual_seed(0)
-    Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
-                          chunk_size=16)).save_pretrained(tmp_path / "ckpt")
+    save_pretrained(Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
+                                          chunk_size=16)), tmp_path / "ckpt")
     out = tmp_path / "out"
     SC.main(["--checkpoint", str(tmp_path / "ckpt"), "--t_train", "16", "--eval_length", "80",
              "--chunk_len", "32", "--eval_prompts", "2", "--trace_prompts", "1", "--out_dir", str(out)])

@@ -593,7 +593,8 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     cfg = minimamba.Mamba2Config(d_model=32, n_layer=1, vocab_size=256, d_state=16, headdim=16,
                                  chunk_size=16)
-    minimamba.Mamba2LM(cfg).save_pretrained(tmp_path / "ckpt")
+    from checkpoints import save_pretrained
+    save_pretrained(minimamba.Mamba2LM(cfg), tmp_path / "ckpt")
     text = tmp_path / "t.txt"
     text.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, 3000, dtype=np.uint8)))
     curve = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "40", "--text", str(text),

@@ -317,7 +317,7 @@ def test_state_norm_disabled_and_above_all_norms():
 from minimamba import Mamba2Config, Mamba2LM  # noqa: E402
 
 # larger step sizes and slower decays than the default init, so that the state matters to the logits
-TINY = dict(d_model=32, n_layer=2, vocab_size=40, d_state=8, headdim=8, ngroups=2, chunk_size=8, scan="ssd",
+TINY = dict(d_model=32, n_layer=2, vocab_size=40, d_state=8, headdim=8, ngroups=2, chunk_size=8,
             dt_min=0.05, dt_max=0.5, A_init_range=(0.5, 2.0))
 MODEL_TOL = dict(rtol=1e-5, atol=2e-6)  # float32 model; the paths differ by ~2e-7, the methods' effects ~1e-2
 

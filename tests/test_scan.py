@@ -2,7 +2,7 @@
 the oracle kernels.ssd_sequential, for hypothesis-drawn shapes, groups, chunk sizes, initial states
 and dtypes; and no result depends on the chunk size."""
 
-import contextlib
+import functools
 
 import pytest
 import torch
@@ -41,20 +41,12 @@ def scan_inputs(draw):
                 initial_state=S0), dtype
 
 
-@contextlib.contextmanager
-def scan_segment(tokens, factored_range=None):
-    """Run kernels.ssd_chunked with segments of `tokens` (rounded down to whole chunks), so that short
-    test inputs cross segment boundaries (the default, 512, would give one segment); and, if given,
-    another kernels.FACTORED_DECAY_RANGE (0: step 1 recomputes (nearly) every row from the per-head
-    blocks; 60: the default)."""
-    saved = kernels.SCAN_SEGMENT, kernels.FACTORED_DECAY_RANGE
-    kernels.SCAN_SEGMENT = tokens
-    if factored_range is not None:
-        kernels.FACTORED_DECAY_RANGE = factored_range
-    try:
-        yield
-    finally:
-        kernels.SCAN_SEGMENT, kernels.FACTORED_DECAY_RANGE = saved
+def tricks(segment, factored_range):
+    """kernels.ssd_chunked's CPU tricks with segments of `segment` tokens (rounded down to whole
+    chunks), so that short test inputs cross segment boundaries (the default, 512, would give one
+    segment), and the factored decay mask up to `factored_range` nats (0: step 1 recomputes (nearly)
+    every row from the per-head blocks; 60: the default)."""
+    return kernels.CpuTricks(segment=segment, factored_range=factored_range)
 
 
 def _check(actual, expected, dtype, what):
@@ -68,9 +60,10 @@ def _check(actual, expected, dtype, what):
 def test_chunked_scans_equal_sequential(inputs, chunk_size, segment, factored_range):
     kw, dtype = inputs
     y0, s0 = kernels.ssd_sequential(**kw)
-    for name, fn in (("minimamba.ssd", ssd), ("kernels.ssd_chunked", kernels.ssd_chunked)):
-        with scan_segment(segment, factored_range):
-            y, s = fn(**kw, chunk_size=chunk_size)
+    fast = functools.partial(kernels.ssd_chunked, cpu_tricks=tricks(segment, factored_range))
+    for name, fn in (("minimamba.ssd", ssd), ("kernels.ssd_chunked", fast), ("kernels.ssd_chunked, no tricks",
+                                                                              functools.partial(kernels.ssd_chunked, cpu_tricks=None))):
+        y, s = fn(**kw, chunk_size=chunk_size)
         assert y.dtype == kw["x"].dtype and y.shape == y0.shape
         _check(y, y0, dtype, f"{name} y")
         _check(s, s0, dtype, f"{name} final state")
@@ -79,7 +72,7 @@ def test_chunked_scans_equal_sequential(inputs, chunk_size, segment, factored_ra
 @pytest.mark.parametrize("A", [-0.9, -1.5, 3.0])
 def test_factored_decay_mask_near_and_beyond_its_range(A):
     """Chunks of 64 tokens whose log-decay reaches 0.9 * 64 = 57.6 nats (inside
-    kernels.FACTORED_DECAY_RANGE: every row factored), 96 nats (the rows past 60 nats come from the
+    CpuTricks.factored_range: every row factored), 96 nats (the rows past 60 nats come from the
     per-head blocks) and a growing 'decay' (A > 0, outside the model's range; the factors are clamped)
     all match the float64 oracle in float32."""
     gen = torch.Generator().manual_seed(0)
@@ -209,7 +202,7 @@ def test_compiled_chunked_equals_eager_without_recompiling_per_length():
        st.sampled_from([0.0, 1.0, 60.0]), st.integers(0, 2**31 - 1))
 def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, with_D, with_state, segment,
                                            factored_range, seed):
-    """Segments (kernels.SCAN_SEGMENT) of one chunk, of a few chunks, and one segment for the whole input;
+    """Segments (CpuTricks.segment) of one chunk, of a few chunks, and one segment for the whole input;
     step 1's backward through the per-head blocks (range 0), the factored mask (60), and a mix (1)."""
     gen = torch.Generator().manual_seed(seed)
     h, dd = g * r, torch.float64
@@ -224,10 +217,10 @@ def test_chunked_backward_passes_gradcheck(b, l, g, r, p, n, q, per_token_A, wit
             leaf(torch.randn(b, h, p, n, generator=gen)) if with_state else None)
 
     def fn(x, dt, A, B, C, D, S0):
-        return kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, initial_state=S0)
+        return kernels.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, initial_state=S0,
+                                   cpu_tricks=tricks(segment, factored_range))
 
-    with scan_segment(segment, factored_range):
-        assert torch.autograd.gradcheck(fn, args, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, args, atol=1e-7, rtol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)
@@ -244,17 +237,12 @@ def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size,
     w_y = torch.randn(x.shape, generator=gen, dtype=dtype)
     w_s = torch.randn(x.shape[0], x.shape[2], x.shape[3], kw["B"].shape[-1], generator=gen, dtype=dtype)
     grads = {}
-    saved = kernels._factor_in_backward
-    if blocks_only:
-        kernels._factor_in_backward = lambda x: False
-    try:
-        for name, fn in (("oracle", kernels.ssd_sequential_chunked), ("chunked", kernels.ssd_chunked)):
-            with scan_segment(segment, factored_range):
-                y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
-                loss = (y * w_y).sum() + (s * w_s).sum()
-                grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-    finally:
-        kernels._factor_in_backward = saved
+    fast = kernels.CpuTricks(segment=segment, factored_range=factored_range, factored_backward=not blocks_only)
+    for name, fn in (("oracle", kernels.ssd_sequential_chunked),
+                     ("chunked", functools.partial(kernels.ssd_chunked, cpu_tricks=fast))):
+        y, s = fn(**{**kw, **leaves}, chunk_size=chunk_size)
+        loss = (y * w_y).sum() + (s * w_s).sum()
+        grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
     for k, ref in grads["oracle"].items():
         # relative to max |ref|, floored at 1e-3 (gradients here are O(1)): a gradient that is exactly 0
