@@ -17,8 +17,8 @@ two checkpoints; minimamba.MANIFEST names the manifest file):
        interrupted save, and from_pretrained refuses it;
     3. remove every weight file of either layout (one layout per folder);
     4. write the weights and config.json, each through a temporary file and a rename;
-    5. write the manifest {"complete": true, "files": {name: sha256}}: from_pretrained loads only
-       the files it names, and only if their hashes match.
+    5. write the manifest {"complete": true, "files": [names]}: from_pretrained loads only the
+       weight file it names.
 Other files in the folder (a tokenizer, notes) are left alone.
 
 Papers: the layouts are those of state-spaces/mamba (mamba_ssm) and Hugging Face transformers'
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from minimamba import HF_NAMES, MANIFEST, SSM_CFG_NAMES, ST_DTYPES, Mamba2Config, Mamba2LM, sha256_of
+from minimamba import HF_NAMES, MANIFEST, SSM_CFG_NAMES, ST_DTYPES, Mamba2Config, Mamba2LM
 
 LAYOUTS = {"hf": "model.safetensors", "mamba_ssm": "pytorch_model.bin"}  # layout -> its weight file
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # any layout's
@@ -135,6 +135,5 @@ def save_pretrained(model: Mamba2LM, path, layout: str = "hf") -> Path:
         atomic_write(path / LAYOUTS[layout], lambda f: torch.save(sd, f))
     text = json.dumps(config_to_dict(model.config, layout), indent=2)
     atomic_write(path / "config.json", lambda f: f.write(text.encode()))
-    files = (LAYOUTS[layout], "config.json")
-    manifest({"complete": True, "layout": layout, "files": {f: sha256_of(path / f) for f in files}})  # 5.
+    manifest({"complete": True, "layout": layout, "files": [LAYOUTS[layout], "config.json"]})  # 5.
     return path

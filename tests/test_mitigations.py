@@ -574,7 +574,7 @@ BAD_ARGUMENTS = {
                                    ValueError, ["taus has 5 thresholds"]),
     "state_norm_ssd initial_state of another d_state": (
         lambda m, *s: mit.state_norm_ssd(*s, taus=torch.ones(4), every=2, chunk_size=4, initial_state=torch.zeros(2, 4, 2, 5)),
-        ValueError, ["state must be (b, h, p, n) = (2, 4, 2, 3), got (2, 4, 2, 5)"]),
+        ValueError, ["state must be (b, h, p, n) = (2, 4, 2, 3) on cpu, got (2, 4, 2, 5)"]),
     "clamp_state tau (h+1,)": (lambda m, *s: mit.clamp_state(torch.ones(1, 2, 3, 4), torch.ones(3)), ValueError, ["tau (h,)", "(3,)"]),
     "SlidingWindowScan layer=True": (lambda m, *s: mit.SlidingWindowScan(None, 4, layer=True), TypeError, ["layer", "got True"]),
     "StateNormScan layer=-1": (lambda m, *s: mit.StateNormScan(None, torch.ones(4), 2, layer=-1), ValueError, ["layer", "got -1"]),

@@ -70,22 +70,24 @@ def test_a_save_interrupted_at_any_write_never_loads_as_a_mix(tmp_path, layout, 
         assert torch.equal(got, expect["b"]) or (not finished and torch.equal(got, expect["a"])), f"stop {stop}"
 
 
+@pytest.mark.slow  # up to a minute of process starts; the test above covers every write boundary in the default run
 def test_sigkilled_saves_never_load_as_a_mix(tmp_path):
-    """A process saves two models in turn into one folder and is SIGKILLed at random moments; after
-    each kill the folder loads as one of the two models exactly, or is refused as interrupted, and the
-    next save cleans up the temporary files the kill left."""
+    """A process saves two models in turn into one folder (pausing 20 ms between saves) and is SIGKILLed at
+    random moments, until both kinds of outcome were seen twice: after each kill the folder loads as one of
+    the two models exactly, or is refused as interrupted; and the next save cleans up what the kill left."""
     folder = tmp_path / "ckpt"
-    code = ("import sys, torch\nsys.path.insert(0, %r)\nfrom checkpoints import save_pretrained\n"
+    code = ("import sys, time, torch\nsys.path.insert(0, %r)\nfrom checkpoints import save_pretrained\n"
             "from minimamba import Mamba2Config, Mamba2LM\n"
             "models = []\nfor s in (0, 1):\n    torch.manual_seed(s)\n"
             "    models.append(Mamba2LM(Mamba2Config(**%r)))\n"
             "print('ready', flush=True)\ni = 0\nwhile True:\n"
-            "    save_pretrained(models[i %% 2], %r, layout=('hf', 'mamba_ssm')[i %% 3 == 0])\n    i += 1\n"
+            "    save_pretrained(models[i %% 2], %r, layout=('hf', 'mamba_ssm')[i %% 3 == 0])\n"
+            "    i += 1\n    time.sleep(0.02)\n"
             % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), SMALL, str(folder)))
     expect = [logits_of(small_model(0)), logits_of(small_model(1))]
-    outcomes = {"a": 0, "b": 0, "refused": 0}
+    outcomes = {"loaded": 0, "refused": 0}
     gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
+    for _ in range(40):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.05 + 0.3 * float(torch.rand(1, generator=gen)))
@@ -97,27 +99,27 @@ def test_sigkilled_saves_never_load_as_a_mix(tmp_path):
             assert "interrupted" in str(e), e
             outcomes["refused"] += 1
             continue
-        except FileNotFoundError:  # killed before the first save finished its first file
+        except FileNotFoundError:  # killed before the first save wrote its config
             continue
-        which = [k for k, e in zip("ab", expect) if torch.equal(got, e)]
-        assert which, "the folder loaded as neither model: a mix"
-        outcomes[which[0]] += 1
+        assert any(torch.equal(got, e) for e in expect), "the folder loaded as neither model: a mix"
+        outcomes["loaded"] += 1
+        if min(outcomes.values()) >= 2:
+            break
+    assert min(outcomes.values()) >= 2, f"kills landed too one-sidedly to test both cases: {outcomes}"
     save_pretrained(small_model(0), folder)
     assert not list(folder.glob(".*.tmp")), "the next save removes what killed saves left"
-    assert outcomes["a"] + outcomes["b"] > 0, outcomes
 
 
-def test_one_layout_per_folder_and_the_manifest_guards_the_files(tmp_path):
+def test_one_layout_per_folder_and_the_manifest_names_it(tmp_path):
     a, b = small_model(0), small_model(1)
     save_pretrained(a, tmp_path, layout="hf")
     save_pretrained(b, tmp_path, layout="mamba_ssm")  # replaces the hf save as a whole
     assert not (tmp_path / "model.safetensors").exists()
     assert torch.equal(logits_of(Mamba2LM.from_pretrained(tmp_path)), logits_of(b))
-    blob = bytearray((tmp_path / "pytorch_model.bin").read_bytes())
-    blob[len(blob) // 2] ^= 0xFF  # one byte changed after the save: not the file the manifest names
-    (tmp_path / "pytorch_model.bin").write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="pytorch_model.bin.*sha256"):
-        Mamba2LM.from_pretrained(tmp_path)
+    # a weights file of the other layout copied in later is not what the manifest names: ignored
+    save_pretrained(a, tmp_path / "other", layout="hf")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    assert torch.equal(logits_of(Mamba2LM.from_pretrained(tmp_path)), logits_of(b))
     # a hand-made folder (no manifest) with both layouts: which weights are current is ambiguous
     save_pretrained(a, tmp_path / "both", layout="hf")
     (tmp_path / "both" / MANIFEST).unlink()
@@ -201,7 +203,7 @@ def test_shard_index_problems_are_named(tmp_path):
     names = _sharded(tmp_path / "ok")
     assert torch.equal(logits_of(Mamba2LM.from_pretrained(tmp_path / "ok")), logits_of(small_model(0)))
     _sharded(tmp_path / "no_map", weight_map={"metadata": {}})
-    with pytest.raises(ValueError, match="index.json has no weight_map"):
+    with pytest.raises(ValueError, match="index.json needs a weight_map"):
         Mamba2LM.from_pretrained(tmp_path / "no_map")
     (tmp_path / "outside.safetensors").write_bytes(b"")
     _sharded(tmp_path / "escape", weight_map={"weight_map": {names[0]: "../outside.safetensors"}})
