@@ -15,7 +15,8 @@ Reading order (sections)
     1. ssd_sequential        the plain recurrence, one token at a time: the oracle every path is tested against
     2. ssd_chunked           the chunked SSD restructured for speed and torch.compile (what a GPU runs):
                              every heavy term a batched matmul, C B^T once per group, the chunk-to-chunk
-                             pass linear in the number of chunks; ssd_chunked_compiled compiles it
+                             pass linear in the number of chunks; ssd_chunked_compiled compiles it, one
+                             static graph per power-of-two bucket of chunk counts
     3. ssd_quadratic         training without a state: a sequence that fits one chunk, from a zero state,
                              whose final state nobody reads, needs only step 1 (attention-like form)
     4. eager training        a hand-written backward for ssd_chunked (autograd through the chunk loop
@@ -161,10 +162,7 @@ def _chunk_layout(x, dt, A, B, C, q, g):
     n, r = B.shape[-1], h // g
     pad = (-l) % q
     c = (l + pad) // q
-    # Compiled, the pad is always applied (a Python `if pad` would be one more guard). Known limit:
-    # padding by a symbolic amount still guards on "l % q == 0", so lengths that are a multiple of q
-    # compile one extra graph per power-of-two bucket.
-    if torch.compiler.is_compiling() or pad:
+    if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     a = dt * (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))  # (b, c*q, h): a = dt A, log of the decay
@@ -270,16 +268,24 @@ _compiled = None
 
 
 def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True):
-    """torch.compile(ssd_chunked, fullgraph=True, dynamic=True), compiled on the first call.
-
-    dynamic=True makes the length symbolic, so new lengths reuse the graph (a new graph only when
-    the number of chunks crosses a power of two, from the doubling scan's comparisons).
+    """torch.compile(ssd_chunked, fullgraph=True) with static shapes, on inputs padded to a bucket: the length is
+    padded (dt = 0: padded steps neither decay nor write, so y and the final state are exact) to a power of two
+    chunks, so one graph serves every length of a bucket (per batch size and dtype) and autograd runs through
+    the compiled forward. Why not dynamic=True: in torch 2.13 the CPU backward of the dynamic-shape graph
+    corrupts memory ("double free or corruption"); static bucketed graphs do not, and cost at most 2x padding.
+    Args/Returns: as minimamba.ssd.
     """
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=True)
-    return _compiled(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state,
+        _compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=False)
+    l, q = x.shape[1], chunk_size
+    pad = q * 2 ** math.ceil(math.log2(max(1, -(-l // q)))) - l  # up to a power of two chunks
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt, A = F.pad(dt, (0, 0, 0, pad)), (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))
+    y, S = _compiled(x, dt, A, B, C, chunk_size=q, D=D, initial_state=initial_state,
                      return_final_state=return_final_state)
+    return y[:, :l], S
 
 
 # ---------------------------------------------------------------------------------------------------
