@@ -200,7 +200,7 @@ def _tcfg(cfg: FCurvesConfig, spec: dict, out: Path):
 def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
     """Step 1 for one model. Returns {model_dir, n_params, state_size, final_loss, seconds}."""
     from experiments.tiny_transformer import TinyTransformer, TransformerConfig
-    from experiments.train import training_rows
+    from experiments.train import task_batch
     from mitigations import state_size
     t0 = time.perf_counter()
     from minimamba import Mamba2LM
@@ -212,7 +212,7 @@ def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
                 "state_size": state_size(model.config), "final_loss": final_train_loss(tcfg.out_dir),
                 "seconds": time.perf_counter() - t0}
     if cfg.task == "mix":
-        batch_fn = lambda step: training_rows(corpus, tcfg, step, slice(None))  # noqa: E731 (train.py's rows)
+        batch_fn = lambda step: task_batch(corpus, tcfg, step)  # noqa: E731 (train.py's rows)
     else:
         batch_fn = lambda step: copymix_rows(corpus, step=step, steps=tcfg.steps, seed=tcfg.seed,  # noqa: E731
                                              batch_size=tcfg.batch_size, t_train=tcfg.seq_len)
@@ -227,7 +227,7 @@ def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
         from checkpoints import save_pretrained
         save_pretrained(model, str(model_dir))
     else:
-        model.save(model_dir)
+        model.save_pretrained(model_dir)
     return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),
             "state_size": state_size(model.config) if spec["kind"] == "mamba2" else None,
             "final_loss": float(np.mean(losses[-10:])), "seconds": time.perf_counter() - t0}
@@ -238,7 +238,7 @@ def load_model(spec: dict, trained: dict):
         from minimamba import Mamba2LM
         return Mamba2LM.from_pretrained(trained["model_dir"]).eval()
     from experiments.tiny_transformer import TinyTransformer
-    return TinyTransformer.load(trained["model_dir"])
+    return TinyTransformer.from_pretrained(trained["model_dir"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from experiments import train as T
+from experiments.common import parse_config
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
 from experiments.state_collapse import collapse_criterion
 
@@ -78,10 +79,10 @@ def test_copy_episodes_and_mix_rows(corpus_dir):
     assert not torch.equal(x[:, :5], x[:, 10:15]) and int(x.min()) >= 1
     cfg = T.TrainConfig(task="mix", seq_len=20, n_segments=2, batch_size=4, copy_len=5, data=str(corpus_dir))
     c = Corpus.load(corpus_dir)
-    rows = T.training_rows(c, cfg, 3, slice(0, 4))
+    rows = T.task_batch(c, cfg, 3)
     text = c.batch(3, seed=0, batch_size=4, seq_len=20, n_segments=2)
     assert torch.equal(rows[0::2], text[0::2]) and torch.equal(rows[1::2], x[1::2])
-    assert torch.equal(T.training_rows(c, cfg, 3, slice(2, 4)), rows[2:4]), "a rank's slice must match"
+    assert torch.equal(T.task_batch(c, cfg, 3), rows), "a batch is a pure function of (seed, step)"
 
 
 def test_default_corpus_is_the_stdlib():
@@ -100,8 +101,12 @@ def test_config_validation_and_cli():
         T.TrainConfig(batch_size=5, grad_accum=2)
     with pytest.raises(ValueError, match="headdim"):
         T.TrainConfig(d_model=24, headdim=64)
-    cfg = T.parse_config(["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"])
+    cfg = parse_config(T.TrainConfig, ["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"], "")
     assert cfg.seq_len == 32 and cfg.resume is True and cfg.lr == 0.01 and cfg.amp is False
+    with pytest.raises(ValueError, match="--arch transformer does not use --d_state"):
+        T.TrainConfig(arch="transformer", d_state=128)
+    with pytest.raises(ValueError, match="n_segments must be 1"):
+        T.TrainConfig(arch="transformer", n_segments=2)
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -173,12 +178,13 @@ def test_interrupted_checkpoint_write_never_loads_as_complete(corpus_dir, tmp_pa
     partial = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
     assert partial, "the interrupted write should have left its temporary directory behind"
     assert T.latest_checkpoint(tmp_path / "run").name == "step_00000006"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(T.CheckpointError, match="not a complete checkpoint"):
         from minimamba import Mamba2LM
         T.load_checkpoint(partial[0], Mamba2LM(cfg.model_config()))
-    # resuming continues from step 6 and finishes
+    # resuming continues from step 6 and finishes; the killed write's temporary folder is gone
     res = T.train(dataclasses.replace(cfg, resume=True))
     assert res["step"] == 12 and len(res["loss_history"]) == 6
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")], "stale temporary folder kept"
 
 
 def _free_port() -> int:
@@ -211,6 +217,176 @@ def test_ddp_two_gloo_processes_equal_one_process(corpus_dir, tmp_path):
         diff = (wa[k] - wb[k]).abs()
         assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4), \
             f"{k}: 2-process DDP differs from 1 process: max {diff.max():.3e}, mean {diff.mean():.3e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# one loop for every model and loss (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+def test_fused_adamw_equals_the_per_parameter_loop():
+    """make_optimizer's fused AdamW takes the same steps as torch's reference loop (foreach=False)."""
+    from minimamba import Mamba2LM
+    cfg = T.TrainConfig(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=16)
+    ids = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = Mamba2LM(cfg.model_config())
+        opt = T.make_optimizer(m, cfg)
+        if not fused:
+            opt = torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+        assert opt.defaults.get("fused") is (True if fused else None)
+        for _ in range(5):
+            opt.zero_grad()
+            T.lm_loss(m(ids[:, :-1])[0], ids[:, 1:]).backward()
+            opt.step()
+        models.append(m)
+    diffs = [(a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters())]
+    assert max(diffs) < 1e-5, f"fused vs reference AdamW after 5 steps: max |diff| {max(diffs):.3e}"
+
+
+def test_masks_and_weights_train_the_same_and_shapes_are_checked(corpus_dir, tmp_path):
+    """A bool mask and the same 0/1 float weights give identical runs; a mask is not ignored."""
+    corpus = Corpus.load(corpus_dir)
+    cfg = tiny_config(corpus_dir, tmp_path / "a", task="custom", n_segments=2, steps=3, ckpt_every=3)
+
+    def batch(step, as_float=False, everything=False):
+        rows = corpus.batch(step, seed=0, batch_size=4, seq_len=16, n_segments=2)  # (4, 33)
+        mask = torch.zeros(4, 32, dtype=torch.bool)
+        mask[:, 20:] = not everything
+        mask[:, :20] = everything
+        return rows, (mask.float() if as_float else mask)
+
+    a = T.train(cfg, batch_fn=batch)["loss_history"]
+    b = T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), batch_fn=lambda s: batch(s, True))["loss_history"]
+    c = T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "c")), batch_fn=lambda s: batch(s, False, True))
+    assert a == b, f"bool mask {a} vs float weights {b}"
+    assert a[0] != c["loss_history"][0], "other targets in the loss must give another loss"
+    with pytest.raises(ValueError, match=r"loss weights must have shape \(4, 32\)"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "d")), batch_fn=lambda s: (batch(s)[0], torch.ones(4, 16)))
+    with pytest.raises(ValueError, match="positive sum"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "e")), batch_fn=lambda s: (batch(s)[0], torch.zeros(4, 32)))
+    with pytest.raises(ValueError, match="batch_fn exactly when --task is custom"):
+        T.train(dataclasses.replace(cfg, task="lm"), batch_fn=batch)
+
+
+def test_the_transformer_trains_and_resumes_in_the_same_loop(corpus_dir, tmp_path):
+    kw = dict(arch="transformer", d_state=T.TrainConfig.d_state, headdim=T.TrainConfig.headdim,
+              chunk_size=T.TrainConfig.chunk_size, n_head=2, n_segments=1, task="copymix", lr=3e-3, steps=8,
+              ckpt_every=4)
+    full = T.train(tiny_config(corpus_dir, tmp_path / "full", **kw))["loss_history"]
+    T.train(tiny_config(corpus_dir, tmp_path / "cut", stop_at=4, **kw))
+    rest = T.train(tiny_config(corpus_dir, tmp_path / "cut", resume=True, **kw))["loss_history"]
+    assert rest == full[4:], f"resumed Transformer differs: {rest} vs {full[4:]}"
+    model = T.load_model("transformer", T.latest_checkpoint(tmp_path / "cut") / "model")
+    assert type(model).__name__ == "TinyTransformer"
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability of the trainer (issue 13): refused pickles, config checks, divergence, fallback
+# ------------------------------------------------------------------------------------------------
+
+class _Planted:
+    """An object whose unpickling would run code (touch a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _plant(ckpt: Path, state: dict, marker: Path) -> None:
+    """Replace trainer.pt by one holding a code-running object, and its recorded hash (as an attacker
+    handing out a run folder would)."""
+    from minimamba import sha256_of
+    torch.save({**state, "planted": _Planted(marker)}, ckpt / "trainer.pt")
+    (ckpt / T.COMPLETE_MARKER).write_text(f"step 4\ntrainer.pt sha256 {sha256_of(ckpt / 'trainer.pt')}\n")
+
+
+def test_resume_refuses_a_planted_pickle(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=4, ckpt_every=4)
+    T.train(cfg)
+    ckpt = T.latest_checkpoint(tmp_path / "run")
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    marker = tmp_path / "code_ran"
+    _plant(ckpt, state, marker)
+    with pytest.raises(T.CheckpointError, match="refused to unpickle .*trainer.pt"):
+        T.train(dataclasses.replace(cfg, resume=True, steps=8))
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    argv = ["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+            "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--lr", "0.01", "--eval_every", "0",
+            "--ckpt_every", "4", "--progress", "false", "--out_dir", str(tmp_path / "run2")]
+    T.main(argv + ["--steps", "4"])  # the same through the command line
+    _plant(T.latest_checkpoint(tmp_path / "run2"), state, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv + ["--steps", "4", "--resume"])
+    assert exit_info.value.code != 0 and "refused to unpickle" in str(exit_info.value.code)
+    assert not marker.exists()
+
+
+def test_resume_names_every_changed_field(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=4, ckpt_every=2)
+    T.train(cfg)
+    changed = dict(lr=0.02, seed=1, seq_len=8, batch_size=8, steps=6)
+    with pytest.raises(T.ConfigMismatch) as info:
+        T.train(dataclasses.replace(cfg, resume=True, **changed))
+    message = str(info.value)
+    for name, new in changed.items():
+        assert f"{name}: {getattr(cfg, name)!r} (checkpoint) vs {new!r} (now)" in message, message
+    assert "--override_config" in message
+    # bookkeeping fields may change freely; --override_config takes a new recipe
+    res = T.train(dataclasses.replace(cfg, resume=True, override_config=True, log_every=2, **changed))
+    assert res["step"] == 6 and len(res["loss_history"]) == 2
+    state = T.read_trainer_state(T.latest_checkpoint(tmp_path / "run"))
+    assert state["config"]["lr"] == 0.02, "the checkpoint after an override records the new recipe"
+    # model sizes never change, not even with --override_config
+    with pytest.raises(T.ConfigMismatch, match=r"(?s)no flag can override.*d_model: 32 \(checkpoint\) vs 64 \(now\)"):
+        T.train(dataclasses.replace(cfg, resume=True, override_config=True, d_model=64, **changed))
+
+
+def test_a_diverging_run_stops_and_keeps_only_finite_checkpoints(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", lr=1e6, warmup_steps=0, steps=20, ckpt_every=1, keep_ckpts=50)
+    with pytest.raises(T.TrainingDiverged, match=r"step \d+: the loss is nan.*diverged.*last good checkpoint") as info:
+        T.train(cfg)
+    ckpts = T.complete_checkpoints(tmp_path / "run")
+    assert str(ckpts[-1]) in str(info.value) if ckpts else "none" in str(info.value)
+    from minimamba import Mamba2LM
+    for ckpt in ckpts:
+        for name, w in Mamba2LM.from_pretrained(ckpt / "model").state_dict().items():
+            assert torch.isfinite(w).all(), f"{ckpt.name}/{name} holds non-finite weights"
+    with pytest.raises(SystemExit) as exit_info:  # the command line exits non-zero with the message
+        T.main(["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+                "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--steps", "20", "--lr", "1e6",
+                "--warmup_steps", "0", "--eval_every", "0", "--progress", "false", "--out_dir", str(tmp_path / "cli")])
+    assert exit_info.value.code != 0 and "diverged" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("damaged", ["trainer.pt", "model/model.safetensors"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(corpus_dir, tmp_path, capsys, damaged):
+    full = T.train(tiny_config(corpus_dir, tmp_path / "full"))["loss_history"]
+    cfg = tiny_config(corpus_dir, tmp_path / "run", stop_at=12)  # checkpoints at 6 and 12
+    T.train(cfg)
+    newest = T.latest_checkpoint(tmp_path / "run")
+    f = newest / damaged
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # a torn write in the middle of the file
+    f.write_bytes(bytes(data))
+    capsys.readouterr()
+    res = T.train(dataclasses.replace(cfg, resume=True, stop_at=0))
+    err = capsys.readouterr().err
+    assert "step_00000012" in err and "falling back" in err, err
+    assert res["loss_history"] == full[6:], "the fallback run must redo steps 7-12 exactly"
+    assert (newest.parent / ".unusable-step_00000012").is_dir() and T.latest_checkpoint(tmp_path / "run") == newest
+
+
+def test_stale_temporary_checkpoint_folders_are_removed(corpus_dir, tmp_path):
+    stale = tmp_path / "run" / "checkpoints" / ".tmp-step_00000099-12345"
+    stale.mkdir(parents=True)
+    (stale / "trainer.pt").write_bytes(bytes(1 << 16))
+    T.train(tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2))
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]
 
 
 # ------------------------------------------------------------------------------------------------

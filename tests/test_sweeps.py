@@ -312,9 +312,9 @@ def test_tiny_transformer_is_causal_and_round_trips(tmp_path):
     diff = (a[:, :25] - b[:, :25]).abs().max().item()
     assert a.shape == (2, 40, 256) and diff < 1e-5, f"future tokens changed past logits: max diff {diff}"
     assert (a[:, 25:] - b[:, 25:]).abs().max().item() > 1e-4
-    m.save(tmp_path / "tf")
+    m.save_pretrained(tmp_path / "tf")
     with torch.no_grad():
-        c = TinyTransformer.load(tmp_path / "tf")(ids)
+        c = TinyTransformer.from_pretrained(tmp_path / "tf")(ids)
     assert torch.equal(a, c)
     with pytest.raises(ValueError, match="even size"):
         TransformerConfig(d_model=30, n_head=10)
