@@ -157,6 +157,11 @@ def config_from_dict(cls, values: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device auto -> cuda when available, else cpu; any other name as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. The run-folder writer
 # ----------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ import kernels
 from checkpoints import save_pretrained
 from minimamba import Mamba2Config, Mamba2LM, sha256_of
 
-from experiments.common import CsvLog, ProgressBar, config_parser, flag, fsync_dir, parse_config, write_run_config
+from experiments.common import (CsvLog, ProgressBar, config_parser, flag, fsync_dir, parse_config, resolve_device,
+                                write_run_config)
 from experiments.data import VOCAB_SIZE, Corpus, copy_batch, copymix_batch
 from experiments.tiny_transformer import TinyTransformer, TransformerConfig
 
@@ -524,8 +525,7 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {cfg.device} asked for CUDA, but torch.cuda.is_available() is False")
     if device.type == "cuda" and world > 1:

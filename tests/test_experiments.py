@@ -18,7 +18,7 @@ import torch
 from experiments import train as T
 from experiments.common import parse_config
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
-from experiments.state_collapse import collapse_criterion
+from experiments import state_collapse as SC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -390,38 +390,79 @@ def test_stale_temporary_checkpoint_folders_are_removed(corpus_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the collapse criterion
+# the collapse criteria and mechanism measures (fixed in state_collapse.py)
 # ------------------------------------------------------------------------------------------------
 
-def test_collapse_criterion_on_hand_made_curves():
+def test_criteria_constants_are_the_fixed_ones():
+    assert SC.PAPER_COLLAPSE_FACTOR == 2.0 and SC.MEAN_COLLAPSE_RATIO == 1.5 and SC.CRITERIA == ("paper", "mean")
+
+
+def test_paper_criterion_on_hand_made_curves():
     t_train = 100
     flat = torch.full((3200,), 2.0)
     flat[0] = 4.0  # the first token is the hardest in-window position
-    r = collapse_criterion(flat, t_train)
-    assert not r.collapsed and r.first_position is None and r.threshold == pytest.approx(8.0)
+    r = SC.paper_criterion(flat, t_train)
+    assert not r.collapsed and r.first_position is None and r.within == 4.0 and r.ratio == pytest.approx(0.5)
 
     exploding = flat.clone()
     exploding[1000:] = torch.linspace(2.0, 12.0, 2200)  # passes 8.0 at 1000 + 0.6*2199
-    r = collapse_criterion(exploding, t_train)
+    r = SC.paper_criterion(exploding, t_train)
     assert r.collapsed and r.first_position == 1000 + int(torch.nonzero(exploding[1000:] > 8.0)[0])
-    assert r.max_beyond == pytest.approx(12.0)
+    assert r.beyond == pytest.approx(12.0) and r.ratio == pytest.approx(3.0)
 
     # a rise inside the training window does not count, nor does one that stays below 2x
     inside = flat.clone()
     inside[50] = 20.0
-    assert not collapse_criterion(inside, t_train).collapsed
+    assert not SC.paper_criterion(inside, t_train).collapsed
     mild = flat.clone()
     mild[500:] = 7.9
-    assert not collapse_criterion(mild, t_train).collapsed
-    # the factor is a parameter
-    assert collapse_criterion(mild, t_train, factor=1.5).collapsed
+    assert not SC.paper_criterion(mild, t_train).collapsed
+    with pytest.raises(ValueError, match="positions"):
+        SC.paper_criterion(flat[:50], t_train)
 
-    with pytest.raises(ValueError, match="longer than"):
-        collapse_criterion(flat[:50], t_train)
+
+def test_mean_criterion_reads_the_settled_window_and_the_far_range():
+    t_train = 100
+    loss = torch.full((1000,), 2.0)
+    loss[:50] = 9.0  # the unsettled first half of the window is not the reference
+    r = SC.mean_criterion(loss, t_train)
+    assert not r.collapsed and r.within == 2.0 and r.beyond == 2.0
+    loss[200:] = 3.01  # 1.505 x the in-window mean over [2T, l)
+    r = SC.mean_criterion(loss, t_train)
+    assert r.collapsed and r.ratio == pytest.approx(1.505)
+    loss[200:] = 2.99
+    assert not SC.mean_criterion(loss, t_train).collapsed
+    loss[100:200] = 50.0  # [T, 2T) is read by neither mean
+    assert not SC.mean_criterion(loss, t_train).collapsed
+    # a steady climb the paper's rule misses (its in-window maximum is the first token) and ours sees
+    climb = torch.cat([torch.tensor([9.0]), torch.full((99,), 2.0), torch.linspace(2.0, 5.0, 900)])
+    assert not SC.paper_criterion(climb, t_train).collapsed and SC.mean_criterion(climb, t_train).collapsed
+    with pytest.raises(ValueError, match="positions"):
+        SC.mean_criterion(loss[:200], t_train)
+
+
+def test_a_model_collapses_if_any_probe_fires():
+    ok = {"criteria": {"paper": {"collapsed": False}, "mean": {"collapsed": False}}}
+    bad = {"criteria": {"paper": {"collapsed": False}, "mean": {"collapsed": True}}}
+    v = SC.model_verdicts({"text": ok, "copy": bad, "newline": ok})
+    assert v == {"paper": {"collapsed": False, "probes": []}, "mean": {"collapsed": True, "probes": ["copy"]}}
+
+
+def test_mechanism_measures_on_hand_made_traces():
+    positions = [4, 8, 12, 16, 20, 24, 28, 32, 36]  # T = 8: records every T/2 here
+    retention = torch.zeros(9, 2, 3)
+    retention[:, 1, 2] = torch.tensor([0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    assert SC.retention_at_multiples(positions, retention, 8) == pytest.approx({"1": 0.9, "2": 0.7, "4": 0.3})
+    norm = torch.ones(9, 2, 3)
+    norm[1, 0, 0] = 2.0  # the in-window maximum, at t = T
+    norm[6, 1, 1] = 7.0  # the largest past T
+    assert SC.norm_growth(positions, norm, 8) == pytest.approx(3.5)
+    assert SC.trace_every(16, 1024) == 4 and SC.trace_every(8192, 20000) == 2048
+    assert SC.trace_every(16, 10**6) % 16 == 0 and 10**6 // SC.trace_every(16, 10**6) <= SC.MAX_TRACE_POINTS
 
 
 # ------------------------------------------------------------------------------------------------
-# state_collapse.py: carried-state evaluation and the --checkpoint path
+# state_collapse.py: carried-state evaluation, the demo per seed, the --checkpoint path
 # ------------------------------------------------------------------------------------------------
 
 def test_carried_state_loss_does_not_depend_on_chunking():
@@ -444,7 +485,6 @@ def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
     """The --checkpoint path on a checkpoint this test writes (the hub is unreachable here)."""
     import json
     from minimamba import Mamba2Config, Mamba2LM
-    from experiments import state_collapse as SC
     from checkpoints import save_pretrained
     torch.manual_seed(0)
     save_pretrained(Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
@@ -452,14 +492,49 @@ def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
     out = tmp_path / "out"
     SC.main(["--checkpoint", str(tmp_path / "ckpt"), "--t_train", "16", "--eval_length", "80",
              "--chunk_len", "32", "--eval_prompts", "2", "--trace_prompts", "1", "--out_dir", str(out)])
-    res = json.loads((out / "metrics.json").read_text())
-    assert res["newline_id"] == (10 if vocab == 256 else SC.GPT_NEOX_NEWLINE_ID)
-    entry = res["models"]["16"]
-    assert set(entry["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
-    assert set(entry["mitigations"]) == {"rri", "state_norm", "sliding_window", "delta_scaling"}
-    s = entry["base"]["newline"]
-    assert s["bins"][-1]["to"] == 80 and isinstance(s["collapsed"], bool)
-    assert entry["trace"]["newline"]["positions"][-1] == 80
-    for f in ("metrics.csv", "config.json", "state_collapse_loss.png", "state_collapse_mitigations.png",
+    res = json.loads((out / "points" / "checkpoint.json").read_text())["result"]
+    assert res["state_size"] > 0
+    assert set(res["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
+    assert set(res["mitigations"]) == set(SC.MITIGATIONS)
+    assert set(res["base"]["newline"]["criteria"]) == {"paper", "mean"}
+    assert res["trace"]["newline"]["positions"][-1] == 80 and set(res["trace"]["newline"]["retention_at"]) == {"1", "2", "4"}
+    summary = json.loads((out / "state_collapse_summary.json").read_text())
+    assert summary["t_train"]["16"]["verdicts"]["paper"]["n"] == 1
+    for f in ("config.json", "state_collapse_summary.md", "state_collapse_loss.png", "state_collapse_mitigations.png",
               "state_collapse_state.png"):
         assert (out / f).is_file(), f
+    before = (out / "state_collapse_summary.json").read_text()
+    (out / "state_collapse_summary.json").unlink()
+    SC.main(["--replot", "--out_dir", str(out)])
+    assert (out / "state_collapse_summary.json").read_text() == before
+
+
+def test_state_collapse_demo_per_seed_in_workers_resumes_and_replots(tmp_path):
+    """Two seeds x two training lengths in 2 worker processes; a rerun computes nothing; --replot
+    rebuilds the same summary from the points alone."""
+    import json
+    cfg = SC.DemoConfig(out_dir=str(tmp_path / "demo"), d_model=16, n_layer=1, d_state=8, headdim=8, train_lens=(4, 8),
+                        seeds=(0, 1), tokens_per_step=16, steps=2, eval_length=40, eval_prompts=2, trace_prompts=1,
+                        chunk_len=16, device="cpu", workers=2)
+    summary = SC.run_demo(cfg)
+    points = sorted(p.name for p in (tmp_path / "demo" / "points").iterdir())
+    assert points == ["mitigations=False_seed=0_t_train=8.json", "mitigations=False_seed=1_t_train=8.json",
+                      "mitigations=True_seed=0_t_train=4.json", "mitigations=True_seed=1_t_train=4.json"]
+    for t in ("4", "8"):
+        v = summary["t_train"][t]["verdicts"]
+        assert v["paper"]["n"] == v["mean"]["n"] == 2 and set(summary["t_train"][t]["per_probe"]) == set(SC.PROBES)
+        assert v["paper"]["k"] == len(v["paper"]["seeds_collapsed"])
+    mit = summary["mitigations"]
+    assert mit["t_train"] == 4 and set(mit["methods"]) == set(SC.MITIGATIONS)
+    for m in mit["methods"].values():
+        assert m["fixed"]["paper"]["n"] == summary["t_train"]["4"]["verdicts"]["paper"]["k"]
+        assert m["in_window_cost"]["text"]["n"] == 2
+    again = SC.run_demo(dataclasses.replace(cfg, workers=1))
+    record = json.loads((tmp_path / "demo" / "config.json").read_text())["invocations"][-1]
+    assert record["points_computed"] == [] and "git_commit" in record and "command" in record
+    assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+    SC.replot(tmp_path / "demo", tmp_path / "figs")
+    assert json.loads((tmp_path / "figs" / "state_collapse_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "figs" / "state_collapse_loss.png").is_file()
+    with pytest.raises(ValueError, match="other settings .*steps"):  # a changed recipe is refused
+        SC.run_demo(dataclasses.replace(cfg, steps=3, workers=1))
