@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -81,7 +80,7 @@ from minimamba import Mamba2LM
 from experiments.common import (ProgressBar, add_flag, atomic_write_json, atomic_write_text, config_from_args,
                                 config_parser, flag, resolve_device, write_run_config)
 from experiments.data import Corpus, copy_batch, newline_probe
-from experiments.sweep import (Point, fmt_ci, grid_points, load_run_config, mean_ci, point_train_config,
+from experiments.sweep import (Point, fmt_ci, grid_points, load_run_config, mean_ci, point_train_config, read_run_record,
                                proportion, recipe, run_points, train_point_model, PointStore)
 
 # ----------------------------------------------------------------------------------------------
@@ -646,11 +645,10 @@ def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     points alone (seconds; nothing is trained). out: where to write them (default: run_dir)."""
     run_dir, out = Path(run_dir), Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recorded = json.loads((run_dir / "config.json").read_text())
-    if "checkpoint" in recorded:
-        cfg = load_run_config(run_dir, DemoConfig)
-        return report({recorded["t_train"]: [{"seed": None, **_stored(run_dir, checkpoint_point(cfg, recorded))}]}, out)
+    recorded = read_run_record(run_dir)
     cfg = load_run_config(run_dir, DemoConfig)
+    if "checkpoint" in recorded:
+        return report({recorded["t_train"]: [{"seed": None, **_stored(run_dir, checkpoint_point(cfg, recorded))}]}, out)
     return report(by_t_train(cfg, {p.key: _stored(run_dir, p) for p in demo_points(cfg)}), out)
 
 

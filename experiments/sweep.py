@@ -15,7 +15,7 @@ Reading order
                           Wilson 95% interval), linear_fit (least squares with the slope's 95% t
                           interval), exp_fit, r_squared
     3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable)
-    4. Run folders        recipe (what a point depends on), load_run_config, parse_states
+    4. Run folders        recipe (what a point depends on), read_run_record, load_run_config, parse_states
 
 Statistics (formulas, with the hand-computed values tests/test_sweeps.py checks)
     mean_ci:    m = mean(x), s = sd(x) (n - 1), half = t_{0.975, n-1} s / sqrt(n)
@@ -383,12 +383,22 @@ def recipe(cfg, grid_fields: Iterable[str] = ()) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def load_run_config(out_dir: str | Path, cls):
-    """The resolved config a run folder's config.json records (for --replot)."""
-    p = Path(out_dir) / "config.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: --replot needs a finished run folder (or a results folder)")
-    return config_from_dict(cls, json.loads(p.read_text())["config"])
+RUN_RECORDS = ("config.json", "manifest.json")  # a run folder's record; a committed results folder's
+
+
+def read_run_record(run_dir: str | Path) -> dict:
+    """The record of a run folder (config.json) or of a committed results folder (manifest.json):
+    both hold the resolved config under "config"."""
+    for name in RUN_RECORDS:
+        if (Path(run_dir) / name).is_file():
+            return json.loads((Path(run_dir) / name).read_text())
+    raise FileNotFoundError(f"{run_dir} holds neither {' nor '.join(RUN_RECORDS)}: --replot needs a finished run "
+                            f"folder or a results folder")
+
+
+def load_run_config(run_dir: str | Path, cls):
+    """The resolved config a run folder (or a results folder) records, as a `cls` (for --replot)."""
+    return config_from_dict(cls, read_run_record(run_dir)["config"])
 
 
 def parse_states(states: Iterable[str]) -> list[tuple[int, int]]:

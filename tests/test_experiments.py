@@ -93,6 +93,38 @@ def test_default_corpus_is_the_stdlib():
 
 
 # ------------------------------------------------------------------------------------------------
+# one command-line convention (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*.py")
+                 if "def main(" in p.read_text()) + ["forgetting_curve"]
+
+
+def test_every_script_is_listed():
+    assert {"experiments.train", "experiments.state_collapse", "experiments.state_capacity", "experiments.passkey",
+            "experiments.forgetting_curves", "experiments.figures", "experiments.bench",
+            "experiments.bench_mitigations", "experiments.check_equivalence"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_is_snake_case_with_help_and_its_default(name):
+    """Walk the script's parser: every flag --snake_case, with help text that states its default."""
+    import argparse
+    import importlib
+    import re
+    parser = importlib.import_module(name).build_parser()
+    flags = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert flags, f"{name} has no flags"
+    for action in flags:
+        for option in action.option_strings:
+            assert re.fullmatch(r"--[a-z][a-z0-9_]*", option), f"{name}: {option} is not a --snake_case flag"
+        assert action.help and action.help != argparse.SUPPRESS, f"{name}: {action.option_strings} has no help"
+        text = action.help % {"default": action.default}
+        assert "default" in text or (action.required and "required" in text), \
+            f"{name}: the help of {action.option_strings} does not state its default: {text!r}"
+
+
+# ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Claims tested (issues 6 and 11):
 """
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -448,3 +449,49 @@ def test_forgetting_curves_over_seeds_train_both_models_in_one_loop_and_resume(t
     assert again == summary
     forgetting_curves.replot(tmp_path, tmp_path / "re")
     assert (tmp_path / "re" / "fcurves_random.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# committed results and the one re-plot command (experiments/figures.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_publish_then_replot_from_committed_results_only(tmp_path, monkeypatch):
+    from experiments import figures
+    from experiments.common import REPO
+    before = {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()}
+    run_dir = tmp_path / "run"
+    cfg = state_capacity.CapacityConfig(out_dir=str(run_dir), states=("16x16", "64x16"), train_lens=(8, 16, 32),
+                                        seeds=(0, 1), eval_length=256, workers=1)
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    summary = state_capacity.run(cfg)
+    (run_dir / "models").mkdir()
+    (run_dir / "models" / "weights.bin").write_bytes(bytes(1000))  # never published
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        figures.main(["--publish", str(run_dir), "--experiment", "capacity", "--results_dir", str(results)])
+    done = figures.main(["--publish", str(run_dir), "--experiment", "state_capacity", "--results_dir", str(results),
+                         "--figures_dir", str(tmp_path / "figs")])
+    assert done == {"state_capacity": "replotted"}
+    published = results / "state_capacity"
+    assert sorted(p.name for p in published.iterdir()) == ["manifest.json", "points"]
+    assert len(list((published / "points").iterdir())) == 12
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert manifest["seeds"] == [0, 1] and manifest["config"]["train_lens"] == [8, 16, 32]
+    inv = manifest["invocations"][-1]
+    for key in ("command", "git_commit", "wall_s", "torch", "python", "cpu_count", "processor"):
+        assert key in inv, key
+    assert json.loads((tmp_path / "figs" / "capacity_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "figs" / "capacity.png").is_file()
+    # re-plot from the committed files alone, after the run folder is gone
+    shutil.rmtree(run_dir)
+    (tmp_path / "figs" / "capacity.png").unlink()
+    done = figures.main(["--results_dir", str(results), "--figures_dir", str(tmp_path / "figs")])
+    assert done["state_capacity"] == "replotted" and done["passkey"].startswith("skipped")
+    assert (tmp_path / "figs" / "capacity.png").is_file()
+    # an unfinished run is not published
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(dataclasses.replace(cfg, out_dir=str(tmp_path / "half")))
+    with pytest.raises(FileNotFoundError, match="missing; finish the run"):
+        figures.publish(tmp_path / "half", "state_capacity", results)
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()} == before, "figures/ was written"
