@@ -811,7 +811,8 @@ def run_all(cfg: BenchConfig, out: Path, threads: int | None, gpu: bool, cpu: bo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(ap, "quick", bool, False, "CPU-sized run (lengths up to 16K, no compile)")
     add_flag(ap, "out_dir", str, "", "run folder; empty = runs/bench-<UTC timestamp>")
     add_flag(ap, "threads", int, 0, "torch threads in each worker; 0 = torch's default")

@@ -83,7 +83,10 @@ def publish(run_dir: str | Path, name: str, results_root: str | Path = RESULTS_D
     """Copy a finished run's small files into results_root/name/ (replacing what was there) with a
     manifest; returns the folder. Refused unless the run holds every point its config asks for."""
     exp, run_dir = EXPERIMENTS[name], Path(run_dir)
-    record = read_run_record(run_dir) if exp.config_cls is not None else json.loads((run_dir / "results.json").read_text())["meta"]
+    if exp.config_cls is None:  # bench: its results.json carries its own record
+        record = json.loads((run_dir / "results.json").read_text())["meta"]
+    else:
+        record = read_run_record(run_dir)
     dest = Path(results_root) / name
     tmp = Path(results_root) / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,15 +154,19 @@ def recompute(names: list[str], seeds: str, workers: int, runs_dir: str | Path =
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_flag(p, "only", tuple[str, ...], tuple(EXPERIMENTS), "experiments to re-plot (or recompute / publish)")
-    add_flag(p, "results_dir", str, str(RESULTS_DIR.relative_to(REPO)), "the committed results, one folder per experiment")
+    add_flag(p, "results_dir", str, str(RESULTS_DIR.relative_to(REPO)),
+             "the committed results, one folder per experiment")
     add_flag(p, "figures_dir", str, str(FIGURES_DIR.relative_to(REPO)), "where the figures and summaries are written")
-    add_flag(p, "publish", str, "", "a finished run folder to publish into results_dir/<--experiment>/ (then re-plot it)")
-    add_flag(p, "experiment", str, "", f"with --publish: which experiment the run is, one of {', '.join(EXPERIMENTS)}")
+    add_flag(p, "publish", str, "", "a finished run folder to publish into results_dir/<--experiment>/ "
+             "(then re-plot it)")
+    add_flag(p, "experiment", str, "", f"with --publish: which experiment the run is, one of "
+             f"{', '.join(EXPERIMENTS)}")
     add_flag(p, "recompute", bool, False, "rerun every --only experiment at the --quick level, publish, re-plot")
     add_flag(p, "seeds", str, "0,1,2", "with --recompute: the seeds of every experiment")
     add_flag(p, "workers", int, os.cpu_count() or 1, "with --recompute: worker processes per experiment; the default "
              "is this machine's cores")
-    add_flag(p, "runs_dir", str, str(RUNS_DIR.relative_to(REPO)), "with --recompute: where the runs (models and all) go")
+    add_flag(p, "runs_dir", str, str(RUNS_DIR.relative_to(REPO)),
+             "with --recompute: where the runs (models and all) go")
     return p
 
 

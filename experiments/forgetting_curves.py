@@ -53,8 +53,6 @@ Outputs (run folder, default runs/fcurves[_quick]/)
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -67,12 +65,12 @@ import torch
 import forgetting_curve as fc
 import mitigations as M
 
-from experiments.common import (add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag,
-                                write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
 from experiments.state_collapse import MitigationSettings, load_for_eval, mitigation_context
-from experiments.sweep import (Point, PointStore, final_train_loss, fmt_ci, grid_points, load_run_config, mean_ci,
-                               parse_states, point_key, point_train_config, recipe, run_points, train_point_model)
+from experiments.sweep import (Point, check_seeds_and_workers, final_train_loss, finished_run, fmt_ci, grid_points,
+                               mean_ci, parse_states, point_key, point_train_config, recipe, run_sweep,
+                               train_point_model, workers_flag)
 from experiments.tiny_transformer import TinyTransformer
 
 MODES = ("random", "text")
@@ -116,8 +114,7 @@ class FCurvesConfig:
     chunk_size: int = flag(1024, "tokens per Mamba-2 call during the curves, state carried")
     # --- machine ---
     device: str = flag("cpu", "cpu | cuda | auto")
-    workers: int = flag(os.cpu_count() or 1, "worker processes for the (model, seed) points, each with cores / "
-                                             "workers torch threads; the default is this machine's cores")
+    workers: int = workers_flag()
     quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
@@ -131,8 +128,7 @@ class FCurvesConfig:
         if self.n_samples < 5:
             raise ValueError(f"--n_samples must be >= 5 (the paired test cannot reach p < 0.05 below), "
                              f"got {self.n_samples}")
-        if not self.seeds or self.workers < 1:
-            raise ValueError(f"need at least one seed and --workers >= 1, got {self.seeds}, {self.workers}")
+        check_seeds_and_workers(self)
 
 
 # 16 rows of 64 tokens per step: with 8 rows (half of them copy rows) the Transformer had too few
@@ -195,7 +191,8 @@ def run_point(cfg: FCurvesConfig, point: Point) -> dict:
               "final_loss": final_train_loss(tcfg.out_dir), "train_seconds": time.perf_counter() - t0, "curves": {}}
     heldout = torch.from_numpy(Corpus.load().heldout.astype(np.int64))  # (N,) held-out bytes
     lengths = [L for L in cfg.lengths if mamba or L <= cfg.tf_max_len]
-    settings = MitigationSettings(rri_horizon=cfg.rri_horizon, rri_lambda_b=cfg.rri_lambda_b, window_mult=cfg.window_mult)
+    settings = MitigationSettings(rri_horizon=cfg.rri_horizon, rri_lambda_b=cfg.rri_lambda_b,
+                                  window_mult=cfg.window_mult)
     for mit in (cfg.mitigations if mamba else ("none",)):
         for mode in cfg.modes:
             desc, ctx = mitigation_context(mit, model, c["t_train"], settings)
@@ -250,27 +247,14 @@ def summarize(cfg: FCurvesConfig, results: dict[str, dict]) -> dict:
 
 
 def run(cfg: FCurvesConfig) -> dict:
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    results, computed = run_points(out, fcurve_points(cfg), run_point, cfg, cfg.workers, desc="fcurves")
-    summary = report(cfg, summarize(cfg, results), out)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, record={"points_computed": computed})
-    return summary
+    results = run_sweep(cfg, fcurve_points(cfg), run_point, "fcurves")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
 
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figures of a finished run folder (or a committed results folder), from its
     points alone. out: where to write them (default: run_dir)."""
-    run_dir, out = Path(run_dir), Path(out or run_dir)
-    cfg = load_run_config(run_dir, FCurvesConfig)
-    store = PointStore(run_dir)
-    results = {p.key: store.get(p) for p in fcurve_points(cfg)}
-    missing = [k for k, r in results.items() if r is None]
-    if missing:
-        raise FileNotFoundError(f"{run_dir}: points {missing} are missing; run without --replot to compute them")
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, results, out = finished_run(run_dir, out, FCurvesConfig, fcurve_points)
     return report(cfg, summarize(cfg, results), out)
 
 
@@ -283,10 +267,11 @@ def report(cfg: FCurvesConfig, summary: dict, out: Path) -> dict:
         facts = list(m["facts"].values())
         for name, c in m["curves"].items():
             mit, mode = name.split("|")
+            fine = ", ".join(str(v["fine_grained_length"]) for v in c["per_seed"].values())
+            coarse = ", ".join(str(v["coarse_grained_length"]) for v in c["per_seed"].values())
             md.append(f"| {m['label']} | {facts[0]['n_params'] / 1e3:.0f}K | {facts[0]['state_size'] or '-'} | "
-                      f"{np.mean([f['final_loss'] for f in facts]):.2f} | {mit} | {mode} | "
-                      + ", ".join(str(v["fine_grained_length"]) for v in c["per_seed"].values()) + f" | {fmt_ci(c['fine'])} | "
-                      + ", ".join(str(v["coarse_grained_length"]) for v in c["per_seed"].values()) + f" | {fmt_ci(c['coarse'])} |")
+                      f"{np.mean([f['final_loss'] for f in facts]):.2f} | {mit} | {mode} | {fine} | "
+                      f"{fmt_ci(c['fine'])} | {coarse} | {fmt_ci(c['coarse'])} |")
     text = "\n".join(md) + "\n"
     atomic_write_json(out / f"{FIGURE_PREFIX}_summary.json", summary)
     atomic_write_text(out / f"{FIGURE_PREFIX}_summary.md", text)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -65,13 +64,12 @@ import torch
 
 import mitigations as M
 
-from experiments.common import (add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag,
-                                write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import Corpus
 from experiments.state_collapse import load_for_eval
-from experiments.sweep import (PAPER_RECALL, ExpFit, Point, PointStore, exp_fit, final_train_loss, fmt_ci, grid_points,
-                               load_run_config, mean_ci, parse_states, point_key, point_train_config, recipe,
-                               run_points, train_point_model)
+from experiments.sweep import (PAPER_RECALL, ExpFit, Point, check_seeds_and_workers, exp_fit, final_train_loss,
+                               finished_run, fmt_ci, grid_points, mean_ci, parse_states, point_key,
+                               point_train_config, recipe, run_sweep, train_point_model, workers_flag)
 from experiments.train import TrainConfig
 
 # [SC] appendix: the passkey prompt
@@ -292,8 +290,7 @@ class PasskeyConfig:
     n_eval: int = flag(10, "prompts per (C, depth)")
     chunk: int = flag(1024, "tokens per forward call during evaluation (state carried)")
     device: str = flag("cpu", "cpu | cuda | auto")
-    workers: int = flag(os.cpu_count() or 1, "worker processes for the (state, seed) points, each with cores / "
-                                             "workers torch threads; the default is this machine's cores")
+    workers: int = workers_flag()
     quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
@@ -314,8 +311,7 @@ class PasskeyConfig:
             raise ValueError(f"--lengths must be >= {overhead_bytes()} (needle + question)")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise ValueError(f"--depths must lie in [0, 1], got {self.depths}")
-        if not self.seeds or self.workers < 1:
-            raise ValueError(f"need at least one seed and --workers >= 1, got {self.seeds}, {self.workers}")
+        check_seeds_and_workers(self)
 
 
 # The CPU-sized recipe, chosen with throw-away probes (same optimizer, schedule and weighted loss; 1000-
@@ -405,27 +401,14 @@ def summarize(cfg: PasskeyConfig, results: dict[str, dict]) -> dict:
 
 
 def run(cfg: PasskeyConfig) -> dict:
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    results, computed = run_points(out, passkey_points(cfg), run_point, cfg, cfg.workers, desc="passkey")
-    summary = report(cfg, summarize(cfg, results), out)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, record={"points_computed": computed})
-    return summary
+    results = run_sweep(cfg, passkey_points(cfg), run_point, "passkey")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
 
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figures of a finished run folder (or a committed results folder), from its
     points alone. out: where to write them (default: run_dir)."""
-    run_dir, out = Path(run_dir), Path(out or run_dir)
-    cfg = load_run_config(run_dir, PasskeyConfig)
-    store = PointStore(run_dir)
-    results = {p.key: store.get(p) for p in passkey_points(cfg)}
-    missing = [k for k, r in results.items() if r is None]
-    if missing:
-        raise FileNotFoundError(f"{run_dir}: points {missing} are missing; run without --replot to compute them")
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, results, out = finished_run(run_dir, out, PasskeyConfig, passkey_points)
     return report(cfg, summarize(cfg, results), out)
 
 
@@ -501,7 +484,8 @@ def plot(cfg: PasskeyConfig, summary: dict, out: Path) -> list[Path]:
     ax.plot(pairs[~censored, 0] / 1e3, pairs[~censored, 1], "o", mfc="none",
             label="ours, one seed: longest context with >= 95% (0 = none)")
     if censored.any():
-        ax.plot(pairs[censored, 0] / 1e3, pairs[censored, 1], "^", mfc="none", label=f"ours: >= {top} (every tested context passed)")
+        ax.plot(pairs[censored, 0] / 1e3, pairs[censored, 1], "^", mfc="none",
+                label=f"ours: >= {top} (every tested context passed)")
     if fit is not None:
         grid = np.linspace(xs.min(), xs.max(), 100) / 1e3
         line = f" = a line, {fit.a * math.log(fit.b):.3g} x + {fit.c:.3g}" if fit.b - 1 < FLAT_GROWTH else ""

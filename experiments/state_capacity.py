@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -57,13 +56,12 @@ import numpy as np
 
 import mitigations as M
 
-from experiments.common import (add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag,
-                                write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import Corpus, newline_probe
 from experiments.state_collapse import CRITERIA, criteria, load_for_eval, per_position_loss
-from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, Point, PointStore, final_train_loss,
-                               fmt_ci, grid_points, linear_fit, load_run_config, mean_ci, parse_states, point_key,
-                               point_train_config, recipe, run_points, train_point_model)
+from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, Point, check_seeds_and_workers,
+                               final_train_loss, finished_run, fmt_ci, grid_points, linear_fit, mean_ci, parse_states,
+                               point_key, point_train_config, recipe, run_sweep, train_point_model, workers_flag)
 
 PROBES = ("newline", "text")
 FIGURE_NAME = "capacity.png"
@@ -89,8 +87,7 @@ class CapacityConfig:
     eval_prompts: int = flag(8, "held-out text windows averaged per position (the newline prompt is one)")
     chunk_len: int = flag(128, "tokens per forward call with the state carried (the official k = 128)")
     device: str = flag("cpu", "cpu | cuda | auto")
-    workers: int = flag(os.cpu_count() or 1, "worker processes for the points, each with cores / workers torch "
-                                             "threads; the default is this machine's cores")
+    workers: int = workers_flag()
     quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
@@ -101,8 +98,7 @@ class CapacityConfig:
         if any(self.tokens_per_step % t for t in self.train_lens):
             raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train "
                              f"{self.train_lens}")
-        if not self.seeds or self.workers < 1:
-            raise ValueError(f"need at least one seed and --workers >= 1, got {self.seeds}, {self.workers}")
+        check_seeds_and_workers(self)
 
 
 # The CPU demo: the regime where experiments/state_collapse.py --quick collapses (d_state 256 x headdim
@@ -197,7 +193,8 @@ def summarize(cfg: CapacityConfig, results: dict[str, dict]) -> dict:
         for n, p in parse_states(cfg.states):
             entry = {"n_layer": L, "d_state": n, "headdim": p, "per_seed": {}, "t_forget": {}}
             for s in cfg.seeds:
-                pts = {t: results[point_key(n_layer=L, d_state=n, headdim=p, t_train=t, seed=s)] for t in cfg.train_lens}
+                pts = {t: results[point_key(n_layer=L, d_state=n, headdim=p, t_train=t, seed=s)]
+                       for t in cfg.train_lens}
                 entry["state_size"] = next(iter(pts.values()))["state_size"]
                 entry["per_seed"][str(s)] = {"points": {str(t): r for t, r in pts.items()},
                                              "t_forget": {c: t_forget({t: r["collapsed"][c] for t, r in pts.items()})
@@ -216,28 +213,14 @@ def summarize(cfg: CapacityConfig, results: dict[str, dict]) -> dict:
 
 
 def run(cfg: CapacityConfig) -> dict:
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    results, computed = run_points(out, capacity_points(cfg), run_point, cfg, cfg.workers, desc="capacity")
-    summary = report(cfg, summarize(cfg, results), out)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, record={"points_computed": computed})
-    return summary
+    results = run_sweep(cfg, capacity_points(cfg), run_point, "capacity")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
 
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figure of a finished run folder (or a committed results folder), from its
     points alone. out: where to write them (default: run_dir)."""
-    run_dir, out = Path(run_dir), Path(out or run_dir)
-    cfg = load_run_config(run_dir, CapacityConfig)
-    store = PointStore(run_dir)
-    results = {}
-    for p in capacity_points(cfg):
-        results[p.key] = store.get(p)
-        if results[p.key] is None:
-            raise FileNotFoundError(f"{run_dir}: point {p.key} is missing; run without --replot to compute it")
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, results, out = finished_run(run_dir, out, CapacityConfig, capacity_points)
     return report(cfg, summarize(cfg, results), out)
 
 
@@ -267,7 +250,8 @@ def report(cfg: CapacityConfig, summary: dict, out: Path) -> dict:
             continue
         k = f["tokens_per_K_elements"]
         ci = f" [{k['low']:.3g}, {k['high']:.3g}]" if k["low"] is not None else ""
-        md.append(f"\nFit ({c} criterion): T_forget = {f['fit']['slope']:.4g} N_S + {f['fit']['intercept']:.4g} tokens: "
+        md.append(f"\nFit ({c} criterion): T_forget = {f['fit']['slope']:.4g} N_S + {f['fit']['intercept']:.4g} "
+                  f"tokens: "
                   f"{k['slope']:.3g}{ci} tokens per 1K state elements (paper: {PAPER_FORGET_SLOPE}), "
                   f"R^2 = {f['fit']['r2']:.3f}, n = {f['fit']['n']} (state, seed) pairs. {f['note']}")
     text = "\n".join(md) + "\n"

@@ -62,7 +62,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -80,8 +79,9 @@ from minimamba import Mamba2LM
 from experiments.common import (ProgressBar, add_flag, atomic_write_json, atomic_write_text, config_from_args,
                                 config_parser, flag, resolve_device, write_run_config)
 from experiments.data import Corpus, copy_batch, newline_probe
-from experiments.sweep import (Point, fmt_ci, grid_points, load_run_config, mean_ci, point_train_config, read_run_record,
-                               proportion, recipe, run_points, train_point_model, PointStore)
+from experiments.sweep import (Point, PointStore, check_seeds_and_workers, fmt_ci, grid_points, load_run_config,
+                               mean_ci, point_train_config, proportion, read_run_record, recipe, run_sweep,
+                               stored_results, train_point_model, workers_flag)
 
 # ----------------------------------------------------------------------------------------------
 # 1. The collapse criteria
@@ -291,7 +291,8 @@ def mitigation_context(name: str, model, t_train: int, s: MitigationSettings, ca
         return "none", contextlib.nullcontext()
     if name == "rri":
         lam_a = 1.0 - 1.0 / (s.rri_horizon * t_train)
-        return f"RRI lambda_a={lam_a:.5f} lambda_B={s.rri_lambda_b}", M.rri(model, lambda_a=lam_a, lambda_B=s.rri_lambda_b)
+        return (f"RRI lambda_a={lam_a:.5f} lambda_B={s.rri_lambda_b}",
+                M.rri(model, lambda_a=lam_a, lambda_B=s.rri_lambda_b))
     if name == "sliding_window":
         return f"sliding window r={s.window_mult * t_train}", M.sliding_window(model, s.window_mult * t_train)
     if name == "delta_scaling":
@@ -301,7 +302,8 @@ def mitigation_context(name: str, model, t_train: int, s: MitigationSettings, ca
             raise ValueError("state_norm needs calibration inputs (calib)")
         every = s.norm_every or min(t_train, 128)
         taus = M.calibrate_state_norm(model, calib, every=every)
-        return f"state norm every {every} (tau from {calib.shape[1]}-token inputs)", M.state_norm(model, taus, every=every)
+        return (f"state norm every {every} (tau from {calib.shape[1]}-token inputs)",
+                M.state_norm(model, taus, every=every))
     raise ValueError(f"unknown mitigation {name!r}; expected none or one of {MITIGATIONS}")
 
 
@@ -312,7 +314,8 @@ def analyse_model(model, probes: dict[str, torch.Tensor], t_train: int, chunk_le
     device = next(model.parameters()).device
     base = evaluate(model, probes, t_train, chunk_len)
     entry = {"base": base, "verdicts": model_verdicts(base),
-             "trace": {name: trace(model, ids[:trace_prompts, :-1].to(device), t_train) for name, ids in probes.items()}}
+             "trace": {name: trace(model, ids[:trace_prompts, :-1].to(device), t_train)
+                       for name, ids in probes.items()}}
     if settings is not None:
         calib = torch.cat([ids[:, :t_train] for name, ids in probes.items() if name != "newline"]
                           or [probes["newline"][:, :t_train]]).to(device)
@@ -342,7 +345,8 @@ class DemoConfig:
     headdim: int = flag(32, "p, channels per head")
     # --- training (experiments/train.py) ---
     train_lens: tuple[int, ...] = flag((16, 64, 256), "T_train values (tokens), comma-separated")
-    seeds: tuple[int, ...] = flag((0,), "training seeds (init and batches), comma-separated; every verdict is k of these")
+    seeds: tuple[int, ...] = flag((0,), "training seeds (init and batches), comma-separated; every verdict is k of "
+                                        "these")
     tokens_per_step: int = flag(1024, "tokens per optimizer step; rows = tokens_per_step / T_train (same for every T)")
     steps: int = flag(8000, "optimizer steps per model")
     lr: float = flag(3e-3, "peak learning rate (warmup + cosine, train.py)")
@@ -363,19 +367,18 @@ class DemoConfig:
     norm_every: int = flag(0, "state-norm clamp period in tokens; 0 = min(T_train, 128)")
     # --- machine ---
     device: str = flag("auto", "auto | cpu | cuda")
-    workers: int = flag(os.cpu_count() or 1, "worker processes for the (T_train, seed) points, each with "
-                                              "cores / workers torch threads; the default is this machine's cores")
+    workers: int = workers_flag()
     quick: bool = flag(False, "start from the CPU-sized QUICK values (the README demo)")
 
     def __post_init__(self):
         if not self.train_lens or any(t < 2 for t in self.train_lens):
             raise ValueError(f"--train_lens must be ints >= 2, got {self.train_lens}")
         if any(self.tokens_per_step % t for t in self.train_lens):
-            raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train {self.train_lens}")
+            raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train "
+                             f"{self.train_lens}")
         if self.eval_mult < 3 and not self.eval_length:
             raise ValueError(f"--eval_mult must be >= 3 (the mean criterion reads [2T, l)), got {self.eval_mult}")
-        if not self.seeds or self.workers < 1:
-            raise ValueError(f"need at least one seed and --workers >= 1, got {self.seeds}, {self.workers}")
+        check_seeds_and_workers(self)
 
     @property
     def eval_len(self) -> int:
@@ -432,7 +435,8 @@ def run_point(cfg: DemoConfig, point: Point) -> dict:
     model = load_for_eval(train_point_model(tcfg), cfg.device)
     settings = cfg.mitigation_settings if point.coords["mitigations"] else None
     return {"state_size": M.state_size(model.config),
-            **analyse_model(model, make_probes(cfg, Corpus.load()), t_train, cfg.chunk_len, cfg.trace_prompts, settings)}
+            **analyse_model(model, make_probes(cfg, Corpus.load()), t_train, cfg.chunk_len, cfg.trace_prompts,
+                            settings)}
 
 
 def demo_points(cfg: DemoConfig) -> list[Point]:
@@ -456,16 +460,9 @@ def check_eval_length(length: int, t_train: int) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    t0 = time.perf_counter()
     check_eval_length(cfg.eval_len, max(cfg.train_lens))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg), eval_len=cfg.eval_len)
-    results, computed = run_points(out, demo_points(cfg), run_point, cfg, cfg.workers, desc="collapse")
-    summary = report(by_t_train(cfg, results), out)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
-                     record={"points_computed": computed}, eval_len=cfg.eval_len)
-    return summary
+    results = run_sweep(cfg, demo_points(cfg), run_point, "collapse", eval_len=cfg.eval_len)
+    return report(by_t_train(cfg, results), Path(cfg.out_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,21 +640,13 @@ def plot(groups: dict[int, list[dict]], out: Path) -> list[Path]:
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figures of a finished run folder (or a committed results folder), from its
     points alone (seconds; nothing is trained). out: where to write them (default: run_dir)."""
-    run_dir, out = Path(run_dir), Path(out or run_dir)
+    recorded, cfg = read_run_record(run_dir), load_run_config(run_dir, DemoConfig)
+    out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recorded = read_run_record(run_dir)
-    cfg = load_run_config(run_dir, DemoConfig)
     if "checkpoint" in recorded:
-        return report({recorded["t_train"]: [{"seed": None, **_stored(run_dir, checkpoint_point(cfg, recorded))}]}, out)
-    return report(by_t_train(cfg, {p.key: _stored(run_dir, p) for p in demo_points(cfg)}), out)
-
-
-def _stored(run_dir: Path, point: Point) -> dict:
-    result = PointStore(run_dir).get(point)
-    if result is None:
-        raise FileNotFoundError(f"{run_dir}: point {point.key} is missing; run the experiment (without --replot) "
-                                f"to compute it")
-    return result
+        point = checkpoint_point(cfg, recorded)
+        return report({recorded["t_train"]: [{"seed": None, **stored_results(run_dir, [point])[point.key]}]}, out)
+    return report(by_t_train(cfg, stored_results(run_dir, demo_points(cfg))), out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +655,7 @@ def _stored(run_dir: Path, point: Point) -> dict:
 
 def checkpoint_point(cfg: DemoConfig, recorded: dict) -> Point:
     """The single point of a checkpoint analysis."""
-    coords = {"checkpoint": recorded["checkpoint"], "t_train": recorded["t_train"], "newline_id": recorded["newline_id"]}
+    coords = {k: recorded[k] for k in ("checkpoint", "t_train", "newline_id")}
     return Point("checkpoint", coords, {**recipe(cfg, ("train_lens",)), **coords})
 
 
@@ -712,7 +701,8 @@ def main(argv: list[str] | None = None) -> None:
         run_checkpoint(args.checkpoint, cfg, args.t_train, args.newline_id)
     else:
         run_demo(cfg)
-    print(f"wrote {cfg.out_dir}/: config.json points/ {SUMMARY_PREFIX}_summary.md state_collapse_*.png", file=sys.stderr)
+    print(f"wrote {cfg.out_dir}/: config.json points/ {SUMMARY_PREFIX}_summary.md state_collapse_*.png",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Papers
 Reading order
     1. Points and seeds   Point (one (grid point, seed) pair), PointStore (one JSON per point, written
                           atomically; a rerun reuses it), run_points (the missing points, in --workers
-                          processes: a killed sweep loses only the points in flight)
+                          processes: a killed sweep loses only the points in flight), run_sweep (a
+                          sweep's run: config.json, the points, the invocation's record), stored_results
     2. Statistics         mean_ci (mean and 95% t interval over seeds), proportion (k/N with a
                           Wilson 95% interval), linear_fit (least squares with the slope's 95% t
                           interval), exp_fit, r_squared
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 import forgetting_curve as fc
-from experiments.common import ProgressBar, atomic_write_json, config_from_dict
+from experiments.common import ProgressBar, atomic_write_json, config_from_dict, flag, write_run_config
 from experiments.train import TrainConfig, latest_checkpoint, checkpoint_step, train
 
 POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished (point, seed) each
@@ -137,6 +138,18 @@ class PointStore:
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))}
 
 
+def workers_flag() -> int:
+    """The --workers field of every sweep config (default: this machine's cores)."""
+    return flag(os.cpu_count() or 1, "worker processes for the (point, seed) pairs, each with cores / workers torch "
+                                     "threads; the default is this machine's cores")
+
+
+def check_seeds_and_workers(cfg) -> None:
+    """The __post_init__ check every sweep config shares."""
+    if not cfg.seeds or cfg.workers < 1:
+        raise ValueError(f"need at least one seed and --workers >= 1, got --seeds {cfg.seeds}, --workers {cfg.workers}")
+
+
 def threads_per_worker(workers: int) -> int:
     """Torch threads for each of `workers` processes: the cores shared out, at least 1."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -184,6 +197,40 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
                 raise
     bar.close()
     return {p.key: results[p.key] for p in points}, [p.key for p in todo]
+
+
+def run_sweep(cfg, points: list[Point], compute: Callable, desc: str, **facts: Any) -> dict[str, dict]:
+    """What every sweep's run() does: config.json in cfg.out_dir, then run_points with cfg.workers,
+    then the invocation's record (wall time, points computed). Returns key -> result."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, dataclasses.asdict(cfg), **facts)
+    results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
+    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
+                     record={"points_computed": computed}, **facts)
+    return results
+
+
+def finished_run(run_dir: str | Path, out: str | Path | None, cls,
+                 points: Callable) -> tuple[Any, dict[str, dict], Path]:
+    """What every --replot starts from: (the run's config as a `cls`, every point's stored result,
+    the output folder: out, created, or run_dir). points(cfg) lists the run's points."""
+    cfg = load_run_config(run_dir, cls)
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, stored_results(run_dir, points(cfg)), out
+
+
+def stored_results(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
+    """Every point's stored result (for --replot); a missing point is an error naming it."""
+    store = PointStore(run_dir)
+    results = {p.key: store.get(p) for p in points}
+    missing = [k for k, r in results.items() if r is None]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: points {missing} are missing; run the experiment (without --replot) "
+                                f"to compute them")
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +286,8 @@ def fmt_ci(s: dict, digits: int = 3) -> str:
     if s["mean"] is None:
         return "-"
     text = f"{s['mean']:.{digits}g}"
-    return text + (f" [{s['low']:.{digits}g}, {s['high']:.{digits}g}]" if s["low"] is not None else "") + f" (n={s['n']})"
+    interval = f" [{s['low']:.{digits}g}, {s['high']:.{digits}g}]" if s["low"] is not None else ""
+    return f"{text}{interval} (n={s['n']})"
 
 
 def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:

@@ -510,7 +510,8 @@ def resume(out_dir: Path, model: torch.nn.Module, optimizer, cfg: TrainConfig, i
                 print(f"--resume: {e}\n  moved it to {aside}; falling back to the previous checkpoint "
                       f"(if any)", file=sys.stderr)
     if reasons:
-        raise CheckpointError(f"--resume: no usable checkpoint in {out_dir / CHECKPOINT_DIR}:\n  " + "\n  ".join(reasons))
+        raise CheckpointError(f"--resume: no usable checkpoint in {out_dir / CHECKPOINT_DIR}:\n  "
+                              + "\n  ".join(reasons))
     if is_main:
         print(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}, starting from step 0", file=sys.stderr)
     return 0
