@@ -139,14 +139,14 @@ def replot_all(names: list[str], results_root: str | Path = RESULTS_DIR,
     return done
 
 
-def recompute(names: list[str], seeds: str, workers: int, runs_dir: str | Path = RUNS_DIR,
+def recompute(names: list[str], seeds: tuple[int, ...], workers: int, runs_dir: str | Path = RUNS_DIR,
               results_root: str | Path = RESULTS_DIR) -> None:
     """Each named experiment's --quick run (finished points reused), then published."""
     for name in names:
         out = Path(runs_dir) / name
         args = ["--quick", "--out_dir", str(out)]
         if EXPERIMENTS[name].config_cls is not None:
-            args += ["--seeds", seeds, "--workers", str(workers)]
+            args += ["--seeds", ",".join(map(str, seeds)), "--workers", str(workers)]
         EXPERIMENTS[name].main(args)
         publish(out, name, results_root)
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "experiment", str, "", f"with --publish: which experiment the run is, one of "
              f"{', '.join(EXPERIMENTS)}")
     add_flag(p, "recompute", bool, False, "rerun every --only experiment at the --quick level, publish, re-plot")
-    add_flag(p, "seeds", str, "0,1,2", "with --recompute: the seeds of every experiment")
+    add_flag(p, "seeds", tuple[int, ...], (0, 1, 2), "with --recompute: the seeds of every experiment")
     add_flag(p, "workers", int, os.cpu_count() or 1, "with --recompute: worker processes per experiment; the default "
              "is this machine's cores")
     add_flag(p, "runs_dir", str, str(RUNS_DIR.relative_to(REPO)),

@@ -44,6 +44,10 @@ Protocol (numbered as the code below)
        (ForgettingCurve.summary: per-length pass / inconclusive / fail verdicts), per seed; over
        seeds their mean and 95% t interval; one figure per data mode.
 
+Glossary
+    L  dependency length (tokens in the copied span x)     n  samples per L
+    T  T_train, the training length                         N_S  Mamba-2 state size (mitigations.state_size)
+
 Outputs (run folder, default runs/fcurves[_quick]/)
     config.json, points/*.json (one per (model, seed): its training facts and every curve's per-sample
     accuracies), models/<point>/ (train.py runs), curves/<point>_<mitigation>_<mode>.json

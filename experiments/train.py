@@ -46,17 +46,19 @@ Outputs (all in --out_dir)
     metrics.csv        one row per logged step: loss, lr, grad norm, tokens/s, held-out loss
     checkpoints/step_XXXXXXXX/   model/ (Mamba2LM or TinyTransformer save_pretrained: from_pretrained
                        loads it), trainer.pt (optimizer, step, config, RNG states: tensors and plain
-                       data only, loaded with weights_only=True), COMPLETE (written last). A
+                       data only, loaded with weights_only=True), COMPLETE (written last, with
+                       trainer.pt's sha256; model/ carries its own manifest of hashes). A
                        checkpoint is built under checkpoints/.tmp-* and renamed into place; the
                        temporary folders of killed writes are removed at the next start and save.
 
 Faults and what happens (the messages name the file, the step and the fix)
     --resume with other settings than the checkpoint's   error naming each field (checkpoint vs
         now); --override_config takes the new values, except model sizes (never)
-    a newest checkpoint that cannot be read (corrupt, or trainer.pt holding a non-tensor object)
-        -> said on stderr, moved to checkpoints/.unusable-step_XXXXXXXX, the previous one used
-    a non-finite loss or gradient norm   -> TrainingDiverged: the run stops before the optimizer
-        step, no checkpoint is written from then on (exit code 1 from the command line)
+    a newest checkpoint that cannot be read (a file failing its hash, or trainer.pt holding a
+        non-tensor object) -> said on stderr, moved to checkpoints/.unusable-step_XXXXXXXX, the
+        previous one used; none usable -> CheckpointError (exit code 1)
+    a non-finite loss or gradient norm (or weight, at a checkpoint) -> TrainingDiverged: the run
+        stops before the optimizer step, nothing is saved from then on (exit code 1)
 """
 from __future__ import annotations
 
