@@ -136,7 +136,7 @@ def passkey_rows(corpus, *, step: int, seed: int, batch_size: int, t_train: int,
 
     Rows 0 .. n_pk-1 (n_pk = round(passkey_share * b)) are passkey examples: a prompt of T+1-5 bytes
     (needle at a uniform random depth) followed by its 5 answer digits. The other rows are corpus text.
-    The weights sum to 1, so that train_model's loss sum(w * ce) / sum(w) is
+    The weights sum to 1, so that train.py's loss sum(w * ce) / sum(w) is
         loss = s * mean CE over the scored passkey targets + (1 - s) * mean CE over the text targets,
     s = answer_loss_share (s = 1 when there is no text row).
     answer_only=True: a passkey row scores only its 5 answer targets (the retrieval itself).
