@@ -72,9 +72,9 @@ measured effect of each, with the command that measured it, is in docs/forgettin
 
 This file imports only torch, numpy and the standard library (matplotlib inside `plot`); minimamba is
 imported only by the command line:
-    python forgetting_curve.py --checkpoint DIR --lengths 16 64 256 1024 --out runs/fc
-    python forgetting_curve.py --checkpoint DIR --lengths 16 64 256 1024 4096 --out runs/fc --resume
-    python forgetting_curve.py --from-json runs/fc/curve.json --out runs/fc     # redraw the figure only
+    python forgetting_curve.py --checkpoint DIR --lengths 16,64,256,1024 --out_dir runs/fc
+    python forgetting_curve.py --checkpoint DIR --lengths 16,64,256,1024,4096 --out_dir runs/fc --resume
+    python forgetting_curve.py --from_json runs/fc/curve.json --out_dir runs/fc     # redraw the figure only
 """
 
 from __future__ import annotations
@@ -1324,46 +1324,77 @@ def read_byte_tokens(paths: Sequence[str | os.PathLike], max_tokens: int | None 
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
-def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
+def _comma_list(item: type):
+    """An argparse type for the project's list flags: '16,64,256' -> [16, 64, 256]."""
+    def parse(text: str) -> list:
+        try:
+            return [item(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__}s, got {text!r}") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the project's convention: --snake_case flags, comma-separated lists, help
+    with the unit and the default on every flag)."""
     ap = argparse.ArgumentParser(description="Forgetting curve of a minimamba.Mamba2LM checkpoint "
                                  "(byte tokens from text files, or random tokens).")
-    ap.add_argument("--checkpoint", help="a Mamba2LM.from_pretrained directory")
-    ap.add_argument("--lengths", type=int, nargs="+", help="dependency lengths L")
-    ap.add_argument("--from-json", default=None, help="only redraw OUT/curve.png from this curve.json "
-                    "(or an official draw.py result file; no model is run; --train-length, --title "
-                    "and --significance apply)")
-    ap.add_argument("--title", default=None, help="plot title")
-    ap.add_argument("--out", required=True, help="output folder (curve.json, curve.png)")
-    ap.add_argument("--resume", action="store_true", help="reuse the lengths already in OUT/curve.json "
-                    "(refused unless it measured the same model on the same data with the same settings)")
-    ap.add_argument("--text", nargs="*", default=None,
-                    help="text files read as bytes (default: the stdlib's top-level *.py files)")
-    ap.add_argument("--random-tokens", action="store_true", help="random tokens instead of text")
-    ap.add_argument("--max-text-bytes", type=int, default=None, help="truncate the text stream")
-    ap.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                    help="tokens per forward call, the state carried between chunks; 0 = one call")
-    ap.add_argument("--bos-id", type=int, default=None, help="default: smallest id absent from data")
-    ap.add_argument("--eos-id", type=int, default=None, help="default: = BOS")
+    ap.add_argument("--checkpoint", help="a Mamba2LM.from_pretrained folder (default: %(default)s; required "
+                    "unless --from_json)")
+    ap.add_argument("--lengths", type=_comma_list(int), help="dependency lengths L in tokens, comma-separated "
+                    "(default: %(default)s; required unless --from_json)")
+    ap.add_argument("--from_json", default=None, help="only redraw OUT_DIR/curve.png from this curve.json (or an "
+                    "official draw.py result file; no model is run; --train_length, --title and --significance "
+                    "apply) (default: %(default)s)")
+    ap.add_argument("--title", default=None, help="plot title (default: %(default)s = the checkpoint's path)")
+    ap.add_argument("--out_dir", required=True, help="output folder: curve.json, curve.png (required)")
+    ap.add_argument("--resume", action="store_true", help="reuse the lengths already in OUT_DIR/curve.json "
+                    "(refused unless it measured the same model on the same data with the same settings) "
+                    "(default: %(default)s)")
+    ap.add_argument("--text", type=_comma_list(str), default=None, help="text files read as bytes, comma-separated "
+                    "(default: %(default)s = the stdlib's top-level *.py files)")
+    ap.add_argument("--random_tokens", action="store_true", help="random tokens instead of text (default: %(default)s)")
+    ap.add_argument("--max_text_bytes", type=int, default=None, help="truncate the text stream to this many bytes "
+                    "(default: %(default)s = all)")
+    ap.add_argument("--n_samples", type=int, default=DEFAULT_N_SAMPLES, help="samples per length "
+                    "(default: %(default)s, the paper's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampled spans (default: %(default)s)")
+    ap.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward call "
+                    "(default: %(default)s)")
+    ap.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+                    help="tokens per forward call, the state carried between chunks; 0 = one call "
+                    "(default: %(default)s)")
+    ap.add_argument("--bos_id", type=int, default=None, help="BOS token id (default: %(default)s = the smallest "
+                    "id absent from the data)")
+    ap.add_argument("--eos_id", type=int, default=None, help="EOS token id (default: %(default)s = BOS)")
     ap.add_argument("--significance", choices=SIGNIFICANCE_TESTS, default=DEFAULT_SIGNIFICANCE,
-                    help="paired test of the coarse rule (t-test = the official code's)")
-    ap.add_argument("--argmax-over", choices=ARGMAX_OVER, default="vocab",
-                    help="vocab: the first vocab_size logits; all: every row (official)")
-    ap.add_argument("--random-ids", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="random tokens from range(LO, HI) (official: 10 32000); default range(vocab)")
-    ap.add_argument("--lm-prefix", choices=LM_PREFIXES, default="fresh",
-                    help="LM prefix u: a fresh window per sample, or the text's last L tokens (official)")
-    ap.add_argument("--train-length", type=int, default=None, help="marker on the plot")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+                    help="paired test of the coarse rule; t-test = the official code's (default: %(default)s)")
+    ap.add_argument("--argmax_over", choices=ARGMAX_OVER, default="vocab",
+                    help="vocab: the first vocab_size logits; all: every row, as the official code "
+                    "(default: %(default)s)")
+    ap.add_argument("--random_ids", type=_comma_list(int), default=None, metavar="LO,HI",
+                    help="random tokens from range(LO, HI); official: 10,32000 (default: %(default)s = range(vocab))")
+    ap.add_argument("--lm_prefix", choices=LM_PREFIXES, default="fresh",
+                    help="LM prefix u: a fresh window per sample, or the text's last L tokens as the official "
+                    "code (default: %(default)s)")
+    ap.add_argument("--train_length", type=int, default=None, help="training length in tokens, a marker on the "
+                    "plot (default: %(default)s = none)")
+    ap.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: %(default)s = "
+                    "torch's)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
-        ap.error(f"--out {out} is a file; it names a folder (curve.json and curve.png go inside)")
+        ap.error(f"--out_dir {out} is a file; it names a folder (curve.json and curve.png go inside)")
+    if args.random_ids is not None and len(args.random_ids) != 2:
+        ap.error(f"--random_ids takes two ids LO,HI, got {args.random_ids}")
     if args.from_json:
         curve = ForgettingCurve.load(args.from_json)
         train_length = args.train_length if args.train_length is not None else curve.meta.get("train_length")
@@ -1373,7 +1404,7 @@ def main(argv: Sequence[str] | None = None) -> ForgettingCurve:
         print(json.dumps(curve.summary(significance=args.significance)))
         return curve
     if args.checkpoint is None or args.lengths is None:
-        ap.error("--checkpoint and --lengths are required (unless --from-json)")
+        ap.error("--checkpoint and --lengths are required (unless --from_json)")
     check_out(out / "curve.json")                      # before the checkpoint is loaded
 
     import minimamba  # the CLI is the only place that needs it

@@ -34,15 +34,16 @@ machine). MIN_REPS keeps the slow rows (a 2-3 s training step) from resting on o
 Commands (CPU first):
     python experiments/bench.py --quick            # ~4-8 min on 2 CPU cores: the table + JSON + plot
     python experiments/bench.py --quick --threads 1   # steadier on a machine shared with other jobs
-    python experiments/bench.py --quick --threads 1 --glibc-no-mmap   # malloc keeps freed memory
+    python experiments/bench.py --quick --threads 1 --glibc_no_mmap   # malloc keeps freed memory
     python experiments/bench.py                    # lengths 1K..64K, + compiled scans (~30+ min)
-    python experiments/bench.py --gpu-only --out runs/bench-gpu   # the GPU section alone (a few min)
+    python experiments/bench.py --gpu_only --out_dir runs/bench-gpu   # the GPU section alone (a few min)
 On a CPU machine shared with other busy processes, torch's default of one thread per core can
 stall every parallel op while a sibling thread waits for its core (the README shows such a run);
 --threads 1 avoids that.
-Outputs (one run folder, runs/bench-<UTC timestamp>/ or --out): results.json (every measurement,
+Outputs (one run folder, runs/bench-<UTC timestamp>/ or --out_dir): results.json (every measurement,
 written after each one, atomically), table.txt, bench.png, config.json (resolved settings, versions,
-hardware). --figures-dir DIR also writes the plot there (the README uses figures/bench_cpu.png).
+hardware). --figures_dir DIR also writes the plot there; `python -m experiments.figures` redraws
+figures/bench_cpu.png from the committed experiments/results/bench/results.json.
 
 Reading order: BenchConfig -> scan_flops -> the worker (measure_*) -> run_all -> summarize/format_table.
 Glossary: as minimamba (b batch, l length, h heads, p headdim, n d_state, g groups, q chunk, c chunks).
@@ -67,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments.common import ProgressBar, atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.common import ProgressBar, add_flag, atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Settings: every default in one place
@@ -81,7 +82,7 @@ MODEL_IMPLS = ("minimamba", "accelerated", "transformers")  # the whole-model ro
 MATMUL_SIZE = 2048  # the square fp32 matmul that measures the machine's FLOP/s
 DECODE_ROUNDS = 3  # decoding: rounds over all contexts (interleaved), `tokens` new tokens each
 WORKER_TIMEOUT_S = 1800  # a single measurement that takes longer is recorded as failed
-# --glibc-no-mmap: glibc's malloc serves big blocks by mmap and returns them to the OS on free, so
+# --glibc_no_mmap: glibc's malloc serves big blocks by mmap and returns them to the OS on free, so
 # every large temporary is page-faulted in again; these tunables keep freed memory for reuse. Applied
 # to every worker alike (ours and transformers'), off by default.
 GLIBC_NO_MMAP = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"}
@@ -809,25 +810,32 @@ def run_all(cfg: BenchConfig, out: Path, threads: int | None, gpu: bool, cpu: bo
     return rows
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(ap, "quick", bool, False, "CPU-sized run (lengths up to 16K, no compile)")
+    add_flag(ap, "out_dir", str, "", "run folder; empty = runs/bench-<UTC timestamp>")
+    add_flag(ap, "threads", int, 0, "torch threads in each worker; 0 = torch's default")
+    add_flag(ap, "gpu_only", bool, False, "only the GPU section")
+    add_flag(ap, "no_gpu", bool, False, "skip the GPU section even if CUDA is available")
+    add_flag(ap, "figures_dir", str, "", "also write the plot into this folder (empty = nowhere else)")
+    add_flag(ap, "glibc_no_mmap", bool, False, "workers keep freed memory (see GLIBC_NO_MMAP)")
+    add_flag(ap, "worker", str, "", "internal: run this JSON measurement spec in this process and print its rows "
+             "(the parent starts one subprocess per measurement)")
+    return ap
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU-sized run (lengths up to 16K, no compile)")
-    ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/bench-<UTC timestamp>)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
-    ap.add_argument("--gpu-only", action="store_true", help="only the GPU section")
-    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is available")
-    ap.add_argument("--figures-dir", type=Path, default=None, help="also write the plot here")
-    ap.add_argument("--glibc-no-mmap", action="store_true", help="workers keep freed memory (see GLIBC_NO_MMAP)")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker is not None:
+    args = build_parser().parse_args(argv)
+    if args.worker:
         worker_main(args.worker)
         return
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
-    out = args.out or ROOT / "runs" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(args.out_dir) if args.out_dir else ROOT / "runs" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
     import torch
-    run_all(cfg, out, args.threads, gpu=not args.no_gpu and (args.gpu_only or torch.cuda.is_available()),
-            cpu=not args.gpu_only, figures_dir=args.figures_dir, glibc_no_mmap=args.glibc_no_mmap)
+    run_all(cfg, out, args.threads or None, gpu=not args.no_gpu and (args.gpu_only or torch.cuda.is_available()),
+            cpu=not args.gpu_only, figures_dir=Path(args.figures_dir) if args.figures_dir else None,
+            glibc_no_mmap=args.glibc_no_mmap)
 
 
 if __name__ == "__main__":

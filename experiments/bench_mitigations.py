@@ -10,13 +10,13 @@ What it does
         3. every 100K tokens (--mark) records: the process's peak resident memory (VmHWM), its
            current resident memory (VmRSS), the bytes of the carried state, and tokens/s;
         4. decodes `--step_tokens` tokens with step() after the stream (tokens/s of the step path).
-    The parent prints a table and writes results.json (atomically, after each method) in --out.
+    The parent prints a table and writes results.json (atomically, after each method) in --out_dir.
 
 Commands (run from the repository root)
     # the README numbers: 1M tokens x 5 methods, a few minutes on one CPU thread
-    python -m experiments.bench_mitigations --out runs/bench_mitigations
+    python -m experiments.bench_mitigations --out_dir runs/bench_mitigations
     # smoke run (seconds)
-    python -m experiments.bench_mitigations --out runs/bench_smoke --tokens 40000 --mark 10000 --piece 5000
+    python -m experiments.bench_mitigations --out_dir runs/bench_smoke --tokens 40000 --mark 10000 --piece 5000
 
 Memory is read from /proc/self/status (Linux); elsewhere only ru_maxrss (peak) is available.
 """
@@ -33,24 +33,21 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python experiments/bench_mitigations.py` works too
-    sys.path.insert(0, str(REPO))
+import mitigations as mit
+from minimamba import Mamba2Config, Mamba2LM
 
-import mitigations as mit  # noqa: E402
-from experiments.common import ProgressBar, atomic_write_json, run_metadata  # noqa: E402
-from minimamba import Mamba2Config, Mamba2LM  # noqa: E402
+from experiments.common import REPO, ProgressBar, add_flag, atomic_write_json, run_metadata
 
 # ---- all defaults in one place -------------------------------------------------------------------
 DEFAULTS = dict(
-    out="runs/bench_mitigations",
+    out_dir="runs/bench_mitigations",
     tokens=1_000_000,  # stream length
     mark=100_000,  # memory is recorded every `mark` tokens; the table compares the first mark with the end
     piece=10_000,  # tokens per forward() call (the state is carried between calls)
     step_tokens=500,  # tokens decoded with step() after the stream
     threads=1,  # torch threads (the machine is shared)
     seed=0,
-    methods=["none", "rri", "delta", "state_norm", "sliding_window"],
+    methods=("none", "rri", "delta", "state_norm", "sliding_window"),
     # the small model: 2 layers, d_model 64 -> 8 heads of 16 channels, d_state 16 (N_S = 8,976)
     model=dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=64),
     # method settings: [SC]'s RRI values for Mamba-2 370M; LongMamba's 0.5; the official k = 128;
@@ -140,28 +137,36 @@ def worker(name: str, cfg: dict) -> dict:
     return result
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+FLAG_HELP = dict(
+    out_dir="run folder (results.json)", tokens="tokens streamed per method", mark="tokens between memory records",
+    piece="tokens per forward() call (the state carried between calls)", step_tokens="tokens decoded with step() "
+    "after the stream", threads="torch threads in each method's subprocess", seed="seed of the model and the tokens",
+    window="sliding-window length r in tokens", norm_every="state-norm clamp period in tokens",
+    methods="methods to measure, each in its own subprocess")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for key in ("out", "tokens", "mark", "piece", "step_tokens", "threads", "seed", "window", "norm_every"):
-        p.add_argument(f"--{key}", type=type(DEFAULTS[key]), default=DEFAULTS[key])
-    p.add_argument("--methods", nargs="+", default=DEFAULTS["methods"])
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
-    p.add_argument("--config_json", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    for key, help in FLAG_HELP.items():
+        value = DEFAULTS[key]
+        add_flag(p, key, tuple[str, ...] if isinstance(value, tuple) else type(value), value, help)
+    add_flag(p, "worker", str, "", "internal: measure this one method in this process and print its JSON "
+             "(the parent starts one subprocess per method)")
+    add_flag(p, "config_json", str, "", "internal: the parent's resolved settings, for --worker")
+    return p
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.worker is not None:
+    args = build_parser().parse_args(argv)
+    if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, json.loads(args.config_json))), flush=True)
         return {}
     cfg = dict(DEFAULTS)
-    cfg.update({k: getattr(args, k) for k in ("out", "tokens", "mark", "piece", "step_tokens", "threads", "seed",
-                                              "window", "norm_every", "methods")})
+    cfg.update({k: getattr(args, k) for k in FLAG_HELP})
     if not 0 < cfg["mark"] <= cfg["tokens"] or cfg["mark"] % cfg["piece"] or cfg["tokens"] % cfg["piece"]:
         raise SystemExit(f"need 0 < mark <= tokens, both multiples of piece; got mark={cfg['mark']}, "
                          f"tokens={cfg['tokens']}, piece={cfg['piece']}")
-    out = Path(cfg["out"])
+    out = Path(cfg["out_dir"])
     report = {"config": cfg, "meta": run_metadata(), "state_size_N_S": mit.state_size(Mamba2Config(**cfg["model"])),
               "results": []}
     for name in cfg["methods"]:

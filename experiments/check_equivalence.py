@@ -3,8 +3,12 @@
 The tests assert tolerances; this script prints the actual worst-case figures over many random
 draws, so the README and closing notes can quote them.
 
-    python experiments/check_equivalence.py            # ~1 minute on 2 CPU cores
-    python experiments/check_equivalence.py --draws 200
+    python -m experiments.check_equivalence            # ~1 minute on 2 CPU cores
+    python -m experiments.check_equivalence --draws 200
+
+The claims themselves are asserted by tests/test_scan.py, test_model.py and test_kernels.py; this
+script only measures how far inside their tolerances the paths agree. It needs transformers (the
+test extra: pip install -e ".[test]").
 
 Error measure: max |a - b| / max |b| over a whole output tensor, worst over all draws.
 """
@@ -12,15 +16,15 @@ Error measure: max |a - b| / max |b| over a whole output tensor, worst over all 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 
 import torch
+import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
-from minimamba import Mamba2Config, Mamba2LM, ssd, ssd_step  # noqa: E402
+import kernels
+from minimamba import Mamba2Config, Mamba2LM, ssd, ssd_step
+
+from experiments.common import add_flag
 
 
 def rel(a, b):
@@ -89,11 +93,6 @@ def model_paths(draws):
 
 
 def transformers_logits():
-    try:
-        import transformers
-    except ImportError:
-        print("  transformers not installed: skipping the compatibility figure")
-        return
     worst = 0.0
     for n_groups in (1, 2):
         torch.manual_seed(0)
@@ -109,11 +108,19 @@ def transformers_logits():
     print(f"  Mamba2LM vs transformers Mamba2ForCausalLM   float32: worst rel err {worst:.2e}")
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=50, help="random inputs per scan comparison")
-    args = parser.parse_args()
+    add_flag(parser, "draws", int, 50, "random inputs per scan comparison (the model comparisons use draws / 10 + 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     scans(args.draws)
     model_paths(args.draws)
     transformers_logits()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,22 +1,222 @@
-"""Small shared helpers for the experiment scripts: a progress bar, atomic writes, run metadata.
+"""Shared support of every experiment script: the command-line convention, the run-folder writer,
+the progress bar and atomic writes.
 
-Nothing here knows about Mamba. Other experiment scripts may import these:
-    from experiments.common import ProgressBar, atomic_write_text, CsvLog, run_metadata
+Nothing here knows about Mamba. The experiment scripts use it as
+    cfg = parse_config(MyConfig, argv, description, quick=QUICK)     # flags named after the fields
+    write_run_config(out_dir, dataclasses.asdict(cfg), wall_s=...)   # config.json of the run folder
+    bar = ProgressBar(total, desc="train")
 
-Reading order: ProgressBar -> atomic_write_* -> CsvLog -> run_metadata.
+Reading order
+    1. The command-line convention: flag() declares a config field with its --help text;
+       config_parser()/parse_config() turn a frozen dataclass into flags --field_name (snake_case);
+       add_flag() adds a flag that is not a config field, under the same rules.
+    2. The run-folder writer: write_run_config (config.json: resolved config, command, git commit,
+       versions, hardware, one record per invocation), run_metadata, git_commit.
+    3. ProgressBar, CsvLog, atomic_write_* (a reader sees the old file or the whole new one).
+
+The convention (tests/test_experiments.py walks every script's parser and checks it)
+    - every flag is --snake_case, named after the config field it sets;
+    - every flag has help text saying what it does, its unit and its default;
+    - bools take true/false, and the bare flag means true (--resume == --resume true);
+    - lists are comma-separated (--seeds 0,1,2);
+    - --quick starts from the script's QUICK block (the CPU-sized run); flags given explicitly win;
+    - the run folder is --out_dir.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy
+import torch
+
 from checkpoints import atomic_write
+
+REPO = Path(__file__).resolve().parents[1]
+GIT_TIMEOUT_S = 10  # a git call that takes longer is recorded as "unknown"
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
+LIST_SEPARATOR = ","  # --seeds 0,1,2
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The command-line convention
+# ----------------------------------------------------------------------------------------------
+
+def flag(default: Any, help: str) -> Any:
+    """A config field that is also a flag: `seed: int = flag(0, "seed of the init and the batches")`.
+
+    help says what the field does and its unit; the parser appends the default (and the --quick value).
+    """
+    if not help.strip():
+        raise ValueError("every flag needs help text (what it does, its unit)")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def to_bool(text: str) -> bool:
+    """'true'/'false' (also 1/0, yes/no, y/n) -> bool; anything else is an argparse error."""
+    if str(text).lower() in TRUE_WORDS:
+        return True
+    if str(text).lower() in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def list_parser(item: type):
+    """An argparse type: '0,1,2' -> (0, 1, 2) of `item`, with an error naming the bad item."""
+    def parse(text: str) -> tuple:
+        items = [t.strip() for t in str(text).split(LIST_SEPARATOR) if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item.__name__}, got {text!r}")
+        try:
+            return tuple(item(t) for t in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item.__name__}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def _shown(value: Any) -> str:
+    """A default as a user would type it: (0, 1) -> '0,1', True -> 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return LIST_SEPARATOR.join(_shown(v) for v in value)
+    return str(value) if value != "" else '""'
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, typ: Any, default: Any, help: str,
+             quick: Any = dataclasses.MISSING, given_only: bool = False, **kw) -> None:
+    """Add --name under the convention. typ: int, float, str, bool or tuple[X, ...] (comma list).
+
+    given_only: leave the flag out of the parsed namespace unless given (parse_config uses it to
+    tell an explicit flag from a default); the help still shows the default.
+    """
+    if name != name.lower() or "-" in name or not name.isidentifier():
+        raise ValueError(f"flag names are snake_case identifiers, got {name!r}")
+    if not help.strip():
+        raise ValueError(f"--{name} needs help text")
+    text = f"{help} (default: {_shown(default)}"
+    text += f"; --quick: {_shown(quick)})" if quick is not dataclasses.MISSING else ")"
+    default_arg = argparse.SUPPRESS if given_only else default
+    if typ is bool:
+        parser.add_argument(f"--{name}", type=to_bool, nargs="?", const=True, default=default_arg,
+                            metavar="true|false", help=text.replace("%", "%%"), **kw)
+    elif typing.get_origin(typ) is tuple:
+        parser.add_argument(f"--{name}", type=list_parser(typing.get_args(typ)[0]), default=default_arg,
+                            metavar="A,B,...", help=text.replace("%", "%%"), **kw)
+    elif typ in (int, float, str):
+        parser.add_argument(f"--{name}", type=typ, default=default_arg, help=text.replace("%", "%%"), **kw)
+    else:
+        raise TypeError(f"--{name}: unsupported flag type {typ!r} (int, float, str, bool, tuple[X, ...])")
+
+
+def config_parser(cls, description: str, quick: dict | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the frozen dataclass `cls` (help from flag())."""
+    parser = argparse.ArgumentParser(description=description)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with flag(default, help)")
+        add_flag(parser, f.name, hints[f.name], f.default, f.metadata["help"],
+                 quick=(quick or {}).get(f.name, dataclasses.MISSING), given_only=True)
+    return parser
+
+
+def config_from_args(cls, args: argparse.Namespace, quick: dict | None = None):
+    """The config of parsed flags: the defaults, then QUICK if --quick was given, then the flags given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    values = dict(quick) if (quick and given.get("quick")) else {}
+    values.update(given)
+    return cls(**values)
+
+
+def parse_config(cls, argv: list[str] | None, description: str, quick: dict | None = None):
+    """config_parser + config_from_args in one call, for scripts whose only flags are the config's."""
+    return config_from_args(cls, config_parser(cls, description, quick).parse_args(argv), quick)
+
+
+def config_from_dict(cls, values: dict):
+    """Rebuild a config from its json form (config.json): lists back to tuples, unknown keys refused."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}: a config.json from another version?")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto -> cuda when available, else cpu; any other name as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The run-folder writer
+# ----------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with '+dirty' when tracked files have uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_line() -> str:
+    """This process's command line as typed (python -m experiments.x --flag value)."""
+    return shlex.join(getattr(sys, "orig_argv", sys.argv))
+
+
+def run_metadata() -> dict[str, str]:
+    """Versions and hardware, for the config.json every run folder carries."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_run_config(out_dir: str | os.PathLike, config: dict, *, wall_s: float | None = None,
+                     record: dict | None = None, **extra: Any) -> dict:
+    """config.json of a run folder (the one writer every script uses); returns what it wrote.
+
+    {"config": the resolved config, **extra (derived facts: parameter counts, state size ...),
+     "invocations": one record per call that passed wall_s: command, git commit, versions and
+     hardware, wall time, and `record` (e.g. the points computed)}.
+    Earlier invocations are kept, so a resumed or re-plotted run keeps its history.
+    """
+    path = Path(out_dir) / "config.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = old.get("invocations", [])
+    if wall_s is not None:
+        runs = runs + [{"command": command_line(), "git_commit": git_commit(), "wall_s": round(wall_s, 1),
+                        **(record or {}), **run_metadata()}]
+    data = {"config": config, **extra, "invocations": runs}
+    atomic_write_json(path, data)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Progress bar, CSV log, atomic writes
+# ----------------------------------------------------------------------------------------------
 
 PROGRESS_MIN_INTERVAL_S = 0.25  # redraw the bar at most this often on a terminal
 PROGRESS_LOG_EVERY_FRACTION = 0.1  # without a terminal, print a line every 10% of the work
@@ -142,15 +342,3 @@ class CsvLog:
 
     def close(self) -> None:
         self._f.close()
-
-
-def run_metadata() -> dict[str, str]:
-    """Versions and hardware, for the config.json every run folder carries."""
-    import numpy
-    import torch
-    meta = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return meta

@@ -13,7 +13,8 @@ Papers
 Reading order
     1. `Corpus.load`           which files, and the deterministic train / held-out split by document
     2. `Corpus.batch`          the batch for one optimizer step: a pure function of (seed, step)
-    3. `Corpus.heldout_windows`, `newline_probe`   evaluation inputs
+    3. `copy_batch`, `copymix_batch`   synthetic recall tasks (copy episodes; the forgetting-curve layout)
+    4. `Corpus.heldout_windows`, `newline_probe`   evaluation inputs
 
 Glossary
     b  batch rows (global across data-parallel ranks unless said otherwise)
@@ -54,6 +55,8 @@ SINGLE_FILE_DOC_BYTES = 1 << 16  # a single --data file is cut into pseudo-docum
 STDLIB_SUFFIX = ".py"  # which stdlib files form the default corpus
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".html", ".js", ".tex", ".csv")
 COPY_STREAM_ID = 1  # keeps the copy task's random stream apart from Corpus.batch's
+COPYMIX_STREAM_ID = 3  # keeps the copymix episodes' random stream apart from the other streams
+COPY_CURRICULUM_START = 4  # copymix: longest copy span at step 0 (tokens)
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")  # vary between installs
 
 
@@ -202,6 +205,40 @@ def copy_batch(step: int, *, seed: int, batch_size: int, seq_len: int, n_segment
     if rows is not None:
         ep = ep[rows]
     return torch.from_numpy(ep.astype(np.int64))
+
+
+def copymix_batch(corpus: Corpus, step: int, *, steps: int, seed: int, batch_size: int, seq_len: int,
+                  n_segments: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forgetting-curve training task: (rows (b, N*T+1), loss mask (b, N*T) bool).
+
+    Even rows are corpus text (every target in the loss); odd rows are back-to-back copy episodes
+    in the forgetting-curve layout [SEP] x [SEP] x (SEP = DOC_SEP, the curves' BOS), of which only
+    the second x's targets are in the loss (the random first x and the separators cannot be
+    predicted; the forgetting curve scores only the second x). Span lengths L ~ U{1..L_max(step)}
+    with a curriculum: L_max = COPY_CURRICULUM_START + (T/2 - 1 - start) * min(1, 2 step / steps),
+    capped at T/2 - 1, so both copies of an episode fit in one segment of T tokens. Bytes of x are
+    uniform in 1..255 (never SEP). A pure function of (seed, step).
+    Why: a toy model trained for minutes on text learns no copying at all (copy = LM = ~0 for every
+    model, the Transformer included), which would make "zero fine-grained memory" say nothing;
+    variable-length copy episodes give every model the skill inside T_train.
+    """
+    span = n_segments * seq_len + 1
+    rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=seq_len, n_segments=n_segments)
+    top = max(1, seq_len // 2 - 1)
+    l_max = min(top, int(COPY_CURRICULUM_START + (top - COPY_CURRICULUM_START) * min(1.0, 2 * step / steps)))
+    rng = np.random.default_rng([seed, step, COPYMIX_STREAM_ID])
+    mask = torch.ones(batch_size, span - 1, dtype=torch.bool)  # (b, N*T): target t+1 counted?
+    for i in range(1, batch_size, 2):
+        row: list[int] = []
+        scored: list[bool] = []  # per token of the row: is it predictable (in a second x)?
+        while len(row) < span:
+            L = int(rng.integers(1, max(1, l_max) + 1))
+            x = rng.integers(1, VOCAB_SIZE, L).tolist()
+            row += [DOC_SEP] + x + [DOC_SEP] + x
+            scored += [False] * (L + 2) + [True] * L
+        rows[i] = torch.tensor(row[:span], dtype=torch.long)
+        mask[i] = torch.tensor(scored[1:span])
+    return rows, mask
 
 
 def newline_probe(length: int, n: int = 1) -> torch.Tensor:

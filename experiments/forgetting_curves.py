@@ -1,16 +1,25 @@
-"""Forgetting curves of small Mamba-2 models and a tiny Transformer trained on the same bytes.
+"""Forgetting curves of small Mamba-2 models and a tiny Transformer trained on the same bytes, per seed.
 
 The question (issue 6): do small Mamba-2 models show ZERO fine-grained memory, as the forgetting-curve
 paper found for large RNNs (Mamba-2.8B, RWKV, GLA), while Transformers copy perfectly up to a length?
 
 Commands (run from the repository root)
-    # CPU-sized: 2 Mamba-2 state sizes + the Transformer, T_train = 64 (9 min measured on a busy shared
-    # 2-core box, 1 thread; 3 x 3000 training steps dominate)
-    python -m experiments.forgetting_curves --quick
+    # CPU-sized: 2 Mamba-2 state sizes + the Transformer, T_train = 64, 3 seeds (about 9 min per seed on a
+    # busy 2-core box; the 3000 training steps per model dominate)
+    python -m experiments.forgetting_curves --quick --seeds 0,1,2
+    # rerun after a kill: finished (model, seed) points are reused, a half-measured curve resumes
+    python -m experiments.forgetting_curves --quick --seeds 0,1,2
+    # redraw the figures and the summary of a finished run folder (seconds, no training)
+    python -m experiments.forgetting_curves --quick --replot
+    # a language model trained on stdlib text only, its curve on held-out text to L = 64K (what the
+    # former forgetting_curve_demo.py made; about 10 min of training per seed on one CPU thread)
+    python -m experiments.forgetting_curves --task lm --states 64x16 --train_lens 256 --transformer false \
+        --modes text --mitigations none --steps 600 --tokens_per_step 4096 --lr 3e-3 \
+        --lengths 8,16,32,64,128,256,512,1024,2048,4096,8192,16384,65536 --out_dir runs/fcurves_lm
     # the default sweep (more state sizes and training lengths; meant for a GPU or a long CPU run)
-    python -m experiments.forgetting_curves
-    # rerun after a kill: finished models and curves are reused, the rest is computed
-    python -m experiments.forgetting_curves --quick
+    python -m experiments.forgetting_curves --seeds 0,1,2
+    # one curve of any checkpoint: the evaluator's own command line
+    python forgetting_curve.py --checkpoint DIR --lengths 16,64,256 --out_dir runs/fc
 
 Papers
     Forgetting Curve (arXiv 2410.04727): copy vs LM accuracy over dependency lengths L;
@@ -19,59 +28,57 @@ Papers
         to the same models, to see what they do to memory.
 
 Protocol (numbered as the code below)
-    1. Train one Mamba-2 per (state size, T_train) and one TinyTransformer per T_train on the SAME
-       rows (a pure function of (seed, step)), with the same optimizer, schedule and loss:
+    1. Train one Mamba-2 per (state size, T_train, seed) and one TinyTransformer per (T_train, seed)
+       on the SAME rows (a pure function of (seed, step)) with experiments/train.py (same optimizer,
+       schedule and loss; each architecture its own peak lr):
        --task copymix (default): even rows stdlib text, odd rows back-to-back copy episodes in the
-           forgetting-curve layout [SEP] x [SEP] x with random bytes and a span length drawn per
-           episode, L ~ U{1..L_max}, L_max growing from COPY_CURRICULUM_START to T_train/2 - 1 over
-           the first half of training (so both copies of an episode fit in T_train). SEP is the
-           corpus' document separator, which the curves use as BOS. The loss counts every text
-           target and, in copy rows, only the targets that can be predicted: the second x of each
-           episode (the random first half and the separators are masked out, as the forgetting
-           curve scores only the second x).
-           Why: the paper measures base LMs whose copying skill comes from web-scale text; a toy
-           model trained for minutes on stdlib text learns no copying at all (our first --quick run
-           with --task mix: copy = LM = ~0 for every model, the Transformer included), which would
-           make "zero fine-grained memory" say nothing. Training on variable-length copy episodes
-           gives every model the skill inside T_train; the curve then shows how far it reaches.
-       --task mix: the project's train.py "mix" task (fixed 8-byte episodes; Mamba via train.py).
-    2. For every model, (Mamba: every mitigation), and both data modes - random bytes and held-out
+           forgetting-curve layout [SEP] x [SEP] x, loss on the second x only (data.copymix_batch
+           says why: a toy model trained on text alone learns no copying, which would make "zero
+           fine-grained memory" say nothing).
+       --task mix: train.py's "mix" task (fixed 8-byte episodes).
+       --task lm: the corpus only (a plain language model).
+    2. For every model (Mamba: every mitigation) and both data modes - random bytes and held-out
        stdlib text - measure forgetting_curve.forgetting_curve (n samples per L, BOS = the corpus'
        document separator byte, the state carried across chunks for Mamba).
-    3. Read the fine- and coarse-grained memory lengths with forgetting_curve.py's rules
-       (fine: mean copy >= 0.99; coarse: copy - LM >= 0.05 and paired sign-flip p < 0.05, contiguous
-       from the smallest L), write a table, one figure per data mode.
+    3. Read the fine- and coarse-grained memory lengths of each curve with forgetting_curve.py's rules
+       (ForgettingCurve.summary: per-length pass / inconclusive / fail verdicts), per seed; over
+       seeds their mean and 95% t interval; one figure per data mode.
+
+Glossary
+    L  dependency length (tokens in the copied span x)     n  samples per L
+    T  T_train, the training length                         N_S  Mamba-2 state size (mitigations.state_size)
 
 Outputs (run folder, default runs/fcurves[_quick]/)
-    config.json, points/*.json (one finished model or curve each; a rerun skips them),
-    models/<model>/ (train.py run or TinyTransformer.save), curves/<key>.json (forgetting_curve JSON),
-    summary.csv, summary.md, fcurves_random.png, fcurves_text.png (also copied to figures/)
+    config.json, points/*.json (one per (model, seed): its training facts and every curve's per-sample
+    accuracies), models/<point>/ (train.py runs), curves/<point>_<mitigation>_<mode>.json
+    (forgetting_curve JSON; a killed measurement resumes from it), fcurves_summary.json,
+    fcurves_summary.md, fcurves_random.png, fcurves_text.png
 """
 from __future__ import annotations
 
-import dataclasses
-import shutil
+import argparse
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import forgetting_curve as fc
+import mitigations as M
 
-import forgetting_curve as fc  # noqa: E402
-from experiments.common import atomic_write_text  # noqa: E402
-from experiments.sweep import (final_train_loss, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, start_run, train_model, train_or_reuse_mamba, write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
+from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
+from experiments.state_collapse import MitigationSettings, load_for_eval, mitigation_context
+from experiments.sweep import (Point, check_seeds_and_workers, final_train_loss, finished_run, fmt_ci, grid_points,
+                               mean_ci, parse_states, point_key, point_train_config, recipe, run_sweep,
+                               train_point_model, workers_flag)
+from experiments.tiny_transformer import TinyTransformer
 
 MODES = ("random", "text")
-TASKS = ("copymix", "mix")
-COPY_CURRICULUM_START = 4  # longest copy span at step 0 of --task copymix (tokens)
-COPYMIX_STREAM_ID = 3  # keeps the copymix episodes' random stream apart from data.py's streams
+TASKS = ("copymix", "mix", "lm")
 MITIGATIONS = ("none", "rri", "sliding_window")
 FIGURE_PREFIX = "fcurves"
 
@@ -80,45 +87,44 @@ FIGURE_PREFIX = "fcurves"
 class FCurvesConfig:
     """All defaults in one block. Each field is a flag: --name value."""
 
-    out_dir: str = "runs/fcurves"
+    out_dir: str = flag("runs/fcurves", "run folder")
     # --- models ---
-    d_model: int = 64  # d, for Mamba-2 and the Transformer
-    n_layer: int = 2
-    states: str = "32x16,64x16,128x32,256x32"  # Mamba-2 per-head states, d_state x headdim
-    transformer: bool = True  # also train the TinyTransformer baseline
-    n_head: int = 2  # Transformer heads; head size d_model / n_head = 32 (see tf_lr)
-    # --- training (identical rows for every model of a T_train) ---
-    train_lens: str = "32,64,128"  # T_train values
-    task: str = "copymix"  # copymix | mix (see the protocol above)
-    copy_len: int = 8  # random bytes per copy episode
-    tokens_per_step: int = 1024
-    steps: int = 3000
-    lr: float = 3e-3  # Mamba-2's peak learning rate
+    d_model: int = flag(64, "d, residual width (channels), for Mamba-2 and the Transformer")
+    n_layer: int = flag(2, "blocks, for Mamba-2 and the Transformer")
+    states: tuple[str, ...] = flag(("32x16", "64x16", "128x32", "256x32"), "Mamba-2 per-head states d_state x headdim")
+    transformer: bool = flag(True, "also train the TinyTransformer baseline")
+    n_head: int = flag(2, "Transformer heads; head size d_model / n_head (see tf_lr)")
+    # --- training (identical rows for every model of a T_train and seed) ---
+    train_lens: tuple[int, ...] = flag((32, 64, 128), "T_train values (tokens)")
+    seeds: tuple[int, ...] = flag((0,), "seeds of the models and their rows (and of the curves' samples)")
+    task: str = flag("copymix", "copymix | mix | lm (see the protocol above)")
+    copy_len: int = flag(8, "random bytes per copy episode of --task mix")
+    tokens_per_step: int = flag(1024, "tokens per optimizer step; rows = tokens_per_step / T_train")
+    steps: int = flag(3000, "optimizer steps per model")
+    lr: float = flag(3e-3, "Mamba-2's peak learning rate")
     # The Transformer's own peak learning rate. Same rows, same optimizer and schedule, but not the
     # same lr: at Mamba's 1e-2 (and at 3e-3 with 8 rows per step) the Transformer never left the
     # plateau that precedes induction heads (README, forgetting curves); each model gets its own.
-    tf_lr: float = 1e-3
-    seed: int = 0
+    tf_lr: float = flag(1e-3, "the Transformer's peak learning rate")
     # --- forgetting curve ---
-    lengths: str = "2,4,8,16,32,64,128,256,512,1024,2048"  # dependency lengths L
-    n_samples: int = 10  # per L (paper: 10)
-    modes: str = "random,text"
-    mitigations: str = "none,rri,sliding_window"  # applied to the Mamba-2 models
-    rri_horizon: float = 4.0  # RRI lambda_a = 1 - 1 / (rri_horizon * T_train)  ([SC] rule of thumb)
-    rri_lambda_B: float = 0.75  # [SC] 370M value
-    window_mult: int = 1  # sliding window r = window_mult * T_train
-    tf_max_len: int = 2048  # largest L for the Transformer (full attention is O(L^2))
-    chunk_size: int = 1024  # tokens per Mamba-2 call, state carried
+    lengths: tuple[int, ...] = flag((2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), "dependency lengths L (tokens)")
+    n_samples: int = flag(10, "samples per L (paper: 10)")
+    modes: tuple[str, ...] = flag(MODES, "data of the spans: random bytes and/or held-out stdlib text")
+    mitigations: tuple[str, ...] = flag(MITIGATIONS, "applied to the Mamba-2 models (none = as trained)")
+    rri_horizon: float = flag(4.0, "RRI lambda_a = 1 - 1 / (rri_horizon * T_train) ([SC] rule of thumb)")
+    rri_lambda_b: float = flag(0.75, "RRI insertion scale lambda_B ([SC] 370M value)")
+    window_mult: int = flag(1, "sliding window r = window_mult * T_train tokens")
+    tf_max_len: int = flag(2048, "largest L for the Transformer (full attention is O(L^2))")
+    chunk_size: int = flag(1024, "tokens per Mamba-2 call during the curves, state carried")
     # --- machine ---
-    device: str = "cpu"
-    threads: int = 1  # torch.set_num_threads (the project's CPUs are shared)
-    figures: bool = True  # copy the figures and summary to figures/
-    quick: bool = False
+    device: str = flag("cpu", "cpu | cuda | auto")
+    workers: int = workers_flag()
+    quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
-        parse_states(self.states), parse_ints(self.train_lens, "train_lens"), parse_ints(self.lengths, "lengths")
+        parse_states(self.states)
         for name, allowed in (("modes", MODES), ("mitigations", MITIGATIONS)):
-            bad = [m for m in getattr(self, name).split(",") if m not in allowed]
+            bad = [m for m in getattr(self, name) if m not in allowed]
             if bad:
                 raise ValueError(f"--{name}: unknown {bad}; choose from {allowed}")
         if self.task not in TASKS:
@@ -126,12 +132,20 @@ class FCurvesConfig:
         if self.n_samples < 5:
             raise ValueError(f"--n_samples must be >= 5 (the paired test cannot reach p < 0.05 below), "
                              f"got {self.n_samples}")
+        check_seeds_and_workers(self)
 
 
 # 16 rows of 64 tokens per step: with 8 rows (half of them copy rows) the Transformer had too few
 # copy targets per step to form induction heads within 3000 steps.
-QUICK = dict(out_dir="runs/fcurves_quick", states="32x16,256x32", train_lens="64", tokens_per_step=1024,
-             steps=3000, lr=1e-2, lengths="2,4,8,16,32,64,128,256,512", tf_max_len=512)
+QUICK = dict(out_dir="runs/fcurves_quick", states=("32x16", "256x32"), train_lens=(64,), tokens_per_step=1024,
+             steps=3000, lr=1e-2, lengths=(2, 4, 8, 16, 32, 64, 128, 256, 512), tf_max_len=512)
+DESCRIPTION = "Forgetting curves of Mamba-2 and a Transformer, per seed (see the module docstring)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = config_parser(FCurvesConfig, DESCRIPTION, QUICK)
+    add_flag(p, "replot", bool, False, "only redraw the figures and the summary from out_dir's points (no training)")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,43 +153,13 @@ QUICK = dict(out_dir="runs/fcurves_quick", states="32x16,256x32", train_lens="64
 # ----------------------------------------------------------------------------------------------
 
 def model_specs(cfg: FCurvesConfig) -> list[dict]:
-    """One dict per model to train: kind, T_train, sizes and its point key."""
+    """One dict per model to train (without its seed): kind, T_train and sizes."""
     specs = []
-    for t in parse_ints(cfg.train_lens, "train_lens"):
-        for n, p in parse_states(cfg.states):
-            specs.append({"kind": "mamba2", "t_train": t, "d_state": n, "headdim": p})
+    for t in cfg.train_lens:
+        specs += [{"kind": "mamba2", "t_train": t, "d_state": n, "headdim": p} for n, p in parse_states(cfg.states)]
         if cfg.transformer:
             specs.append({"kind": "transformer", "t_train": t, "n_head": cfg.n_head})
-    for s in specs:
-        s["key"] = point_key(**{k: v for k, v in s.items()})
     return specs
-
-
-def copymix_rows(corpus, *, step: int, steps: int, seed: int, batch_size: int,
-                 t_train: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """--task copymix (rows (b, T+1), loss mask (b, T)): even rows corpus text (all targets in the
-    loss), odd rows copy episodes [SEP] x [SEP] x ... (only the second x's targets in the loss).
-
-    Span lengths L ~ U{1..L_max(step)}, L_max = COPY_CURRICULUM_START + (T/2 - 1 - start) * min(1, 2 step /
-    steps) (capped at T/2 - 1), bytes of x uniform in 1..255 (never SEP). A pure function of (seed, step).
-    """
-    from experiments.data import DOC_SEP, VOCAB_SIZE
-    rows = corpus.batch(step, seed=seed, batch_size=batch_size, seq_len=t_train)  # (b, T+1)
-    top = max(1, t_train // 2 - 1)
-    l_max = min(top, int(COPY_CURRICULUM_START + (top - COPY_CURRICULUM_START) * min(1.0, 2 * step / steps)))
-    rng = np.random.default_rng([seed, step, COPYMIX_STREAM_ID])
-    mask = torch.ones(batch_size, t_train, dtype=torch.bool)  # (b, T): target t+1 counted?
-    for i in range(1, batch_size, 2):
-        row: list[int] = []
-        scored: list[bool] = []  # per token of the row: is it predictable (in a second x)?
-        while len(row) < t_train + 1:
-            L = int(rng.integers(1, max(1, l_max) + 1))
-            x = rng.integers(1, VOCAB_SIZE, L).tolist()
-            row += [DOC_SEP] + x + [DOC_SEP] + x
-            scored += [False] * (L + 2) + [True] * L
-        rows[i] = torch.tensor(row[:t_train + 1], dtype=torch.long)
-        mask[i] = torch.tensor(scored[1:t_train + 1])
-    return rows, mask
 
 
 def model_label(spec: dict) -> str:
@@ -184,132 +168,154 @@ def model_label(spec: dict) -> str:
     return f"Transformer T={spec['t_train']}"
 
 
-def peak_lr(cfg: FCurvesConfig, spec: dict) -> float:
-    return cfg.tf_lr if spec["kind"] == "transformer" else cfg.lr
-
-
-def _tcfg(cfg: FCurvesConfig, spec: dict, out: Path):
-    n, p = spec.get("d_state", 64), spec.get("headdim", 16)  # the Transformer reuses the row recipe only
-    return mamba_train_config(out_dir=out / "models" / spec["key"], d_model=cfg.d_model, n_layer=cfg.n_layer,
-                              d_state=n, headdim=p, t_train=spec["t_train"], tokens_per_step=cfg.tokens_per_step,
-                              steps=cfg.steps, lr=peak_lr(cfg, spec), task="mix" if cfg.task == "mix" else "lm",
-                              copy_len=cfg.copy_len, seed=cfg.seed,
-                              device=cfg.device, threads=cfg.threads)
-
-
-def train_point(cfg: FCurvesConfig, spec: dict, out: Path, corpus) -> dict:
-    """Step 1 for one model. Returns {model_dir, n_params, state_size, final_loss, seconds}."""
-    from experiments.tiny_transformer import TinyTransformer, TransformerConfig
-    from experiments.train import training_rows
-    from mitigations import state_size
-    t0 = time.perf_counter()
-    from minimamba import Mamba2LM
-    tcfg = _tcfg(cfg, spec, out)
-    if spec["kind"] == "mamba2" and cfg.task == "mix":  # the project's trainer, checkpoints and all
-        model_dir = train_or_reuse_mamba(tcfg)
-        model = Mamba2LM.from_pretrained(model_dir)
-        return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),
-                "state_size": state_size(model.config), "final_loss": final_train_loss(tcfg.out_dir),
-                "seconds": time.perf_counter() - t0}
-    if cfg.task == "mix":
-        batch_fn = lambda step: training_rows(corpus, tcfg, step, slice(None))  # noqa: E731 (train.py's rows)
-    else:
-        batch_fn = lambda step: copymix_rows(corpus, step=step, steps=tcfg.steps, seed=tcfg.seed,  # noqa: E731
-                                             batch_size=tcfg.batch_size, t_train=tcfg.seq_len)
-    if spec["kind"] == "mamba2":
-        model = Mamba2LM(tcfg.model_config())
-    else:
-        model = TinyTransformer(TransformerConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head))
-    losses = train_model(model, batch_fn, steps=tcfg.steps, lr=tcfg.lr, warmup_steps=tcfg.warmup_steps,
-                         seed=tcfg.seed, desc=f"train {model_label(spec)}")
-    model_dir = Path(tcfg.out_dir) / "model"
-    if spec["kind"] == "mamba2":
-        from checkpoints import save_pretrained
-        save_pretrained(model, str(model_dir))
-    else:
-        model.save(model_dir)
-    return {"model_dir": str(model_dir), "n_params": sum(q.numel() for q in model.parameters()),
-            "state_size": state_size(model.config) if spec["kind"] == "mamba2" else None,
-            "final_loss": float(np.mean(losses[-10:])), "seconds": time.perf_counter() - t0}
-
-
-def load_model(spec: dict, trained: dict):
-    if spec["kind"] == "mamba2":
-        from minimamba import Mamba2LM
-        return Mamba2LM.from_pretrained(trained["model_dir"]).eval()
-    from experiments.tiny_transformer import TinyTransformer
-    return TinyTransformer.load(trained["model_dir"])
+def train_config(cfg: FCurvesConfig, point: Point):
+    """Step 1's train.py config of one (model, seed)."""
+    c = point.coords
+    model = (dict(arch="mamba2", d_state=c["d_state"], headdim=c["headdim"], lr=cfg.lr) if c["kind"] == "mamba2"
+             else dict(arch="transformer", n_head=c["n_head"], lr=cfg.tf_lr))
+    return point_train_config(Path(cfg.out_dir) / "models" / point.key, t_train=c["t_train"],
+                              tokens_per_step=cfg.tokens_per_step, steps=cfg.steps, seed=c["seed"], device=cfg.device,
+                              d_model=cfg.d_model, n_layer=cfg.n_layer, task=cfg.task, copy_len=cfg.copy_len, **model)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2-3. Curves
+# 2. One (model, seed): train, then every curve
 # ----------------------------------------------------------------------------------------------
 
-def mitigation_context(cfg: FCurvesConfig, model, name: str, t_train: int):
-    """(description, context manager) for one mitigation on a Mamba2LM."""
-    import contextlib
-    import mitigations as M
-    if name == "none":
-        return "none", contextlib.nullcontext()
-    if name == "rri":
-        lam_a = 1.0 - 1.0 / (cfg.rri_horizon * t_train)
-        return (f"RRI lambda_a={lam_a:.5f} lambda_B={cfg.rri_lambda_B}",
-                M.rri(model, lambda_a=lam_a, lambda_B=cfg.rri_lambda_B))
-    r = cfg.window_mult * t_train
-    return f"sliding window r={r}", M.sliding_window(model, r)
-
-
-def curve_point(cfg: FCurvesConfig, spec: dict, trained: dict, mitigation: str, mode: str, out: Path,
-                heldout: torch.Tensor, key: str) -> dict:
-    """Steps 2-3 for one (model, mitigation, mode). Returns the memory lengths and the mean curves."""
-    from experiments.data import DOC_SEP, VOCAB_SIZE
-    model = load_model(spec, trained)
-    lengths = parse_ints(cfg.lengths, "lengths")
-    if spec["kind"] == "transformer":
-        lengths = [L for L in lengths if L <= cfg.tf_max_len]
-    desc, ctx = mitigation_context(cfg, model, mitigation, spec["t_train"])
-    chunk = cfg.chunk_size if spec["kind"] == "mamba2" else None
+def run_point(cfg: FCurvesConfig, point: Point) -> dict:
+    """Steps 1-2 for one (model, seed). Returns the model's facts and each curve's accuracies."""
+    c = point.coords
+    tcfg = train_config(cfg, point)
     t0 = time.perf_counter()
-    with ctx:
-        curve = fc.forgetting_curve(model, lengths=lengths, tokens=heldout if mode == "text" else None,
-                                    vocab_size=VOCAB_SIZE, n_samples=cfg.n_samples, bos_id=DOC_SEP,
-                                    eos_id=DOC_SEP, seed=cfg.seed, batch_size=2 * cfg.n_samples,
-                                    chunk_size=chunk, out=out / "curves" / f"{key}.json", progress=False,
-                                    meta={"model": model_label(spec), "mitigation": desc, "mode": mode})
-    s = curve.summary()
-    return {"fine": s["fine_grained_length"], "coarse": s["coarse_grained_length"], "mitigation": desc,
-            "lengths": curve.lengths.tolist(), "copy": curve.copy_mean.tolist(), "lm": curve.lm_mean.tolist(),
-            "copy_std": curve.copy_acc.std(1).tolist(), "seconds": time.perf_counter() - t0}
+    model_dir = train_point_model(tcfg)
+    mamba = c["kind"] == "mamba2"
+    model = load_for_eval(model_dir, cfg.device) if mamba else TinyTransformer.from_pretrained(model_dir)
+    result = {"n_params": sum(q.numel() for q in model.parameters()),
+              "state_size": M.state_size(model.config) if mamba else None,
+              "final_loss": final_train_loss(tcfg.out_dir), "train_seconds": time.perf_counter() - t0, "curves": {}}
+    heldout = torch.from_numpy(Corpus.load().heldout.astype(np.int64))  # (N,) held-out bytes
+    lengths = [L for L in cfg.lengths if mamba or L <= cfg.tf_max_len]
+    settings = MitigationSettings(rri_horizon=cfg.rri_horizon, rri_lambda_b=cfg.rri_lambda_b,
+                                  window_mult=cfg.window_mult)
+    for mit in (cfg.mitigations if mamba else ("none",)):
+        for mode in cfg.modes:
+            desc, ctx = mitigation_context(mit, model, c["t_train"], settings)
+            with ctx:
+                curve = fc.forgetting_curve(model, lengths=lengths, tokens=heldout if mode == "text" else None,
+                                            vocab_size=VOCAB_SIZE, n_samples=cfg.n_samples, bos_id=DOC_SEP,
+                                            eos_id=DOC_SEP, seed=c["seed"], batch_size=2 * cfg.n_samples,
+                                            chunk_size=cfg.chunk_size if mamba else None,
+                                            out=Path(cfg.out_dir) / "curves" / f"{point.key}_{mit}_{mode}.json",
+                                            resume=True, progress=False,
+                                            meta={"model": model_label(c), "mitigation": desc, "mode": mode})
+            result["curves"][f"{mit}|{mode}"] = {"mitigation": desc, "lengths": curve.lengths.tolist(),
+                                                 "copy_acc": curve.copy_acc.tolist(), "lm_acc": curve.lm_acc.tolist(),
+                                                 "errors": {str(k): v for k, v in curve.errors.items()}}
+    return result
 
 
-def plot(cfg: FCurvesConfig, specs: list[dict], curves: dict, trained: dict, out: Path) -> list[Path]:
-    """One figure per mode: a panel per model, copy (solid) and LM (dashed) per mitigation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def fcurve_points(cfg: FCurvesConfig) -> list[Point]:
+    return grid_points(model_specs(cfg), cfg.seeds, recipe(cfg, grid_fields=("states", "train_lens", "transformer")))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Memory lengths per seed and over seeds; figures
+# ----------------------------------------------------------------------------------------------
+
+def read_curve(stored: dict) -> dict:
+    """forgetting_curve.py's reading of one stored curve: its summary (memory lengths and per-length
+    verdicts, by the rules of the forgetting_curve.py at hand) and the mean accuracies."""
+    curve = fc.ForgettingCurve(lengths=stored["lengths"], copy_acc=stored["copy_acc"], lm_acc=stored["lm_acc"],
+                               errors=stored.get("errors", {}))
+    return {**curve.summary(), "copy_mean": curve.copy_acc.mean(1).tolist(), "lm_mean": curve.lm_acc.mean(1).tolist()}
+
+
+def summarize(cfg: FCurvesConfig, results: dict[str, dict]) -> dict:
+    """Per model: per seed its facts and each curve's memory lengths; over seeds the fine and coarse
+    lengths' mean and 95% interval per (mitigation, mode)."""
+    models = []
+    for spec in model_specs(cfg):
+        per_seed = {str(s): results[point_key(**spec, seed=s)] for s in cfg.seeds}
+        curves = {}
+        for name in next(iter(per_seed.values()))["curves"]:
+            reads = {s: read_curve(r["curves"][name]) for s, r in per_seed.items()}
+            curves[name] = {"mitigation": next(iter(per_seed.values()))["curves"][name]["mitigation"],
+                            "per_seed": reads,
+                            "fine": mean_ci(v["fine_grained_length"] for v in reads.values()),
+                            "coarse": mean_ci(v["coarse_grained_length"] for v in reads.values()
+                                              if v["coarse_grained_length"] is not None)}
+        models.append({**spec, "label": model_label(spec), "curves": curves,
+                       "facts": {s: {k: r[k] for k in ("n_params", "state_size", "final_loss")}
+                                 for s, r in per_seed.items()}})
+    return {"seeds": list(cfg.seeds), "models": models}
+
+
+def run(cfg: FCurvesConfig) -> dict:
+    results = run_sweep(cfg, fcurve_points(cfg), run_point, "fcurves")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
+
+
+def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """The summary and figures of a finished run folder (or a committed results folder), from its
+    points alone. out: where to write them (default: run_dir)."""
+    cfg, results, out = finished_run(run_dir, out, FCurvesConfig, fcurve_points)
+    return report(cfg, summarize(cfg, results), out)
+
+
+def report(cfg: FCurvesConfig, summary: dict, out: Path) -> dict:
+    md = ["Memory lengths by forgetting_curve.py's rules (fine: copy >= 0.99; coarse: copy - LM >= 0.05 and "
+          "significant), per seed, then the mean [95% t interval] over seeds.", "",
+          "| model | params | N_S | train loss (mean over seeds) | mitigation | data | fine per seed | fine over seeds "
+          "| coarse per seed | coarse over seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in summary["models"]:
+        facts = list(m["facts"].values())
+        for name, c in m["curves"].items():
+            mit, mode = name.split("|")
+            fine = ", ".join(str(v["fine_grained_length"]) for v in c["per_seed"].values())
+            coarse = ", ".join(str(v["coarse_grained_length"]) for v in c["per_seed"].values())
+            md.append(f"| {m['label']} | {facts[0]['n_params'] / 1e3:.0f}K | {facts[0]['state_size'] or '-'} | "
+                      f"{np.mean([f['final_loss'] for f in facts]):.2f} | {mit} | {mode} | {fine} | "
+                      f"{fmt_ci(c['fine'])} | {coarse} | {fmt_ci(c['coarse'])} |")
+    text = "\n".join(md) + "\n"
+    atomic_write_json(out / f"{FIGURE_PREFIX}_summary.json", summary)
+    atomic_write_text(out / f"{FIGURE_PREFIX}_summary.md", text)
+    print(text)
+    plot(cfg, summary, out)
+    return summary
+
+
+def plot(cfg: FCurvesConfig, summary: dict, out: Path) -> list[Path]:
+    """One figure per mode: a panel per model, copy (solid) and LM (dashed) per mitigation, the mean
+    over seeds (thin: each seed's copy curve)."""
     paths = []
     colors = {"none": "C0", "rri": "C1", "sliding_window": "C2"}
-    for mode in cfg.modes.split(","):
-        fig, axes = plt.subplots(1, len(specs), figsize=(3.6 * len(specs), 3.4), sharey=True, squeeze=False)
-        for ax, spec in zip(axes[0], specs):
-            for mit in (cfg.mitigations.split(",") if spec["kind"] == "mamba2" else ["none"]):
-                c = curves.get((spec["key"], mit, mode))
-                if c is None:
+    models = summary["models"]
+    for mode in cfg.modes:
+        fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), sharey=True, squeeze=False)
+        for ax, m in zip(axes[0], models):
+            for name, c in m["curves"].items():
+                mit, curve_mode = name.split("|")
+                if curve_mode != mode:
                     continue
+                reads = list(c["per_seed"].values())
+                lengths = reads[0]["lengths"]
+                for r in reads:
+                    ax.plot(r["lengths"], r["copy_mean"], color=colors[mit], lw=0.5, alpha=0.4)
                 lab = "" if mit == "none" else f" +{mit}"
-                ax.plot(c["lengths"], c["copy"], "-o", ms=3, color=colors[mit],
-                        label=f"copy{lab} (fine {c['fine']}, coarse {c['coarse']})")
-                ax.plot(c["lengths"], c["lm"], "--", color=colors[mit], alpha=0.6, label=f"LM{lab}")
-            ax.axvline(spec["t_train"] / 2, color="gray", lw=0.8, ls=":")  # L = T/2: both copies fit in T
+                ax.plot(lengths, np.mean([r["copy_mean"] for r in reads], 0), "-o", ms=3, color=colors[mit],
+                        label=f"copy{lab} (fine {fmt_ci(c['fine'], 2)}, coarse {fmt_ci(c['coarse'], 2)})")
+                ax.plot(lengths, np.mean([r["lm_mean"] for r in reads], 0), "--", color=colors[mit], alpha=0.6,
+                        label=f"LM{lab}")
+            ax.axvline(m["t_train"] / 2, color="gray", lw=0.8, ls=":")  # L = T/2: both copies fit in T
             ax.axhline(fc.DEFAULT_THRESHOLD, color="k", lw=0.5)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("dependency length L (tokens)")
-            params = trained[spec["key"]]["n_params"]
-            ax.set_title(f"{model_label(spec)}\n{params / 1e3:.0f}K params", fontsize=9)
-            ax.legend(fontsize=6, loc="upper right")
+            ax.set_title(f"{m['label']}\n{next(iter(m['facts'].values()))['n_params'] / 1e3:.0f}K params", fontsize=9)
+            ax.legend(fontsize=5, loc="upper right")
         axes[0][0].set_ylabel("accuracy (last half of the copy)")
         fig.suptitle(f"Forgetting curves, {mode} {'bytes' if mode == 'random' else 'held-out stdlib text'}, "
-                     f"n={cfg.n_samples}/L (dotted: L = T_train/2; line: 0.99)", fontsize=10)
+                     f"n={cfg.n_samples}/L, {len(summary['seeds'])} seed(s) (dotted: L = T_train/2; line: 0.99)",
+                     fontsize=10)
         fig.tight_layout()
         p = out / f"{FIGURE_PREFIX}_{mode}.png"
         fig.savefig(p, dpi=110)
@@ -318,58 +324,11 @@ def plot(cfg: FCurvesConfig, specs: list[dict], curves: dict, trained: dict, out
     return paths
 
 
-def run(cfg: FCurvesConfig) -> dict:
-    from experiments.data import Corpus
-    t0 = time.perf_counter()
-    out, store = start_run(cfg)
-    corpus = Corpus.load()
-    heldout = torch.from_numpy(corpus.heldout.astype(np.int64))  # (N,) held-out bytes
-    specs = model_specs(cfg)
-    trained, curves = {}, {}
-    for spec in specs:  # 1. models
-        print(f"[fcurves] model {model_label(spec)}", file=sys.stderr)
-        recipe = {"task": cfg.task, "steps": cfg.steps, "tokens_per_step": cfg.tokens_per_step,
-                  "lr": peak_lr(cfg, spec)}
-        trained[spec["key"]] = store.run(spec["key"], {**spec, **recipe},
-                                         lambda: train_point(cfg, spec, out, corpus))
-    for spec in specs:  # 2. curves
-        for mit in (cfg.mitigations.split(",") if spec["kind"] == "mamba2" else ["none"]):
-            for mode in cfg.modes.split(","):
-                key = point_key(model=spec["key"], mit=mit, mode=mode)
-                print(f"[fcurves] curve {model_label(spec)} {mit} {mode}", file=sys.stderr)
-                curves[(spec["key"], mit, mode)] = store.run(
-                    key, {"model": spec["key"], "mitigation": mit, "mode": mode},
-                    lambda: curve_point(cfg, spec, trained[spec["key"]], mit, mode, out, heldout, key))
-    # 3. table and figures
-    rows = ["model,params,state_size,final_train_loss,mitigation,mode,fine_len,coarse_len,copy_at_min_L,lm_at_min_L"]
-    md = ["| model | params | N_S | train loss | mitigation | data | fine | coarse | copy @ L=min | LM @ L=min |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    for (mk, mit, mode), c in curves.items():
-        spec = next(s for s in specs if s["key"] == mk)
-        tr = trained[mk]
-        rows.append(f"{model_label(spec)},{tr['n_params']},{tr['state_size']},{tr['final_loss']:.3f},{mit},{mode},"
-                    f"{c['fine']},{c['coarse']},{c['copy'][0]:.3f},{c['lm'][0]:.3f}")
-        md.append(f"| {model_label(spec)} | {tr['n_params'] / 1e3:.0f}K | {tr['state_size'] or '-'} | "
-                  f"{tr['final_loss']:.2f} | {mit} | {mode} | {c['fine']} | {c['coarse']} | "
-                  f"{c['copy'][0]:.2f} (L={c['lengths'][0]}) | {c['lm'][0]:.2f} |")
-    atomic_write_text(out / "summary.csv", "\n".join(rows) + "\n")
-    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
-    figs = plot(cfg, specs, curves, trained, out)
-    wall = time.perf_counter() - t0
-    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
-    if cfg.figures:
-        fig_dir = REPO / "figures"
-        fig_dir.mkdir(exist_ok=True)
-        for p in figs:
-            shutil.copyfile(p, fig_dir / p.name)
-        shutil.copyfile(out / "summary.md", fig_dir / f"{FIGURE_PREFIX}_summary.md")
-    print("\n".join(md))
-    print(f"[fcurves] wall {wall:.0f}s, run folder {out}", file=sys.stderr)
-    return {"trained": trained, "curves": {"|".join(k): v for k, v in curves.items()}}
-
-
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(FCurvesConfig, argv, QUICK, __doc__.split("\n")[0]))
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(FCurvesConfig, args, QUICK)
+    replot(cfg.out_dir) if args.replot else run(cfg)
+    print(f"[fcurves] run folder {cfg.out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Passkey retrieval at toy scale: how far back can a byte-level Mamba-2 fetch 5 digits, vs state size?
 
 Commands (run from the repository root)
-    # CPU-sized: 3 state sizes, T_train = 128, contexts 128..4096 (~10 min on one busy thread)
-    python -m experiments.passkey --quick
+    # CPU-sized: 4 state sizes x 3 seeds, T_train = 128, contexts 128..4096 (~10 min per point on one busy thread)
+    python -m experiments.passkey --quick --seeds 0,1,2
+    # rerun after a kill: finished points are reused (a killed training resumes from its checkpoint)
+    python -m experiments.passkey --quick --seeds 0,1,2
+    # redraw the figures and the summary of a finished run folder (seconds, no training)
+    python -m experiments.passkey --quick --replot
     # the default sweep (meant for a GPU or a long CPU run; its recipe is the quick one, untested at this size)
-    python -m experiments.passkey
-    # rerun after a kill: finished models and evaluations are reused
-    python -m experiments.passkey --quick
+    python -m experiments.passkey --seeds 0,1,2
 
 Paper
     Stuffed Mamba (arXiv 2410.07145), appendix "Passkey retrieval" and section "State capacity":
@@ -24,20 +26,22 @@ Protocol (numbered as the code below)
        text (experiments/data.py): passkey examples mixed into language-model data at T_train. The
        loss of a passkey row is on its 5 answer bytes only, and those answers hold answer_loss_share
        (0.9) of the loss, the text the rest (passkey_rows says why; QUICK how the recipe was chosen).
-    3. One Mamba-2 per state size (Delta initialized in [1e-3, dt_max = 0.01]), trained with
-       experiments/sweep.train_model (train.py's optimizer, schedule and byte loss, weighted per target).
+    3. One Mamba-2 per state size and seed (Delta initialized in [1e-3, dt_max = 0.01]), trained by
+       experiments/train.py with passkey_rows as its batch function (the loss weighted per target).
     4. evaluate: for every context length and depth, n prompts, greedy 5 bytes with the state
        carried; accuracy = share whose 5 output bytes contain the digits.
-    5. T_recall(state) = longest tested context such that it and every shorter one reach >= 95% mean
-       accuracy over depths (0 if the shortest fails; censored, ">=", if the longest passes);
-       exponential fit against N_S when >= 3 state sizes have an uncensored T_recall > 0 (with
-       exactly 3 the 3-parameter fit is an exact interpolation, R^2 = 1, and tests nothing), shown
-       next to the paper's law.
+    5. T_recall(state, seed) = longest tested context such that it and every shorter one reach >= 95%
+       mean accuracy over depths (0 if the shortest fails; censored, ">=", if the longest passes);
+       over seeds the mean and 95% t interval of the uncensored values and the censored counts;
+       exponential fit over the uncensored (N_S, T_recall) pairs when >= 3 state sizes have one
+       (with exactly 3 points the 3-parameter fit is an exact interpolation, R^2 = 1, and tests
+       nothing), shown next to the paper's law.
 
 Outputs (run folder, default runs/passkey[_quick]/)
-    config.json, points/*.json (resumable), models/<key>/ (save_pretrained), summary.md,
-    passkey_heatmap.png (accuracy over context length x depth per state size), passkey_recall.png
-    (T_recall vs N_S with the fit and the paper's law), both copied to figures/.
+    config.json, points/*.json (one per (state, seed)), models/<point>/ (train.py runs),
+    passkey_summary.json, passkey_summary.md, passkey_heatmap.png (accuracy over context length x
+    depth per state size, mean over seeds), passkey_recall.png (T_recall vs N_S per seed, the fit
+    and the paper's law).
 
 Glossary
     C  context length of a prompt in bytes      d  needle depth in [0, 1] (0 = right after the start)
@@ -45,25 +49,28 @@ Glossary
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import mitigations as M
 
-from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
-from experiments.train import TrainConfig  # noqa: E402
-from experiments.sweep import (PAPER_RECALL, exp_fit, mamba_train_config, parse_config,  # noqa: E402
-                               parse_ints, parse_states, point_key, start_run, train_model, write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
+from experiments.data import Corpus
+from experiments.state_collapse import load_for_eval
+from experiments.sweep import (PAPER_RECALL, ExpFit, Point, check_seeds_and_workers, exp_fit, final_train_loss,
+                               finished_run, fmt_ci, grid_points, mean_ci, parse_states, point_key,
+                               point_train_config, recipe, run_sweep, train_point_model, workers_flag)
+from experiments.train import TrainConfig
 
 # [SC] appendix: the passkey prompt
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -129,7 +136,7 @@ def passkey_rows(corpus, *, step: int, seed: int, batch_size: int, t_train: int,
 
     Rows 0 .. n_pk-1 (n_pk = round(passkey_share * b)) are passkey examples: a prompt of T+1-5 bytes
     (needle at a uniform random depth) followed by its 5 answer digits. The other rows are corpus text.
-    The weights sum to 1, so that train_model's loss sum(w * ce) / sum(w) is
+    The weights sum to 1, so that train.py's loss sum(w * ce) / sum(w) is
         loss = s * mean CE over the scored passkey targets + (1 - s) * mean CE over the text targets,
     s = answer_loss_share (s = 1 when there is no text row).
     answer_only=True: a passkey row scores only its 5 answer targets (the retrieval itself).
@@ -167,16 +174,19 @@ def passkey_rows(corpus, *, step: int, seed: int, batch_size: int, t_train: int,
 
 @torch.no_grad()
 def greedy_bytes(model, prompts: torch.Tensor, n_new: int, chunk: int) -> torch.Tensor:
-    """Greedy decoding with the state carried: prompts (b, C) -> (b, n_new) new bytes."""
+    """Greedy decoding: the prompt in chunks with the state carried, then one model.step per new
+    byte (O(1) per token). prompts (b, C) -> (b, n_new) new bytes (on the CPU)."""
     state, logits = None, None
+    prompts = prompts.to(next(model.parameters()).device)
     for s in range(0, prompts.shape[1], chunk):
         logits, state = model(prompts[:, s:s + chunk], state)  # (b, c, V)
-    out = []
-    for _ in range(n_new):
-        nxt = logits[:, -1, :256].argmax(-1)  # (b,)
+    nxt = logits[:, -1, :256].argmax(-1)  # (b,)
+    out = [nxt]
+    for _ in range(n_new - 1):
+        step_logits, state = model.step(nxt, state)  # (b, V)
+        nxt = step_logits[:, :256].argmax(-1)
         out.append(nxt)
-        logits, state = model(nxt[:, None], state)  # (b, 1, V)
-    return torch.stack(out, 1)  # (b, n_new)
+    return torch.stack(out, 1).cpu()  # (b, n_new)
 
 
 def evaluate(model, lengths: list[int], depths: list[float], n: int, chunk: int) -> np.ndarray:
@@ -261,31 +271,30 @@ def fit_recall(state_sizes: list[int], t_recalls: list[int], max_length: int):
 class PasskeyConfig:
     """All defaults in one block. Each field is a flag: --name value."""
 
-    out_dir: str = "runs/passkey"
-    d_model: int = 64
-    n_layer: int = 2
-    states: str = "16x16,32x16,64x16,128x32,256x32"  # d_state x headdim
-    t_train: int = 256  # T_train: passkey rows and text rows have this many tokens
-    tokens_per_step: int = 2048  # b = tokens_per_step / T_train rows per step
-    passkey_share: float = 0.75  # share of the rows that are passkey examples (the rest: corpus text)
-    answer_loss_share: float = 0.9  # share of the loss on the passkey rows' scored bytes (passkey_rows)
-    answer_only: bool = True  # passkey rows score only their 5 answer bytes (passkey_rows says why)
-    steps: int = 3000
-    lr: float = 5e-3  # peak lr (warmup + cosine, train.py); why 5e-3: see QUICK
-    dt_max: float = 0.01  # Delta init range upper end (train.py's default is the official 0.1); why: see QUICK
-    seed: int = 0  # seeds the model's initialization and the training rows
-    lengths: str = "256,512,1024,2048,4096,8192"  # evaluated context lengths C (bytes)
-    depths: str = "0,0.25,0.5,0.75,1"
-    n_eval: int = 10  # prompts per (C, depth)
-    chunk: int = 1024  # tokens per forward call during evaluation (state carried)
-    device: str = "cpu"
-    threads: int = 1
-    figures: bool = True
-    quick: bool = False
+    out_dir: str = flag("runs/passkey", "run folder")
+    d_model: int = flag(64, "d, residual width (channels)")
+    n_layer: int = flag(2, "number of Mamba-2 blocks")
+    states: tuple[str, ...] = flag(("16x16", "32x16", "64x16", "128x32", "256x32"), "per-head states d_state x headdim")
+    t_train: int = flag(256, "T_train in tokens: passkey rows and text rows have this many tokens")
+    tokens_per_step: int = flag(2048, "tokens per optimizer step; rows = tokens_per_step / T_train")
+    passkey_share: float = flag(0.75, "share of the rows that are passkey examples (the rest: corpus text)")
+    answer_loss_share: float = flag(0.9, "share of the loss on the passkey rows' scored bytes (passkey_rows)")
+    answer_only: bool = flag(True, "passkey rows score only their 5 answer bytes (passkey_rows says why)")
+    steps: int = flag(3000, "optimizer steps per model")
+    lr: float = flag(5e-3, "peak learning rate (warmup + cosine, train.py); why 5e-3: see QUICK")
+    dt_max: float = flag(0.01, "upper end of the Delta init range (train.py's default is the official 0.1); "
+                               "why: see QUICK")
+    seeds: tuple[int, ...] = flag((0,), "seeds of the initialization and the training rows, comma-separated")
+    lengths: tuple[int, ...] = flag((256, 512, 1024, 2048, 4096, 8192), "evaluated context lengths C (bytes)")
+    depths: tuple[float, ...] = flag((0.0, 0.25, 0.5, 0.75, 1.0), "needle depths in [0, 1] (0 = right after the start)")
+    n_eval: int = flag(10, "prompts per (C, depth)")
+    chunk: int = flag(1024, "tokens per forward call during evaluation (state carried)")
+    device: str = flag("cpu", "cpu | cuda | auto")
+    workers: int = workers_flag()
+    quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
         parse_states(self.states)
-        lens = parse_ints(self.lengths, "lengths")
         if self.t_train + 1 - KEY_DIGITS < overhead_bytes():
             raise ValueError(f"--t_train must be >= {overhead_bytes() + KEY_DIGITS - 1} to hold a passkey example")
         if self.tokens_per_step % self.t_train:
@@ -298,14 +307,11 @@ class PasskeyConfig:
             raise ValueError(f"--dt_max must be in [{dt_min} (train.py's dt_min), 1], got {self.dt_max}")
         if self.lr <= 0 or self.steps < 1 or self.n_eval < 1:
             raise ValueError(f"need --lr > 0, --steps >= 1, --n_eval >= 1; got {self.lr}, {self.steps}, {self.n_eval}")
-        if min(lens) < overhead_bytes():
+        if min(self.lengths) < overhead_bytes():
             raise ValueError(f"--lengths must be >= {overhead_bytes()} (needle + question)")
-        if any(not 0 <= d <= 1 for d in self.depth_list):
+        if any(not 0 <= d <= 1 for d in self.depths):
             raise ValueError(f"--depths must lie in [0, 1], got {self.depths}")
-
-    @property
-    def depth_list(self) -> list[float]:
-        return [float(d) for d in self.depths.split(",")]
+        check_seeds_and_workers(self)
 
 
 # The CPU-sized recipe, chosen with throw-away probes (same optimizer, schedule and weighted loss; 1000-
@@ -321,129 +327,134 @@ class PasskeyConfig:
 # - dt_max 0.01 (a slower initial decay: memory of ~100 tokens from the start): with the official
 #   0.1, 256x32 (seed 1) sat on the plateau for 2000 steps at lr 3e-3 and 5e-3; with 0.01 it learned.
 # - 2000 steps: the slowest probe reached 98% at step 1500.
-QUICK = dict(out_dir="runs/passkey_quick", states="16x16,64x16,128x32,256x32", t_train=128, tokens_per_step=1024,
-             steps=2000, lengths="128,192,256,384,512,768,1024,1536,2048,3072,4096", n_eval=10)
+QUICK = dict(out_dir="runs/passkey_quick", states=("16x16", "64x16", "128x32", "256x32"), t_train=128,
+             tokens_per_step=1024, steps=2000, lengths=(128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096),
+             n_eval=10)
+DESCRIPTION = "Passkey retrieval vs state size, per seed (see the module docstring)."
 
 
-def train_point(cfg: PasskeyConfig, n: int, p: int, out: Path, corpus) -> dict:
-    from minimamba import Mamba2LM
-    from mitigations import state_size
+def build_parser() -> argparse.ArgumentParser:
+    p = config_parser(PasskeyConfig, DESCRIPTION, QUICK)
+    add_flag(p, "replot", bool, False, "only redraw the figures and the summary from out_dir's points (no training)")
+    return p
+
+
+def run_point(cfg: PasskeyConfig, point: Point) -> dict:
+    """Steps 2-5 for one (state, seed): train with passkey rows (resuming a killed run), evaluate."""
+    n, p, seed = point.coords["d_state"], point.coords["headdim"], point.coords["seed"]
+    corpus = Corpus.load()
+    tcfg = point_train_config(Path(cfg.out_dir) / "models" / point.key, t_train=cfg.t_train,
+                              tokens_per_step=cfg.tokens_per_step, steps=cfg.steps, seed=seed, device=cfg.device,
+                              d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=n, headdim=p, lr=cfg.lr,
+                              dt_max=cfg.dt_max, task="custom")
     t0 = time.perf_counter()
-    key = point_key(d_state=n, headdim=p)
-    tcfg = mamba_train_config(out_dir=out / "models" / key, d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=n,
-                              headdim=p, t_train=cfg.t_train, tokens_per_step=cfg.tokens_per_step, steps=cfg.steps,
-                              lr=cfg.lr, task="lm", copy_len=1, seed=cfg.seed, device=cfg.device, threads=cfg.threads)
-    tcfg = dataclasses.replace(tcfg, dt_max=cfg.dt_max)  # a slower initial decay: see QUICK
-    torch.manual_seed(cfg.seed)  # the initialization, so a rerun of a point trains the same model
-    model = Mamba2LM(tcfg.model_config())
-    losses = train_model(model, lambda step: passkey_rows(corpus, step=step, seed=cfg.seed,
-                                                          batch_size=tcfg.batch_size, t_train=cfg.t_train,
-                                                          passkey_share=cfg.passkey_share,
-                                                          answer_loss_share=cfg.answer_loss_share,
-                                                          answer_only=cfg.answer_only),
-                         steps=cfg.steps, lr=cfg.lr, warmup_steps=tcfg.warmup_steps, seed=cfg.seed,
-                         desc=f"train passkey n={n} p={p}")
-    from checkpoints import save_pretrained
-    save_pretrained(model, str(out / "models" / key))
-    return {"model_dir": str(out / "models" / key), "state_size": state_size(model.config),
-            "n_params": sum(q.numel() for q in model.parameters()), "final_loss": float(np.mean(losses[-10:])),
-            "answer_loss": answer_loss(model, corpus, cfg, tcfg.batch_size),
-            "train_seconds": time.perf_counter() - t0}
+    model_dir = train_point_model(tcfg, lambda step: passkey_rows(
+        corpus, step=step, seed=seed, batch_size=tcfg.batch_size, t_train=cfg.t_train, passkey_share=cfg.passkey_share,
+        answer_loss_share=cfg.answer_loss_share, answer_only=cfg.answer_only))
+    model = load_for_eval(model_dir, cfg.device)
+    t1 = time.perf_counter()
+    acc = evaluate(model, list(cfg.lengths), list(cfg.depths), cfg.n_eval, cfg.chunk)
+    return {"state_size": M.state_size(model.config), "n_params": sum(q.numel() for q in model.parameters()),
+            "final_loss": final_train_loss(tcfg.out_dir),
+            "answer_loss": answer_loss(model, corpus, cfg, tcfg.batch_size, seed), "train_seconds": t1 - t0,
+            "acc": acc.tolist(), "t_recall": recall_length(list(cfg.lengths), acc),
+            "examples": example_answers(model, cfg.lengths[0], list(cfg.depths), cfg.chunk),
+            "eval_seconds": time.perf_counter() - t1}
 
 
 @torch.no_grad()
-def answer_loss(model, corpus, cfg: PasskeyConfig, batch_size: int) -> float:
+def answer_loss(model, corpus, cfg: PasskeyConfig, batch_size: int, seed: int) -> float:
     """Mean cross-entropy (nats per digit) of the 5 answer bytes on the passkey rows of step `cfg.steps`,
     a step training never saw (ln 10 = 2.30 = guessing digits; 0 = certain and right)."""
-    rows, w = passkey_rows(corpus, step=cfg.steps, seed=cfg.seed, batch_size=batch_size, t_train=cfg.t_train,
+    rows, w = passkey_rows(corpus, step=cfg.steps, seed=seed, batch_size=batch_size, t_train=cfg.t_train,
                            passkey_share=cfg.passkey_share, answer_loss_share=cfg.answer_loss_share,
                            answer_only=True)
     n_pk = n_passkey_rows(batch_size, cfg.passkey_share)  # passkey rows come first
-    logits, _ = model(rows[:n_pk, :-1])  # (n_pk, T, V)
+    rows = rows.to(next(model.parameters()).device)
+    logits, _ = model(rows[:n_pk, :-1], return_state=False)  # (n_pk, T, V)
     ce = torch.nn.functional.cross_entropy(logits[:, -KEY_DIGITS:, :256].reshape(-1, 256),
                                            rows[:n_pk, -KEY_DIGITS:].reshape(-1))
     return float(ce)
 
 
-def run(cfg: PasskeyConfig) -> dict:
-    from minimamba import Mamba2LM
-    from experiments.data import Corpus
-    t0 = time.perf_counter()
-    out, store = start_run(cfg)
-    corpus = Corpus.load()
-    lengths, depths = parse_ints(cfg.lengths, "lengths"), cfg.depth_list
-    results = []
+def passkey_points(cfg: PasskeyConfig) -> list[Point]:
+    grid = [{"d_state": n, "headdim": p} for n, p in parse_states(cfg.states)]
+    return grid_points(grid, cfg.seeds, recipe(cfg, grid_fields=("states",)))
+
+
+def summarize(cfg: PasskeyConfig, results: dict[str, dict]) -> dict:
+    """Per state: the per-seed results, T_recall over seeds (uncensored mean and interval, censored
+    counts), accuracy mean over seeds; the exponential fit over the uncensored (N_S, T_recall) pairs."""
+    top, states = max(cfg.lengths), []
     for n, p in parse_states(cfg.states):
-        print(f"[passkey] d_state={n} headdim={p}", file=sys.stderr)
-        tr = store.run(point_key(kind="train", d_state=n, headdim=p),
-                       {"d_state": n, "headdim": p, "steps": cfg.steps, "lr": cfg.lr, "t_train": cfg.t_train,
-                        "tokens_per_step": cfg.tokens_per_step, "passkey_share": cfg.passkey_share,
-                        "answer_loss_share": cfg.answer_loss_share,
-                        "answer_only": cfg.answer_only, "dt_max": cfg.dt_max, "seed": cfg.seed, "d_model": cfg.d_model,
-                        "n_layer": cfg.n_layer},
-                       lambda: train_point(cfg, n, p, out, corpus))
+        per_seed = {str(s): results[point_key(d_state=n, headdim=p, seed=s)] for s in cfg.seeds}
+        t_recalls = [r["t_recall"] for r in per_seed.values()]
+        states.append({"d_state": n, "headdim": p, "state_size": next(iter(per_seed.values()))["state_size"],
+                       "per_seed": per_seed, "acc_mean": np.mean([r["acc"] for r in per_seed.values()], 0).tolist(),
+                       "t_recall": {**mean_ci(t for t in t_recalls if 0 < t < top),
+                                    "censored_zero": sum(t == 0 for t in t_recalls),
+                                    "censored_top": sum(t >= top for t in t_recalls)}})
+    fit, fit_note = fit_recall([s["state_size"] for s in states for _ in s["per_seed"]],
+                               [r["t_recall"] for s in states for r in s["per_seed"].values()], top)
+    return {"states": states, "lengths": list(cfg.lengths), "depths": list(cfg.depths), "seeds": list(cfg.seeds),
+            "fit": dataclasses.asdict(fit) if fit else None, "fit_note": fit_note}
 
-        def ev():
-            model = Mamba2LM.from_pretrained(tr["model_dir"]).eval()
-            t1 = time.perf_counter()
-            acc = evaluate(model, lengths, depths, cfg.n_eval, cfg.chunk)
-            return {"acc": acc.tolist(), "t_recall": recall_length(lengths, acc), "seconds": time.perf_counter() - t1}
-        res = store.run(point_key(kind="eval", d_state=n, headdim=p),
-                        {"d_state": n, "headdim": p, "lengths": lengths, "depths": depths, "n": cfg.n_eval}, ev)
-        results.append({"d_state": n, "headdim": p, **tr, **res,
-                        "examples": example_answers(Mamba2LM.from_pretrained(tr["model_dir"]).eval(), lengths[0],
-                                                    depths, cfg.chunk)})
-        print(f"[passkey]   N_S={tr['state_size']} final loss {tr['final_loss']:.3f} T_recall={res['t_recall']} "
-              f"acc by C={np.asarray(res['acc']).mean(1).round(2).tolist()}", file=sys.stderr)
 
-    # 5. fit and report
-    fit, fit_note = fit_recall([r["state_size"] for r in results], [r["t_recall"] for r in results], max(lengths))
-    md = ["| d_state x headdim | N_S | params | final train loss | answer loss (nats/digit) | T_recall (>= 95%) "
-          f"| accuracy by context length | greedy answers at C={lengths[0]} (key@depth -> output) |",
-          "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        t_rec = f">= {r['t_recall']} (censored)" if r["t_recall"] == max(lengths) else str(r["t_recall"])
-        md.append(f"| {r['d_state']}x{r['headdim']} | {r['state_size']} | {r['n_params'] / 1e3:.0f}K | "
-                  f"{r['final_loss']:.3f} | {r['answer_loss']:.3f} | {t_rec} | "
-                  + ", ".join(f"{C}: {a:.2f}" for C, a in zip(lengths, np.asarray(r["acc"]).mean(1))) + " | "
-                  + ", ".join(f"{k} -> {v!r}" for k, v in r["examples"].items()) + " |")
+def run(cfg: PasskeyConfig) -> dict:
+    results = run_sweep(cfg, passkey_points(cfg), run_point, "passkey")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
+
+
+def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """The summary and figures of a finished run folder (or a committed results folder), from its
+    points alone. out: where to write them (default: run_dir)."""
+    cfg, results, out = finished_run(run_dir, out, PasskeyConfig, passkey_points)
+    return report(cfg, summarize(cfg, results), out)
+
+
+def report(cfg: PasskeyConfig, summary: dict, out: Path) -> dict:
+    lengths, top = summary["lengths"], max(summary["lengths"])
+    md = ["| d_state x headdim | N_S | T_recall per seed (>= 95%) | T_recall over seeds | final train loss | "
+          "answer loss (nats/digit) | accuracy by context length (mean over seeds) | "
+          f"greedy answers at C={lengths[0]}, first seed (key@depth -> output) |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary["states"]:
+        rs = list(s["per_seed"].values())
+        per_seed = ", ".join(f"{k}: " + (f">= {r['t_recall']}" if r["t_recall"] >= top else str(r["t_recall"]))
+                             for k, r in s["per_seed"].items())
+        tr = s["t_recall"]
+        md.append(f"| {s['d_state']}x{s['headdim']} | {s['state_size']} | {per_seed} | {fmt_ci(tr)}; censored: "
+                  f"{tr['censored_zero']} at 0, {tr['censored_top']} at >= {top} | "
+                  f"{np.mean([r['final_loss'] for r in rs]):.3f} | {np.mean([r['answer_loss'] for r in rs]):.3f} | "
+                  + ", ".join(f"{C}: {a:.2f}" for C, a in zip(lengths, np.asarray(s["acc_mean"]).mean(1))) + " | "
+                  + ", ".join(f"{k} -> {v!r}" for k, v in rs[0]["examples"].items()) + " |")
+    fit = summary["fit"]
     if fit is not None:
-        md.append(f"\nFit: T_recall = {fit.a:.4g} ({growth_str(fit.b)}^(N_S/1K) - 1) + {fit.c:.4g} tokens, R^2 = {fit.r2:.4f} "
-                  f"(n = {fit.n}). Paper: {PAPER_RECALL[0]} ({PAPER_RECALL[1]}^(N_S/1M) - 1) + {PAPER_RECALL[2]} K tokens.")
-    if fit_note:
-        md.append("\n" + fit_note)
-    summary = {"results": results, "lengths": lengths, "depths": depths,
-               "fit": dataclasses.asdict(fit) if fit else None, "fit_note": fit_note}
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
-    figs = plot(cfg, results, lengths, depths, fit, out)
-    wall = time.perf_counter() - t0
-    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
-    if cfg.figures:
-        (REPO / "figures").mkdir(exist_ok=True)
-        for f in figs:
-            shutil.copyfile(f, REPO / "figures" / f.name)
-        shutil.copyfile(out / "summary.md", REPO / "figures" / f"{FIGURE_PREFIX}_summary.md")
-    print("\n".join(md))
-    print(f"[passkey] wall {wall:.0f}s, run folder {out}", file=sys.stderr)
+        md.append(f"\nFit: T_recall = {fit['a']:.4g} ({growth_str(fit['b'])}^(N_S/1K) - 1) + {fit['c']:.4g} tokens, "
+                  f"R^2 = {fit['r2']:.4f} (n = {fit['n']} (state, seed) pairs). Paper: {PAPER_RECALL[0]} "
+                  f"({PAPER_RECALL[1]}^(N_S/1M) - 1) + {PAPER_RECALL[2]} K tokens.")
+    if summary["fit_note"]:
+        md.append("\n" + summary["fit_note"])
+    text = "\n".join(md) + "\n"
+    atomic_write_json(out / f"{FIGURE_PREFIX}_summary.json", summary)
+    atomic_write_text(out / f"{FIGURE_PREFIX}_summary.md", text)
+    print(text)
+    plot(cfg, summary, out)
     return summary
 
 
-def plot(cfg, results, lengths, depths, fit, out: Path) -> list[Path]:
-    import matplotlib
-    import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ncols = min(len(results), HEATMAP_COLUMNS)
-    nrows = -(-len(results) // ncols)
+def plot(cfg: PasskeyConfig, summary: dict, out: Path) -> list[Path]:
+    states, lengths, depths = summary["states"], summary["lengths"], summary["depths"]
+    fit = ExpFit(**summary["fit"]) if summary["fit"] else None
+    ncols = min(len(states), HEATMAP_COLUMNS)
+    nrows = -(-len(states) // ncols)
     panel_w = max(3.5, 1.0 + 0.4 * len(lengths))  # inches: room for each context's tick label and cell value
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 1.0, 3.0 * nrows), squeeze=False,
                              layout="constrained")
     flat = axes.ravel().tolist()
-    for ax in flat[len(results):]:
+    for ax in flat[len(states):]:
         ax.set_visible(False)
-    for ax, r in zip(flat, results):
-        acc = np.asarray(r["acc"])  # (C, d)
+    for ax, s in zip(flat, states):
+        acc = np.asarray(s["acc_mean"])  # (C, d)
         im = ax.imshow(acc.T, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(c) for c in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
@@ -451,31 +462,35 @@ def plot(cfg, results, lengths, depths, fit, out: Path) -> list[Path]:
         ax.set_ylabel("needle depth")
         beyond = sum(c <= cfg.t_train for c in lengths) - 0.5  # cell border after the last C <= T_train
         ax.axvline(beyond, color="w", lw=0.8, ls=":")
-        ax.set_title(f"{r['d_state']}x{r['headdim']} (n x p), N_S = {r['state_size'] / 1e3:.1f}K: "
-                     f"T_recall = {r['t_recall']}", fontsize=9)
+        ax.set_title(f"{s['d_state']}x{s['headdim']} (n x p), N_S = {s['state_size'] / 1e3:.1f}K: T_recall per seed "
+                     + ",".join(str(r["t_recall"]) for r in s["per_seed"].values()), fontsize=8)
         for i in range(len(lengths)):
             for j in range(len(depths)):
                 ax.text(i, j, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=6,
                         color="w" if acc[i, j] < 0.5 else "k")
     fig.colorbar(im, ax=flat, shrink=0.6, label="accuracy")
-    fig.suptitle(f"Passkey retrieval, byte-level Mamba-2 trained at T_train={cfg.t_train} "
-                 f"(n={cfg.n_eval} prompts per cell; right of the dotted line: C > T_train)", fontsize=10)
+    fig.suptitle(f"Passkey retrieval, byte-level Mamba-2 trained at T_train={cfg.t_train}, mean over "
+                 f"{len(summary['seeds'])} seed(s) (n={cfg.n_eval} prompts per cell and seed; right of the dotted "
+                 f"line: C > T_train)", fontsize=10)
     p1 = out / f"{FIGURE_PREFIX}_heatmap.png"
     fig.savefig(p1, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    xs = np.array([r["state_size"] for r in results], float)
-    ys = np.array([r["t_recall"] for r in results], float)
-    top = ys >= max(lengths)  # censored: the longest tested context passed, T_recall is only a lower bound
-    ax.plot(xs[~top] / 1e3, ys[~top], "o", label="ours: longest context with >= 95% (0 = none)")
-    if top.any():
-        ax.plot(xs[top] / 1e3, ys[top], "^", label=f"ours: >= {max(lengths)} (every tested context passed)")
+    top = max(lengths)
+    xs = np.array([s["state_size"] for s in states], float)
+    pairs = np.array([(s["state_size"], r["t_recall"]) for s in states for r in s["per_seed"].values()], float)
+    censored = pairs[:, 1] >= top  # the longest tested context passed: T_recall is only a lower bound
+    ax.plot(pairs[~censored, 0] / 1e3, pairs[~censored, 1], "o", mfc="none",
+            label="ours, one seed: longest context with >= 95% (0 = none)")
+    if censored.any():
+        ax.plot(pairs[censored, 0] / 1e3, pairs[censored, 1], "^", mfc="none",
+                label=f"ours: >= {top} (every tested context passed)")
     if fit is not None:
         grid = np.linspace(xs.min(), xs.max(), 100) / 1e3
-        flat = f" = a line, {fit.a * math.log(fit.b):.3g} x + {fit.c:.3g}" if fit.b - 1 < FLAT_GROWTH else ""
-        ax.plot(grid, fit(grid), "--", label=f"fit {fit.a:.3g}({growth_str(fit.b)}^x-1)+{fit.c:.3g}{flat}\n"
-                                            f"R^2={fit.r2:.3f} (n={fit.n}; x = N_S/1K)")
+        line = f" = a line, {fit.a * math.log(fit.b):.3g} x + {fit.c:.3g}" if fit.b - 1 < FLAT_GROWTH else ""
+        ax.plot(grid, fit(grid), "--", label=f"fit {fit.a:.3g}({growth_str(fit.b)}^x-1)+{fit.c:.3g}{line}\n"
+                                             f"R^2={fit.r2:.3f} (n={fit.n}; x = N_S/1K)")
     a, b, c = PAPER_RECALL
     ax.set_xscale("log")  # the state sizes are spaced by factors, not steps
     ax.set_xticks(xs / 1e3, [f"{x / 1e3:.1f}" for x in xs], minor=False)
@@ -494,7 +509,10 @@ def plot(cfg, results, lengths, depths, fit, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(PasskeyConfig, argv, QUICK, __doc__.split("\n")[0]))
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(PasskeyConfig, args, QUICK)
+    replot(cfg.out_dir) if args.replot else run(cfg)
+    print(f"[passkey] run folder {cfg.out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

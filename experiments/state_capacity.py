@@ -1,14 +1,16 @@
 """State capacity at toy scale: the training length a Mamba-2 needs to learn to forget, vs state size.
 
 Commands (run from the repository root)
-    # CPU-sized: 2 state sizes x 2 training lengths (20 min measured on a busy shared 2-core box, 1 thread)
-    python -m experiments.state_capacity --quick
-    # the default sweep (meant for a GPU or a long CPU run)
-    python -m experiments.state_capacity
+    # CPU-sized: 2 state sizes x 2 training lengths x 3 seeds (about 10 minutes per point on a busy 2-core box)
+    python -m experiments.state_capacity --quick --seeds 0,1,2
     # rerun after a kill: finished points are reused (and a killed training resumes from its checkpoint)
-    python -m experiments.state_capacity --quick
+    python -m experiments.state_capacity --quick --seeds 0,1,2
+    # redraw the figure and the summary of a finished run folder (seconds, no training)
+    python -m experiments.state_capacity --quick --replot
     # widen a finished sweep: new points only are computed (same --out_dir)
     python -m experiments.state_capacity --quick --states 64x16,128x32,256x32,512x32 --train_lens 16,32,64
+    # the default sweep (meant for a GPU or a long CPU run)
+    python -m experiments.state_capacity --seeds 0,1,2,3,4
 
 Paper
     Stuffed Mamba (arXiv 2410.07145), section "State capacity": for each state size, the smallest
@@ -18,24 +20,23 @@ Paper
     R^2 > 0.999, i.e. about 5 tokens of training length per 1K state elements.
 
 Protocol (numbered as the code below)
-    1. For every state size (d_state x headdim, n_layer) and training length T, train a Mamba-2 with
-       experiments/train.py (the "mix" task: half stdlib text, half copy episodes - the regime where
-       experiments/LOG.md found collapse at T_train = 16; the same number of tokens for every T).
-    2. Per-position loss with the state carried (experiments/state_collapse.per_position_loss) on
-       the newline prompt and on held-out text, to eval_length tokens; the collapse ratio
-       max_{t >= T} loss_t / max_{t < T} loss_t per probe.
-    3. A point collapses at factor f if its ratio exceeds f on any probe (f = 2 is the paper's).
-       T_forget(state) = the smallest tested T that does not collapse. Censored cases are kept as
-       such: "> max T" (collapses at every tested T) and "<= min T" (never collapses).
-    4. A linear fit of T_forget against N_S (uncensored states only) with R^2, plotted with the
-       paper's slope (5.172 K tokens per M elements = 0.005172 tokens per element).
-    Because toy models collapse weakly (LOG.md: ratios of 1.8 at T = 16), the summary also reports
-    T_forget under a relaxed factor (--relaxed_factor, default 1.5). That is our addition, labelled
-    as such, never a substitute for the paper's 2x.
+    1. For every state size (d_state x headdim, n_layer), training length T and seed, train a Mamba-2
+       with experiments/train.py (the "mix" task: half stdlib text, half copy episodes - the regime
+       where experiments/LOG.md found collapse at T_train = 16; the same number of tokens for every T).
+    2. Per-position loss with the state carried (state_collapse.per_position_loss) on the newline
+       prompt and on held-out text, to eval_length tokens; both criteria of state_collapse.py
+       (the paper's 2x on maxima, our 1.5x on means) per probe. A point collapses under a criterion
+       if it fires on any probe.
+    3. Per (state, seed) and criterion, T_forget = the shortest tested T after which no longer T
+       collapses. Censored cases are kept as such: "> max T" (collapses at the longest tested T) and
+       "<= min T" (never collapses). Over seeds: the mean and 95% t interval of the uncensored values,
+       and how many seeds were censored.
+    4. A least-squares line of T_forget against N_S over every uncensored (state, seed), with the
+       slope's 95% t interval, next to the paper's slope (5.172 tokens per 1K state elements).
 
 Outputs (run folder, default runs/capacity[_quick]/)
-    config.json, points/*.json (one finished point each), models/<key>/ (train.py runs),
-    summary.json, summary.md, capacity.png (ratio per point; T_forget vs N_S), copied to figures/.
+    config.json, points/*.json (one per (state, T, seed)), models/<point>/ (train.py runs),
+    capacity_summary.json, capacity_summary.md, capacity.png
 
 Glossary
     N_S  state size in elements, mitigations.state_size (SSM + conv state, [SC] Table 2's count)
@@ -43,272 +44,272 @@ Glossary
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import mitigations as M
 
-from experiments.common import atomic_write_json, atomic_write_text  # noqa: E402
-from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, final_train_loss,  # noqa: E402
-                               linear_fit, mamba_train_config, parse_config, parse_ints, parse_states,
-                               point_key, start_run, train_or_reuse_mamba, write_run_config)
+from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
+from experiments.data import Corpus, newline_probe
+from experiments.state_collapse import CRITERIA, criteria, load_for_eval, per_position_loss
+from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, Point, check_seeds_and_workers,
+                               final_train_loss, finished_run, fmt_ci, grid_points, linear_fit, mean_ci, parse_states,
+                               point_key, point_train_config, recipe, run_sweep, train_point_model, workers_flag)
 
-PAPER_FACTOR = 2.0  # [SC] criterion
 PROBES = ("newline", "text")
 FIGURE_NAME = "capacity.png"
+SUMMARY_PREFIX = "capacity"
 
 
 @dataclass(frozen=True)
 class CapacityConfig:
     """All defaults in one block. Each field is a flag: --name value."""
 
-    out_dir: str = "runs/capacity"
-    d_model: int = 64
-    layers: str = "2"  # n_layer values (part of the state size)
-    states: str = "32x16,64x16,128x32,256x32"  # d_state x headdim
-    train_lens: str = "8,16,32,64,128"  # T_train values searched
-    task: str = "mix"  # train.py task (see LOG.md)
-    copy_len: int = 8
-    tokens_per_step: int = 512
-    steps: int = 3000
-    lr: float = 3e-3
-    seed: int = 0
-    eval_length: int = 4096  # tokens of each probe (the paper: 1M)
-    eval_prompts: int = 8  # held-out text windows averaged per position (the newline prompt is one)
-    chunk_len: int = 128  # tokens per forward call with the state carried (the official k = 128)
-    factor: float = PAPER_FACTOR  # the collapse criterion's factor
-    relaxed_factor: float = 1.5  # our addition for weakly collapsing toy models (reported separately)
-    device: str = "cpu"
-    threads: int = 1
-    figures: bool = True
-    quick: bool = False
+    out_dir: str = flag("runs/capacity", "run folder")
+    d_model: int = flag(64, "d, residual width (channels)")
+    layers: tuple[int, ...] = flag((2,), "n_layer values (part of the state size)")
+    states: tuple[str, ...] = flag(("32x16", "64x16", "128x32", "256x32"), "per-head states d_state x headdim")
+    train_lens: tuple[int, ...] = flag((8, 16, 32, 64, 128), "T_train values searched (tokens)")
+    seeds: tuple[int, ...] = flag((0,), "training seeds, comma-separated; T_forget is reported per seed and over seeds")
+    task: str = flag("mix", "train.py task (see LOG.md)")
+    copy_len: int = flag(8, "random bytes per copy episode")
+    tokens_per_step: int = flag(512, "tokens per optimizer step; rows = tokens_per_step / T_train")
+    steps: int = flag(3000, "optimizer steps per model")
+    lr: float = flag(3e-3, "peak learning rate (warmup + cosine, train.py)")
+    eval_length: int = flag(4096, "tokens of each probe (the paper: 1M)")
+    eval_prompts: int = flag(8, "held-out text windows averaged per position (the newline prompt is one)")
+    chunk_len: int = flag(128, "tokens per forward call with the state carried (the official k = 128)")
+    device: str = flag("cpu", "cpu | cuda | auto")
+    workers: int = workers_flag()
+    quick: bool = flag(False, "start from the CPU-sized QUICK values")
 
     def __post_init__(self):
         parse_states(self.states)
-        lens = parse_ints(self.train_lens, "train_lens")
-        parse_ints(self.layers, "layers")
-        if max(lens) * 2 > self.eval_length:
-            raise ValueError(f"--eval_length {self.eval_length} must be >= 2 x the largest T_train ({max(lens)})")
-        if any(self.tokens_per_step % t for t in lens):
-            raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train {lens}")
-        if self.factor <= 1 or self.relaxed_factor <= 1:
-            raise ValueError("--factor and --relaxed_factor must be > 1")
+        if self.eval_length <= 2 * max(self.train_lens):
+            raise ValueError(f"--eval_length {self.eval_length} must exceed 2 x the largest T_train "
+                             f"({max(self.train_lens)}): the mean criterion reads [2T, l)")
+        if any(self.tokens_per_step % t for t in self.train_lens):
+            raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train "
+                             f"{self.train_lens}")
+        check_seeds_and_workers(self)
 
 
 # The CPU demo: the regime where experiments/state_collapse.py --quick collapses (d_state 256 x headdim
 # 32, mix task, 3000 steps of 512 tokens, T_train 16 vs 64) plus a 4x smaller state. With 1500 steps
 # the same sizes did not meet 2x anywhere (newline ratio <= 1.02, text <= 1.74): see README.
-QUICK = dict(out_dir="runs/capacity_quick", states="64x16,256x32", train_lens="16,64", steps=3000,
+QUICK = dict(out_dir="runs/capacity_quick", states=("64x16", "256x32"), train_lens=(16, 64), steps=3000,
              eval_length=1024, eval_prompts=8)
+DESCRIPTION = "State capacity: T_forget vs state size, per seed (see the module docstring)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = config_parser(CapacityConfig, DESCRIPTION, QUICK)
+    add_flag(p, "replot", bool, False, "only redraw the figure and the summary from out_dir's points (no training)")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
-# 1-2. One point: train, then the collapse ratio on each probe
+# 1-2. One point: train, then both criteria on each probe
 # ----------------------------------------------------------------------------------------------
 
-def collapse_ratio(loss: torch.Tensor, t_train: int) -> dict:
-    """max loss beyond T_train / max loss within it, with both maxima ([SC] criterion's quantities)."""
-    from experiments.state_collapse import collapse_criterion
-    cr = collapse_criterion(loss, t_train, PAPER_FACTOR)
-    half = max(1, t_train // 2)
-    return {"max_within": cr.max_within, "max_beyond": cr.max_beyond, "ratio": cr.max_beyond / cr.max_within,
-            "in_window": loss[half:t_train].mean().item(), "beyond": loss[2 * t_train:].mean().item(),
-            "first_position_2x": cr.first_position}
-
-
-def run_point(cfg: CapacityConfig, n_layer: int, n: int, p: int, t: int, out: Path, probes: dict) -> dict:
-    from minimamba import Mamba2LM
-    from mitigations import state_size
-    from experiments.state_collapse import per_position_loss
-    key = point_key(L=n_layer, n=n, p=p, T=t)
-    tcfg = mamba_train_config(out_dir=out / "models" / key, d_model=cfg.d_model, n_layer=n_layer, d_state=n,
-                              headdim=p, t_train=t, tokens_per_step=cfg.tokens_per_step, steps=cfg.steps,
-                              lr=cfg.lr, task=cfg.task, copy_len=cfg.copy_len, seed=cfg.seed, device=cfg.device,
-                              threads=cfg.threads)
+def run_point(cfg: CapacityConfig, point: Point) -> dict:
+    c = point.coords
+    tcfg = point_train_config(Path(cfg.out_dir) / "models" / point.key, t_train=c["t_train"],
+                              tokens_per_step=cfg.tokens_per_step, steps=cfg.steps, seed=c["seed"], device=cfg.device,
+                              d_model=cfg.d_model, n_layer=c["n_layer"], d_state=c["d_state"], headdim=c["headdim"],
+                              lr=cfg.lr, task=cfg.task, copy_len=cfg.copy_len)
     t0 = time.perf_counter()
-    model = Mamba2LM.from_pretrained(train_or_reuse_mamba(tcfg)).eval()
+    model = load_for_eval(train_point_model(tcfg), cfg.device)
     t1 = time.perf_counter()
-    res = {"state_size": state_size(model.config), "n_params": sum(q.numel() for q in model.parameters()),
+    probes = {"newline": newline_probe(cfg.eval_length),
+              "text": Corpus.load().heldout_windows(cfg.eval_prompts, cfg.eval_length)}
+    res = {"state_size": M.state_size(model.config), "n_params": sum(q.numel() for q in model.parameters()),
            "final_loss": final_train_loss(tcfg.out_dir), "train_seconds": t1 - t0, "probes": {}}
     for name, ids in probes.items():
         loss = per_position_loss(model, ids, cfg.chunk_len)  # (l,)
-        res["probes"][name] = collapse_ratio(loss, t)
+        res["probes"][name] = criteria(loss, c["t_train"])
+    res["collapsed"] = {k: any(pr[k]["collapsed"] for pr in res["probes"].values()) for k in CRITERIA}
     res["eval_seconds"] = time.perf_counter() - t1
     return res
 
 
+def capacity_points(cfg: CapacityConfig) -> list[Point]:
+    grid = [{"n_layer": L, "d_state": n, "headdim": p, "t_train": t}
+            for L in cfg.layers for n, p in parse_states(cfg.states) for t in cfg.train_lens]
+    return grid_points(grid, cfg.seeds, recipe(cfg, grid_fields=("layers", "states", "train_lens")))
+
+
 # ----------------------------------------------------------------------------------------------
-# 3-4. T_forget and the fit
+# 3-4. T_forget per seed, over seeds, and the fit
 # ----------------------------------------------------------------------------------------------
 
-def point_ratio(res: dict) -> float:
-    """The worst collapse ratio over the probes of one point."""
-    return max(pr["ratio"] for pr in res["probes"].values())
-
-
-def t_forget(ratios: dict[int, float], factor: float) -> dict:
+def t_forget(collapsed: dict[int, bool]) -> dict:
     """The training length from which on the model no longer collapses: the tested T after the last
-    one whose ratio > factor. {"value", "censored", "non_monotone"}: censored "above" = the longest T
+    one that collapses. {"value", "censored", "non_monotone"}: censored "above" = the longest T
     still collapses (value = max T, truth > it); "at_or_below" = none collapses (truth <= min T).
-    non_monotone = some T below the last collapse did not collapse: at toy scale the criterion is a
-    maximum over noisy positions, so one seed can pass at T and fail at a longer T; reading the first
-    pass as T_forget would then claim a model that collapses at a longer training length had learned
-    to forget."""
-    lens = sorted(ratios)
-    collapsed = [t for t in lens if ratios[t] > factor]
-    if not collapsed:
+    non_monotone = some T below the last collapse did not collapse: at toy scale one seed can pass at
+    T and fail at a longer T; reading the first pass as T_forget would then claim a model that
+    collapses at a longer training length had learned to forget."""
+    lens = sorted(collapsed)
+    bad = [t for t in lens if collapsed[t]]
+    if not bad:
         return {"value": lens[0], "censored": "at_or_below", "non_monotone": False}
-    last = collapsed[-1]
-    non_monotone = any(ratios[t] <= factor for t in lens if t < last)
+    last = bad[-1]
+    non_monotone = any(not collapsed[t] for t in lens if t < last)
     if last == lens[-1]:
         return {"value": last, "censored": "above", "non_monotone": non_monotone}
     return {"value": lens[lens.index(last) + 1], "censored": None, "non_monotone": non_monotone}
 
 
-def fit_capacity(states: list[dict], factor_key: str) -> dict:
-    """Linear fit of T_forget (tokens) against N_S (elements) over the uncensored states."""
-    pts = [(s["state_size"], s[factor_key]["value"]) for s in states if s[factor_key]["censored"] is None]
+def fit_capacity(pairs: list[tuple[int, dict]]) -> dict:
+    """Least-squares T_forget (tokens) against N_S (elements) over the uncensored (N_S, T_forget) pairs
+    (one per state and seed), with the slope's 95% interval, in tokens per 1K elements."""
+    pts = [(x, tf["value"]) for x, tf in pairs if tf["censored"] is None]
     if len({x for x, _ in pts}) < 2:
-        return {"fit": None, "note": f"{len(pts)} uncensored state size(s): no fit (needs >= 2)"}
+        return {"fit": None, "note": f"{len(pts)} uncensored (state, seed) pair(s) over {len({x for x, _ in pts})} "
+                                     f"state size(s): no fit (needs >= 2 state sizes)"}
     f = linear_fit([x for x, _ in pts], [y for _, y in pts])
-    if abs(f.slope) < 1e-12:  # equal T_forget everywhere: an exact 0, not round-off
-        f = dataclasses.replace(f, slope=0.0)
-    note = ""
+    per_k = {"slope": 1e3 * f.slope, "low": None if f.slope_low is None else 1e3 * f.slope_low,
+             "high": None if f.slope_high is None else 1e3 * f.slope_high}
+    note = "2 points: R^2 = 1 by construction, no interval" if f.n == 2 else ""
     if len({y for _, y in pts}) == 1:
-        note = "every state has the same T_forget: slope 0, R^2 undefined (the grid is too coarse)"
-    elif f.n == 2:
-        note = "2 points: R^2 = 1 by construction"
-    return {"fit": dataclasses.asdict(f), "note": note,
-            "slope_tokens_per_K_elements": 1e3 * f.slope, "paper_tokens_per_K_elements": PAPER_FORGET_SLOPE}
+        note = "every pair has the same T_forget: the grid of T_train is too coarse to see a slope"
+    return {"fit": dataclasses.asdict(f), "tokens_per_K_elements": per_k,
+            "paper_tokens_per_K_elements": PAPER_FORGET_SLOPE, "note": note}
+
+
+def summarize(cfg: CapacityConfig, results: dict[str, dict]) -> dict:
+    """Per state: the points per (T, seed), T_forget per seed and criterion, mean and interval over
+    the uncensored seeds; per criterion: the fit."""
+    states = []
+    for L in cfg.layers:
+        for n, p in parse_states(cfg.states):
+            entry = {"n_layer": L, "d_state": n, "headdim": p, "per_seed": {}, "t_forget": {}}
+            for s in cfg.seeds:
+                pts = {t: results[point_key(n_layer=L, d_state=n, headdim=p, t_train=t, seed=s)]
+                       for t in cfg.train_lens}
+                entry["state_size"] = next(iter(pts.values()))["state_size"]
+                entry["per_seed"][str(s)] = {"points": {str(t): r for t, r in pts.items()},
+                                             "t_forget": {c: t_forget({t: r["collapsed"][c] for t, r in pts.items()})
+                                                          for c in CRITERIA}}
+            for c in CRITERIA:
+                tfs = [v["t_forget"][c] for v in entry["per_seed"].values()]
+                entry["t_forget"][c] = {**mean_ci(tf["value"] for tf in tfs if tf["censored"] is None),
+                                        "censored_above": sum(tf["censored"] == "above" for tf in tfs),
+                                        "censored_at_or_below": sum(tf["censored"] == "at_or_below" for tf in tfs),
+                                        "non_monotone": sum(tf["non_monotone"] for tf in tfs)}
+            states.append(entry)
+    fits = {c: fit_capacity([(st["state_size"], v["t_forget"][c]) for st in states for v in st["per_seed"].values()])
+            for c in CRITERIA}
+    return {"train_lens": list(cfg.train_lens), "seeds": list(cfg.seeds), "states": states, "fit": fits,
+            "paper": {"slope_K_per_M": PAPER_FORGET_SLOPE, "intercept_K": PAPER_FORGET_INTERCEPT}}
 
 
 def run(cfg: CapacityConfig) -> dict:
-    from experiments.data import Corpus, newline_probe
-    t0 = time.perf_counter()
-    out, store = start_run(cfg)
-    corpus = Corpus.load()
-    probes = {"newline": newline_probe(cfg.eval_length),
-              "text": corpus.heldout_windows(cfg.eval_prompts, cfg.eval_length)}
-    lens = parse_ints(cfg.train_lens, "train_lens")
-    states = []
-    for n_layer in parse_ints(cfg.layers, "layers"):
-        for n, p in parse_states(cfg.states):
-            ratios, entry = {}, {"n_layer": n_layer, "d_state": n, "headdim": p, "points": {}}
-            for t in lens:
-                print(f"[capacity] n_layer={n_layer} d_state={n} headdim={p} T_train={t}", file=sys.stderr)
-                res = store.run(point_key(L=n_layer, n=n, p=p, T=t),
-                                {"n_layer": n_layer, "d_state": n, "headdim": p, "t_train": t,
-                                 "steps": cfg.steps, "tokens_per_step": cfg.tokens_per_step,
-                                 "eval_length": cfg.eval_length, "task": cfg.task},
-                                lambda: run_point(cfg, n_layer, n, p, t, out, probes))
-                entry["points"][t] = res
-                entry["state_size"] = res["state_size"]
-                ratios[t] = point_ratio(res)
-                print(f"[capacity]   N_S={res['state_size']} ratios "
-                      + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in res["probes"].items()), file=sys.stderr)
-            entry["ratios"] = ratios
-            entry["t_forget"] = t_forget(ratios, cfg.factor)
-            entry["t_forget_relaxed"] = t_forget(ratios, cfg.relaxed_factor)
-            states.append(entry)
-    summary = {"factor": cfg.factor, "relaxed_factor": cfg.relaxed_factor, "train_lens": lens, "states": states,
-               "fit": fit_capacity(states, "t_forget"), "fit_relaxed": fit_capacity(states, "t_forget_relaxed"),
-               "paper": {"slope_K_per_M": PAPER_FORGET_SLOPE, "intercept_K": PAPER_FORGET_INTERCEPT}}
-    atomic_write_json(out / "summary.json", summary)
-    md = write_table(cfg, summary, out)
-    fig = plot(cfg, summary, out)
-    wall = time.perf_counter() - t0
-    write_run_config(out, dataclasses.asdict(cfg), wall, store.computed)
-    if cfg.figures:
-        (REPO / "figures").mkdir(exist_ok=True)
-        shutil.copyfile(fig, REPO / "figures" / fig.name)
-        shutil.copyfile(out / "summary.md", REPO / "figures" / "capacity_summary.md")
-    print(md)
-    print(f"[capacity] wall {wall:.0f}s, run folder {out}", file=sys.stderr)
-    return summary
+    results = run_sweep(cfg, capacity_points(cfg), run_point, "capacity")
+    return report(cfg, summarize(cfg, results), Path(cfg.out_dir))
+
+
+def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """The summary and figure of a finished run folder (or a committed results folder), from its
+    points alone. out: where to write them (default: run_dir)."""
+    cfg, results, out = finished_run(run_dir, out, CapacityConfig, capacity_points)
+    return report(cfg, summarize(cfg, results), out)
 
 
 def _fmt_tf(tf: dict) -> str:
-    text = {"above": f"> {tf['value']}", "at_or_below": f"<= {tf['value']}", None: str(tf["value"])}[tf["censored"]]
-    return text + (" (non-monotone)" if tf.get("non_monotone") else "")
+    return {"above": f"> {tf['value']}", "at_or_below": f"<= {tf['value']}", None: str(tf["value"])}[tf["censored"]] \
+        + ("*" if tf["non_monotone"] else "")
 
 
-def write_table(cfg: CapacityConfig, summary: dict, out: Path) -> str:
+def report(cfg: CapacityConfig, summary: dict, out: Path) -> dict:
     lens = summary["train_lens"]
-    md = ["| n_layer | d_state x headdim | N_S | " + " | ".join(f"ratio T={t} (newline / text)" for t in lens)
-          + f" | T_forget ({cfg.factor}x) | T_forget ({cfg.relaxed_factor}x, relaxed) |",
-          "|---" * (5 + len(lens)) + "|"]
+    md = ["Per state and seed: T_forget under the paper's criterion / the mean criterion (state_collapse.py); "
+          "'> T': collapses at the longest tested T; '<= T': never collapses; *: non-monotone. Over seeds: "
+          "mean [95% t interval] of the uncensored seeds, then how many were censored (above / at or below).", "",
+          "| n_layer | d_state x headdim | N_S | T_forget per seed (paper / mean) | over seeds, paper | "
+          "over seeds, mean |", "|---|---|---|---|---|---|"]
     for s in summary["states"]:
-        cells = [f"{s['points'][t]['probes']['newline']['ratio']:.2f} / {s['points'][t]['probes']['text']['ratio']:.2f}"
-                 for t in lens]
-        md.append(f"| {s['n_layer']} | {s['d_state']}x{s['headdim']} | {s['state_size']} | " + " | ".join(cells)
-                  + f" | {_fmt_tf(s['t_forget'])} | {_fmt_tf(s['t_forget_relaxed'])} |")
-    for name in ("fit", "fit_relaxed"):
-        f = summary[name]
-        label = f"{cfg.factor}x" if name == "fit" else f"{cfg.relaxed_factor}x (relaxed)"
+        per_seed = "; ".join(f"seed {k}: {_fmt_tf(v['t_forget']['paper'])} / {_fmt_tf(v['t_forget']['mean'])}"
+                             for k, v in s["per_seed"].items())
+        over = [f"{fmt_ci(s['t_forget'][c])}, censored {s['t_forget'][c]['censored_above']} / "
+                f"{s['t_forget'][c]['censored_at_or_below']}" for c in CRITERIA]
+        md.append(f"| {s['n_layer']} | {s['d_state']}x{s['headdim']} | {s['state_size']} | {per_seed} | "
+                  f"{over[0]} | {over[1]} |")
+    for c in CRITERIA:
+        f = summary["fit"][c]
         if f["fit"] is None:
-            md.append(f"\nFit at {label}: {f['note']}.")
-        else:
-            ff = f["fit"]
-            md.append(f"\nFit at {label}: T_forget = {ff['slope']:.4g} N_S + {ff['intercept']:.4g} tokens "
-                      f"({1e3 * ff['slope']:.3g} tokens per 1K elements; paper {PAPER_FORGET_SLOPE}), "
-                      f"R^2 = {ff['r2']:.4f}, n = {ff['n']}. {f['note']}")
+            md.append(f"\nFit ({c} criterion): {f['note']}.")
+            continue
+        k = f["tokens_per_K_elements"]
+        ci = f" [{k['low']:.3g}, {k['high']:.3g}]" if k["low"] is not None else ""
+        md.append(f"\nFit ({c} criterion): T_forget = {f['fit']['slope']:.4g} N_S + {f['fit']['intercept']:.4g} "
+                  f"tokens: "
+                  f"{k['slope']:.3g}{ci} tokens per 1K state elements (paper: {PAPER_FORGET_SLOPE}), "
+                  f"R^2 = {f['fit']['r2']:.3f}, n = {f['fit']['n']} (state, seed) pairs. {f['note']}")
     text = "\n".join(md) + "\n"
-    atomic_write_text(out / "summary.md", text)
-    return text
+    atomic_write_json(out / f"{SUMMARY_PREFIX}_summary.json", summary)
+    atomic_write_text(out / f"{SUMMARY_PREFIX}_summary.md", text)
+    print(text)
+    plot(summary, lens, out)
+    return summary
 
 
-def plot(cfg: CapacityConfig, summary: dict, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, s in enumerate(summary["states"]):
-        ts = sorted(s["points"])
-        for probe, ls in (("newline", "-o"), ("text", "--s")):
-            a1.plot(ts, [s["points"][t]["probes"][probe]["ratio"] for t in ts], ls, color=f"C{i}", ms=4,
-                    label=f"L={s['n_layer']} n={s['d_state']} p={s['headdim']} ({probe})")
-    a1.axhline(cfg.factor, color="r", lw=1, label=f"paper criterion {cfg.factor}x")
-    a1.axhline(cfg.relaxed_factor, color="r", lw=0.8, ls=":", label=f"relaxed {cfg.relaxed_factor}x")
-    a1.set_xscale("log", base=2)
-    a1.set_xlabel("T_train (tokens)")
-    a1.set_ylabel("max loss beyond T / max within T")
-    a1.set_title(f"collapse ratio (eval to {cfg.eval_length} tokens)", fontsize=9)
-    a1.legend(fontsize=6)
-    # relaxed first, then the paper's 2x as larger hollow markers on top (they often coincide)
-    for key, mk, lab in (("t_forget_relaxed", "s", f"{cfg.relaxed_factor}x"), ("t_forget", "o", f"{cfg.factor}x")):
-        for s in summary["states"]:
-            tf = s[key]
-            style = {"above": "^", "at_or_below": "v", None: mk}[tf["censored"]]
-            a2.plot(s["state_size"] / 1e3, tf["value"], style, color="C0" if key == "t_forget" else "C1",
-                    mfc="none" if (tf["censored"] or key == "t_forget") else None,
-                    ms=11 if key == "t_forget" else 6, mew=1.5)
-        f = summary["fit" if key == "t_forget" else "fit_relaxed"]["fit"]
-        xs = np.array([s["state_size"] for s in summary["states"]], float)
-        if f is not None:
-            grid = np.linspace(xs.min(), xs.max(), 50)
-            a2.plot(grid / 1e3, f["slope"] * grid + f["intercept"], color="C0" if key == "t_forget" else "C1",
-                    label=f"fit {lab}: {1e3 * f['slope']:.3g} tok/K elem, R^2={f['r2']:.3f}")
-        else:
-            a2.plot([], [], mk, color="C0" if key == "t_forget" else "C1", label=f"{lab}: no fit")
+def plot(summary: dict, lens: list[int], out: Path) -> Path:
+    """Left two panels: each criterion's ratio (worst probe) vs T_train, per state (thin: seeds; thick:
+    mean). Right: T_forget vs N_S per seed (dots), mean over the uncensored seeds, the fits, the paper."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    limits = {"paper": 2.0, "mean": 1.5}
+    for ax, c in zip(axes[:2], CRITERIA):
+        for i, s in enumerate(summary["states"]):
+            ratios = np.array([[max(pr[c]["ratio"] for pr in v["points"][str(t)]["probes"].values()) for t in lens]
+                               for v in s["per_seed"].values()])  # (seeds, T)
+            for r in ratios:
+                ax.plot(lens, r, color=f"C{i}", lw=0.6, alpha=0.5)
+            ax.plot(lens, ratios.mean(0), "-o", color=f"C{i}", ms=4,
+                    label=f"L={s['n_layer']} n={s['d_state']} p={s['headdim']}")
+        ax.axhline(limits[c], color="r", lw=1, label=f"collapse above {limits[c]}x")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("T_train (tokens)")
+        ax.set_ylabel("beyond / within (worst probe)")
+        ax.set_title(f"{c} criterion ratio (thin: seeds)", fontsize=9)
+        ax.legend(fontsize=6)
+    ax = axes[2]
     xs = np.array([s["state_size"] for s in summary["states"]], float)
+    for j, c in enumerate(CRITERIA):
+        for s in summary["states"]:
+            for v in s["per_seed"].values():
+                tf = v["t_forget"][c]
+                marker = {"above": "^", "at_or_below": "v", None: "o"}[tf["censored"]]
+                ax.plot(s["state_size"] / 1e3 * (1 + 0.03 * (j - 0.5)), tf["value"], marker, color=f"C{j}", mfc="none",
+                        ms=6, alpha=0.7)
+            m = s["t_forget"][c]
+            if m["mean"] is not None:
+                ax.errorbar(s["state_size"] / 1e3, m["mean"], yerr=None if m["low"] is None else
+                            [[m["mean"] - m["low"]], [m["high"] - m["mean"]]], fmt="s", color=f"C{j}", ms=7)
+        f = summary["fit"][c]
+        if f["fit"] is not None:
+            grid = np.linspace(xs.min(), xs.max(), 50)
+            ax.plot(grid / 1e3, f["fit"]["slope"] * grid + f["fit"]["intercept"], color=f"C{j}",
+                    label=f"fit ({c}): {f['tokens_per_K_elements']['slope']:.3g} tok/K elem")
+        else:
+            ax.plot([], [], "s", color=f"C{j}", label=f"{c}: no fit")
     grid = np.linspace(0, xs.max() * 1.1, 50)
-    a2.plot(grid / 1e3, PAPER_FORGET_SLOPE * 1e-3 * grid, "k:",
-            label=f"paper's slope, {PAPER_FORGET_SLOPE} tok/K elem, drawn through 0\n(its law, "
-                  f"{PAPER_FORGET_SLOPE} N_S[M] {PAPER_FORGET_INTERCEPT} [K], is < 0 below N_S = 864K)")
-    a2.set_ylim(0, 1.5 * max(summary["train_lens"]))
-    a2.set_xlabel("state size N_S (K elements)")
-    a2.set_ylabel("T_forget (tokens)")
-    a2.set_title("T_forget vs N_S (hollow ^: collapses at every T; v: at none)", fontsize=9)
-    a2.legend(fontsize=6)
+    ax.plot(grid / 1e3, PAPER_FORGET_SLOPE * 1e-3 * grid, "k:",
+            label=f"paper's slope, {PAPER_FORGET_SLOPE} tok/K elem, through 0")
+    ax.set_ylim(0, 1.5 * max(lens))
+    ax.set_xlabel("state size N_S (K elements)")
+    ax.set_ylabel("T_forget (tokens)")
+    ax.set_title("T_forget vs N_S (hollow: seeds, ^ collapses at every T, v at none;\nsquares: mean of the "
+                 "uncensored seeds with 95% interval)", fontsize=8)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     p = out / FIGURE_NAME
     fig.savefig(p, dpi=110)
@@ -317,7 +318,10 @@ def plot(cfg: CapacityConfig, summary: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(CapacityConfig, argv, QUICK, __doc__.split("\n")[0]))
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(CapacityConfig, args, QUICK)
+    replot(cfg.out_dir) if args.replot else run(cfg)
+    print(f"[capacity] run folder {cfg.out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,71 @@
-"""Shared machinery of the three scaling sweeps: resumable points, the fit helpers, a small trainer.
+"""Sweeps, seeds and statistics: the machinery every paper-question script shares.
 
-Used by experiments/state_capacity.py, experiments/passkey.py and experiments/forgetting_curves.py.
+Used by experiments/state_collapse.py, state_capacity.py, passkey.py and forgetting_curves.py.
 
 Papers
-    Stuffed Mamba (arXiv 2410.07145), section "State capacity": the two scaling laws this file fits,
+    Stuffed Mamba (arXiv 2410.07145), section "State capacity": the two scaling laws fitted here,
         T_forget = a * N_S + b                  (linear; paper: a = 5.172, b = -4.469, K tokens vs M elements)
         T_recall = a * (b^N_S - 1) + c          (exponential; paper: a = 4.756, b = 1.365, c = -0.742)
 
 Reading order
-    1. PointStore        one JSON file per finished sweep point, written atomically; a rerun skips it
-    2. linear_fit, exp_fit, r_squared      the fit helpers (least squares, R^2)
-    3. train_model       a compact training loop for models train.py does not build (the Transformer
-                         baseline, Mamba-2 on passkey-mixed data); it reuses train.py's optimizer,
-                         schedule and loss so every model in the sweeps trains the same way
+    1. Points and seeds   Point (one (grid point, seed) pair), PointStore (one JSON per point, written
+                          atomically; a rerun reuses it), run_points (the missing points, in --workers
+                          processes: a killed sweep loses only the points in flight), run_sweep (a
+                          sweep's run: config.json, the points, the invocation's record), stored_results
+    2. Statistics         mean_ci (mean and 95% t interval over seeds), proportion (k/N with a
+                          Wilson 95% interval), linear_fit (least squares with the slope's 95% t
+                          interval), exp_fit, r_squared
+    3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable)
+    4. Run folders        recipe (what a point depends on), read_run_record, load_run_config, parse_states
+
+Statistics (formulas, with the hand-computed values tests/test_sweeps.py checks)
+    mean_ci:    m = mean(x), s = sd(x) (n - 1), half = t_{0.975, n-1} s / sqrt(n)
+                e.g. x = 1, 2, 3: m = 2, s = 1, t = 4.3027, interval 2 -+ 2.4841
+    proportion: Wilson score interval, z = 1.95996:
+                center = (k + z^2/2) / (n + z^2), half = z / (n + z^2) sqrt(k (n - k) / n + z^2 / 4)
+                e.g. 8/10: [0.4902, 0.9433]
+    linear_fit: slope a = Sxy / Sxx, se(a) = sqrt(SSE / (n - 2) / Sxx), interval a -+ t_{0.975, n-2} se(a)
 
 Glossary
     N_S   state size in elements ([SC] section 1.2, mitigations.state_size)
-    T     a training length in tokens; b batch rows; l sequence length
+    T     a training length in tokens; k/N  k of N seeds (or models) with a verdict
 """
 from __future__ import annotations
 
+import concurrent.futures
+import csv
+import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import re
+import statistics
+import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from experiments.common import ProgressBar, atomic_write_json
+import forgetting_curve as fc
+from experiments.common import ProgressBar, atomic_write_json, config_from_dict, flag, write_run_config
+from experiments.train import TrainConfig, latest_checkpoint, checkpoint_step, train
 
-POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished point each
+POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished (point, seed) each
 KEY_SAFE = re.compile(r"[^A-Za-z0-9_.=-]")  # characters allowed in a point's file name
+CI_LEVEL = 0.95  # every interval reported by the sweeps
+T_QUANTILE_ITERATIONS = 200  # bisection steps of t_quantile (the bracket shrinks 2^200-fold)
 EXP_FIT_GRID = 400  # log-spaced candidate growth rates tried by exp_fit before refining
 EXP_FIT_REFINE = 60  # golden-section iterations of exp_fit around the best grid point
 EXP_FIT_K_RANGE = (1e-4, 30.0)  # range of k = ln(b) * max|x| searched by exp_fit (b^max|x| up to e^30)
+MACHINE_FIELDS = ("out_dir", "workers", "device", "quick", "seeds", "replot")  # never part of a point's params
+WARMUP_FRACTION, MAX_WARMUP = 10, 100  # a point's warmup: min(MAX_WARMUP, steps / WARMUP_FRACTION) steps
+MAX_CHUNK = 64  # a point's SSD chunk: min(MAX_CHUNK, T_train)
+POINT_CHECKPOINTS = 4  # checkpoints per point's training (a killed point resumes from the last)
+POINT_LOG_ROWS = 50  # metrics.csv rows per point's training
 
 # [SC] section "State capacity" (T in K tokens, N_S in M elements)
 PAPER_FORGET_SLOPE = 5.172  # T_forget = 5.172 N_S - 4.469
@@ -48,7 +74,7 @@ PAPER_RECALL = (4.756, 1.365, -0.742)  # T_recall = a (b^N_S - 1) + c
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Resumable sweep points
+# 1. Points, seeds, workers
 # ----------------------------------------------------------------------------------------------
 
 def point_key(**params: Any) -> str:
@@ -59,52 +85,210 @@ def point_key(**params: Any) -> str:
     return KEY_SAFE.sub("-", "_".join(f"{k}={params[k]}" for k in sorted(params)))
 
 
+@dataclass(frozen=True)
+class Point:
+    """One unit of work of a sweep: a grid point with one seed."""
+
+    key: str  # its file name (point_key of coords and seed)
+    coords: dict  # the grid coordinates and the seed, e.g. {"d_state": 64, "t_train": 16, "seed": 0}
+    params: dict  # everything its result depends on (coords + the recipe); checked when reused
+
+
+def grid_points(grid: Iterable[dict], seeds: Iterable[int], recipe_params: dict) -> list[Point]:
+    """One Point per (grid coordinates, seed), seeds innermost."""
+    return [Point(point_key(**c, seed=s), {**c, "seed": s}, {**recipe_params, **c, "seed": s})
+            for c in grid for s in seeds]
+
+
 class PointStore:
-    """Finished sweep points of one run folder, one JSON file each.
+    """Finished points of one run folder, one JSON file each: {"params", "result", "seconds", "threads"}.
 
         store = PointStore("runs/capacity_quick")
-        result = store.run(point_key(d_state=64, T=16), {"d_state": 64, "T": 16}, compute)
+        store.get(point)  # the stored result, or None; a stored point with other params is an error
 
-    `run` returns the stored result when the point is finished (compute is NOT called), else calls
-    compute(), writes {"params", "result", "seconds"} atomically (temp file + os.replace) and returns
-    the result. A run killed mid-point loses only that point; a stored point with other parameters
-    than asked for is an error (a changed sweep config must get a new run folder).
+    A point is written atomically (a temporary file, then a rename) when it finishes, so a sweep
+    killed mid-point loses only that point (and its model resumes from its checkpoint).
     """
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir) / POINTS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.computed: list[str] = []  # keys computed by this process (the rest came from disk)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def get(self, key: str) -> dict | None:
-        p = self.path(key)
-        return json.loads(p.read_text()) if p.is_file() else None
+    def get(self, point: Point) -> dict | None:
+        p = self.path(point.key)
+        if not p.is_file():
+            return None
+        stored = json.loads(p.read_text())
+        if stored["params"] != json.loads(json.dumps(point.params)):
+            changed = sorted(k for k in set(stored["params"]) | set(point.params)
+                             if stored["params"].get(k) != json.loads(json.dumps(point.params.get(k))))
+            raise ValueError(f"{p} holds a point with other settings ({', '.join(changed)}): the sweep settings "
+                             f"changed; use a new --out_dir (or the old settings)")
+        return stored["result"]
 
-    def run(self, key: str, params: dict, compute: Callable[[], dict]) -> dict:
-        stored = self.get(key)
-        if stored is not None:
-            if stored["params"] != json.loads(json.dumps(params)):
-                raise ValueError(f"{self.path(key)} holds a point with params {stored['params']}, not "
-                                 f"{params}: the sweep settings changed; use a new --out_dir")
-            return stored["result"]
-        t0 = time.perf_counter()
-        result = compute()
-        atomic_write_json(self.path(key), {"params": params, "result": result,
-                                           "seconds": time.perf_counter() - t0})
-        self.computed.append(key)
-        return result
+    def put(self, point: Point, result: dict, seconds: float) -> None:
+        atomic_write_json(self.path(point.key), {"params": point.params, "result": result,
+                                                 "seconds": round(seconds, 2), "threads": torch.get_num_threads()})
 
     def all(self) -> dict[str, dict]:
         """key -> stored record, for every finished point on disk."""
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))}
 
 
+def workers_flag() -> int:
+    """The --workers field of every sweep config (default: this machine's cores)."""
+    return flag(os.cpu_count() or 1, "worker processes for the (point, seed) pairs, each with cores / workers torch "
+                                     "threads; the default is this machine's cores")
+
+
+def check_seeds_and_workers(cfg) -> None:
+    """The __post_init__ check every sweep config shares."""
+    if not cfg.seeds or cfg.workers < 1:
+        raise ValueError(f"need at least one seed and --workers >= 1, got --seeds {cfg.seeds}, --workers {cfg.workers}")
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` processes: the cores shared out, at least 1."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _compute_and_store(compute: Callable, cfg, point: Point, run_dir: str) -> dict:
+    """Worker body: compute one point and store it (so a killed parent keeps what finished)."""
+    t0 = time.perf_counter()
+    result = compute(cfg, point)
+    PointStore(run_dir).put(point, result, time.perf_counter() - t0)
+    return result
+
+
+def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg, workers: int,
+               desc: str = "points") -> tuple[dict[str, dict], list[str]]:
+    """Results of every point: stored ones are read, the rest computed; returns (key -> result,
+    keys computed now).
+
+    compute(cfg, point) -> a JSON-ready dict; it must be a module-level function (worker processes
+    import it by name). workers > 1: the missing points run in that many spawned processes, each with
+    threads_per_worker(workers) torch threads; workers = 1 runs them here, in order.
+    """
+    store = PointStore(run_dir)
+    results = {p.key: r for p in points if (r := store.get(p)) is not None}
+    todo = [p for p in points if p.key not in results]
+    n_proc = min(workers, len(todo))
+    torch.set_num_threads(threads_per_worker(max(1, n_proc)))
+    bar = ProgressBar(len(points), desc=desc, initial=len(results))
+    if n_proc <= 1:
+        for p in todo:
+            print(f"[{desc}] {p.key}", file=sys.stderr)
+            results[p.key] = _compute_and_store(compute, cfg, p, str(run_dir))
+            bar.update(1, done=p.key)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP/torch state
+        with concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=torch.set_num_threads,
+                                                    initargs=(threads_per_worker(n_proc),)) as pool:
+            futures = {pool.submit(_compute_and_store, compute, cfg, p, str(run_dir)): p for p in todo}
+            try:
+                for f in concurrent.futures.as_completed(futures):
+                    results[futures[f].key] = f.result()
+                    bar.update(1, done=futures[f].key)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    bar.close()
+    return {p.key: results[p.key] for p in points}, [p.key for p in todo]
+
+
+def run_sweep(cfg, points: list[Point], compute: Callable, desc: str, **facts: Any) -> dict[str, dict]:
+    """What every sweep's run() does: config.json in cfg.out_dir, then run_points with cfg.workers,
+    then the invocation's record (wall time, points computed). Returns key -> result."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, dataclasses.asdict(cfg), **facts)
+    results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
+    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
+                     record={"points_computed": computed}, **facts)
+    return results
+
+
+def finished_run(run_dir: str | Path, out: str | Path | None, cls,
+                 points: Callable) -> tuple[Any, dict[str, dict], Path]:
+    """What every --replot starts from: (the run's config as a `cls`, every point's stored result,
+    the output folder: out, created, or run_dir). points(cfg) lists the run's points."""
+    cfg = load_run_config(run_dir, cls)
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, stored_results(run_dir, points(cfg)), out
+
+
+def stored_results(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
+    """Every point's stored result (for --replot); a missing point is an error naming it."""
+    store = PointStore(run_dir)
+    results = {p.key: store.get(p) for p in points}
+    missing = [k for k, r in results.items() if r is None]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: points {missing} are missing; run the experiment (without --replot) "
+                                f"to compute them")
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
-# 2. Fits
+# 2. Statistics over seeds
 # ----------------------------------------------------------------------------------------------
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with df degrees of freedom (p > 0.5), by bisection on
+    P(T > t) = I_{df / (df + t^2)}(df / 2, 1 / 2) / 2 (forgetting_curve's incomplete beta)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while 0.5 * fc.regularized_incomplete_beta(df / 2, 0.5, df / (df + hi * hi)) > 1 - p:
+        hi *= 2
+    for _ in range(T_QUANTILE_ITERATIONS):
+        mid = (lo + hi) / 2
+        if 0.5 * fc.regularized_incomplete_beta(df / 2, 0.5, df / (df + mid * mid)) > 1 - p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Iterable[float], level: float = CI_LEVEL) -> dict:
+    """Mean over seeds with its t interval: {"mean", "low", "high", "sd", "n"} (low/high None for n < 2)."""
+    x = np.asarray([float(v) for v in values], float)
+    if x.size == 0:
+        return {"mean": None, "low": None, "high": None, "sd": None, "n": 0}
+    m = float(x.mean())
+    if x.size < 2:
+        return {"mean": m, "low": None, "high": None, "sd": None, "n": 1}
+    sd = float(x.std(ddof=1))
+    half = t_quantile(0.5 + level / 2, x.size - 1) * sd / math.sqrt(x.size)
+    return {"mean": m, "low": m - half, "high": m + half, "sd": sd, "n": int(x.size)}
+
+
+def proportion(k: int, n: int, level: float = CI_LEVEL) -> dict:
+    """k of n with the Wilson score interval: {"k", "n", "share", "low", "high"} (None when n = 0)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return {"k": 0, "n": 0, "share": None, "low": None, "high": None}
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    center = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+    return {"k": k, "n": n, "share": k / n, "low": max(0.0, center - half), "high": min(1.0, center + half)}
+
+
+def fmt_ci(s: dict, digits: int = 3) -> str:
+    """'2.00 [-0.48, 4.48] (n=3)' from mean_ci, or '8/10 [0.49, 0.94]' from proportion."""
+    if "k" in s:
+        return f"{s['k']}/{s['n']}" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s["n"] else "")
+    if s["mean"] is None:
+        return "-"
+    text = f"{s['mean']:.{digits}g}"
+    interval = f" [{s['low']:.{digits}g}, {s['high']:.{digits}g}]" if s["low"] is not None else ""
+    return f"{text}{interval} (n={s['n']})"
+
 
 def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:
     """R^2 = 1 - SS_res / SS_tot (nan when all y are equal)."""
@@ -120,18 +304,28 @@ class LinearFit:
     intercept: float  # b
     r2: float
     n: int  # points fitted
+    slope_low: float | None  # the slope's t interval at CI_LEVEL (None for n < 3: no residual dof)
+    slope_high: float | None
 
     def __call__(self, x):
         return self.slope * np.asarray(x, float) + self.intercept
 
 
-def linear_fit(x: Iterable[float], y: Iterable[float]) -> LinearFit:
-    """Least-squares line y = a x + b. Needs >= 2 distinct x. (With exactly 2 points R^2 = 1 always.)"""
+def linear_fit(x: Iterable[float], y: Iterable[float], level: float = CI_LEVEL) -> LinearFit:
+    """Least-squares line y = a x + b with the slope's t interval. Needs >= 2 distinct x (with
+    exactly 2 points R^2 = 1 and there is no interval)."""
     x, y = np.asarray(list(x), float), np.asarray(list(y), float)
     if x.shape != y.shape or x.size < 2 or np.unique(x).size < 2:
         raise ValueError(f"linear_fit needs >= 2 points with distinct x, got x={x.tolist()}, y={y.tolist()}")
-    a, b = np.polyfit(x, y, 1)
-    return LinearFit(float(a), float(b), r_squared(y, a * x + b), int(x.size))
+    sxx = float(((x - x.mean()) ** 2).sum())
+    a = float(((x - x.mean()) * (y - y.mean())).sum()) / sxx
+    b = float(y.mean() - a * x.mean())
+    low = high = None
+    if x.size > 2:
+        sse = float(((y - a * x - b) ** 2).sum())
+        half = t_quantile(0.5 + level / 2, x.size - 2) * math.sqrt(sse / (x.size - 2) / sxx)
+        low, high = a - half, a + half
+    return LinearFit(a, b, r_squared(y, a * x + b), int(x.size), low, high)
 
 
 @dataclass(frozen=True)
@@ -186,107 +380,37 @@ def exp_fit(x: Iterable[float], y: Iterable[float]) -> ExpFit:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. A compact trainer for any byte-level LM (same optimizer, schedule and loss as train.py)
+# 3. Training a point with experiments/train.py (checkpoints and exact resume inside a point)
 # ----------------------------------------------------------------------------------------------
 
-def train_model(model: torch.nn.Module, batch_fn: Callable[[int], torch.Tensor], *, steps: int, lr: float,
-                warmup_steps: int, seed: int, desc: str = "train", progress: bool = True) -> list[float]:
-    """Train `model` in place for `steps` AdamW steps on batch_fn(step) -> LongTensor (b, T+1), or
-    -> (rows (b, T+1), mask (b, T) bool): then only targets rows[:, 1:][mask] are in the loss, or
-    -> (rows (b, T+1), weights (b, T) float >= 0): then the loss is the weighted mean of the per-target
-       cross-entropies, sum(w * ce) / sum(w) (experiments/passkey.py gives its answer bytes a fixed
-       share of the loss this way).
-
-    The model may return logits or (logits, state). Optimizer groups, warmup + cosine schedule,
-    clipping and the byte loss are experiments/train.py's (make_optimizer, lr_at, lm_loss), so a
-    Transformer trained here and a Mamba-2 trained by train.py see the same optimization.
-    Returns the loss per step. One call trains one sweep point; the point is stored when it ends
-    (models this small train in a minute or two, so a killed point is simply recomputed).
-    """
-    from experiments.train import TrainConfig, lm_loss, lr_at, make_optimizer
-    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, seed=seed)
-    torch.manual_seed(seed)
-    opt = make_optimizer(model, cfg)
-    device = next(model.parameters()).device
-    bar = ProgressBar(steps, desc=desc, enabled=progress)
-    losses = []
-    model.train()
-    for step in range(steps):
-        batch = batch_fn(step)
-        rows, mask = batch if isinstance(batch, tuple) else (batch, None)
-        rows = rows.to(device)  # (b, T+1)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(cfg, step)
-        out = model(rows[:, :-1])
-        logits = out[0] if isinstance(out, tuple) else out  # (b, T, V)
-        if mask is None:
-            loss = lm_loss(logits, rows[:, 1:])
-        elif mask.is_floating_point():
-            loss = weighted_lm_loss(logits, rows[:, 1:], mask.to(device))
-        else:
-            mask = mask.to(device)
-            loss = lm_loss(logits[mask][None], rows[:, 1:][mask][None])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1, loss=losses[-1])
-    bar.close()
-    model.eval()
-    return losses
-
-
-def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w * ce) / sum(w): next-byte cross-entropy with a weight per target.
-
-    logits (b, T, V_padded) (only the first 256 are bytes), targets (b, T), weights (b, T) >= 0 with a
-    positive sum. A 0/1 weight equals train.py's lm_loss on the masked targets.
-    """
-    from experiments.data import VOCAB_SIZE
-    if weights.shape != targets.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} must have the targets' shape {tuple(targets.shape)}")
-    total = weights.sum()
-    if bool((weights < 0).any()) or not float(total) > 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got min {float(weights.min())}, sum {float(total)}")
-    ce = F.cross_entropy(logits[..., :VOCAB_SIZE].float().reshape(-1, VOCAB_SIZE), targets.reshape(-1),
-                         reduction="none").view_as(weights)  # (b, T)
-    return (ce * weights).sum() / total
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Mamba-2 points trained by experiments/train.py (checkpoints and exact resume inside a point)
-# ----------------------------------------------------------------------------------------------
-
-def mamba_train_config(*, out_dir: str | Path, d_model: int, n_layer: int, d_state: int, headdim: int,
-                       t_train: int, tokens_per_step: int, steps: int, lr: float, task: str, copy_len: int,
-                       seed: int, device: str = "cpu", threads: int = 1):
-    """The train.py config of one sweep point: batch rows = tokens_per_step / T, so every T_train
-    sees the same number of tokens (as experiments/state_collapse.py does)."""
-    from experiments.train import TrainConfig
+def point_train_config(out_dir: str | Path, *, t_train: int, tokens_per_step: int, steps: int, seed: int,
+                       device: str, **fields: Any) -> TrainConfig:
+    """The train.py config of one sweep point: batch rows = tokens_per_step / T_train, so every T_train
+    sees the same number of tokens; warmup min(100, steps / 10); chunk min(64, T_train); a few
+    checkpoints (a killed point resumes); `fields` are the model and recipe (d_model, lr, task ...)."""
     if tokens_per_step % t_train:
         raise ValueError(f"tokens_per_step={tokens_per_step} must be a multiple of T_train={t_train}")
-    return TrainConfig(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim,
-                       chunk_size=min(64, t_train),
-                       task=task, copy_len=copy_len, seq_len=t_train, batch_size=tokens_per_step // t_train,
-                       steps=steps, lr=lr, warmup_steps=min(100, max(1, steps // 10)), out_dir=str(out_dir),
-                       seed=seed, log_every=max(1, steps // 50), eval_every=0, ckpt_every=max(1, steps // 4),
-                       keep_ckpts=1, resume=True, device=device, threads=threads)
+    if fields.get("arch", "mamba2") == "mamba2":
+        fields.setdefault("chunk_size", min(MAX_CHUNK, t_train))
+    return TrainConfig(seq_len=t_train, batch_size=tokens_per_step // t_train, steps=steps, seed=seed,
+                       warmup_steps=min(MAX_WARMUP, max(1, steps // WARMUP_FRACTION)), out_dir=str(out_dir),
+                       log_every=max(1, steps // POINT_LOG_ROWS), eval_every=0,
+                       ckpt_every=max(1, steps // POINT_CHECKPOINTS), resume=True, device=device,
+                       progress=False, **fields)
 
 
-def train_or_reuse_mamba(tcfg) -> Path:
-    """Train (resuming a killed run from its last checkpoint) or reuse; returns the model directory."""
-    from experiments.train import latest_checkpoint, train
+def train_point_model(tcfg: TrainConfig, batch_fn=None) -> Path:
+    """Train (resuming a killed run from its last checkpoint) or reuse a finished run; returns the
+    model folder of its last checkpoint."""
     ckpt = latest_checkpoint(tcfg.out_dir)
-    if ckpt is None or int(ckpt.name.split("_")[1]) < tcfg.steps:
-        train(tcfg)
+    if ckpt is None or checkpoint_step(ckpt) < tcfg.steps:
+        train(tcfg, batch_fn)
         ckpt = latest_checkpoint(tcfg.out_dir)
     return ckpt / "model"
 
 
 def final_train_loss(out_dir: str | Path, last: int = 5) -> float:
     """Mean of the last `last` logged training losses in a train.py metrics.csv (nan if none)."""
-    import csv
     p = Path(out_dir) / "metrics.csv"
     if not p.is_file():
         return float("nan")
@@ -295,69 +419,43 @@ def final_train_loss(out_dir: str | Path, last: int = 5) -> float:
     return float(np.mean(vals[-last:])) if vals else float("nan")
 
 
-def parse_ints(text: str, name: str) -> list[int]:
-    """'16,64' -> [16, 64] with an actionable error."""
-    try:
-        vals = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise ValueError(f"--{name} is empty")
-    return vals
+# ----------------------------------------------------------------------------------------------
+# 4. Run folders
+# ----------------------------------------------------------------------------------------------
+
+def recipe(cfg, grid_fields: Iterable[str] = ()) -> dict:
+    """What every point of a sweep depends on: the config without the machine fields (run folder,
+    workers, device, seeds) and without the grid axes (each point carries its own coordinates), so a
+    sweep can be widened in the same run folder."""
+    skip = set(MACHINE_FIELDS) | set(grid_fields)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def parse_states(text: str) -> list[tuple[int, int]]:
-    """'64x16,256x32' -> [(d_state, headdim), ...]: the per-head state is headdim x d_state."""
+RUN_RECORDS = ("config.json", "manifest.json")  # a run folder's record; a committed results folder's
+
+
+def read_run_record(run_dir: str | Path) -> dict:
+    """The record of a run folder (config.json) or of a committed results folder (manifest.json):
+    both hold the resolved config under "config"."""
+    for name in RUN_RECORDS:
+        if (Path(run_dir) / name).is_file():
+            return json.loads((Path(run_dir) / name).read_text())
+    raise FileNotFoundError(f"{run_dir} holds neither {' nor '.join(RUN_RECORDS)}: --replot needs a finished run "
+                            f"folder or a results folder")
+
+
+def load_run_config(run_dir: str | Path, cls):
+    """The resolved config a run folder (or a results folder) records, as a `cls` (for --replot)."""
+    return config_from_dict(cls, read_run_record(run_dir)["config"])
+
+
+def parse_states(states: Iterable[str]) -> list[tuple[int, int]]:
+    """('64x16', '256x32') -> [(d_state, headdim), ...]: the per-head state is headdim x d_state."""
     out = []
-    for item in str(text).split(","):
+    for item in states:
         try:
-            n, p = item.lower().split("x")
+            n, p = str(item).lower().split("x")
             out.append((int(n), int(p)))
         except ValueError:
             raise ValueError(f"--states items must look like DSTATExHEADDIM (e.g. 64x16), got {item!r}") from None
     return out
-
-
-def parse_config(cls, argv: list[str] | None, quick: dict, description: str):
-    """Build a frozen dataclass config from flags named after its fields (--name value).
-
-    `--quick` starts from the `quick` overrides (the CPU-sized variant); flags given explicitly win.
-    """
-    import argparse
-    import dataclasses
-    import typing
-    hints = typing.get_type_hints(cls)
-    p = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        if hints[f.name] is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "y"), nargs="?",
-                           const=True, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=hints[f.name], default=None)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    base = dict(quick) if given.get("quick") else {}
-    base.update(given)
-    return cls(**base)
-
-
-def write_run_config(out: Path, config: dict, wall_s: float | None = None, computed: list[str] | None = None) -> None:
-    """config.json of a sweep's run folder: the resolved config, versions and hardware, and one record
-    per invocation (wall time, points computed), so a resumed or re-plotted run keeps its history."""
-    from experiments.common import run_metadata
-    p = Path(out) / "config.json"
-    old = json.loads(p.read_text()) if p.is_file() else {}
-    runs = old.get("invocations", [])
-    if wall_s is not None:
-        runs = runs + [{"wall_s": round(wall_s, 1), "points_computed": computed or [], **run_metadata()}]
-    atomic_write_json(p, {"config": config, "meta": run_metadata(), "invocations": runs})
-
-
-def start_run(cfg) -> tuple[Path, PointStore]:
-    """The opening every sweep's run() shares: torch threads, the run folder, its config.json record
-    (write_run_config) and the point store of finished points. cfg: a config dataclass with
-    `threads` and `out_dir`."""
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg))
-    return out, PointStore(out)

@@ -12,7 +12,8 @@ Design (GPT-2 style, pre-norm, as small as it can be)
     no learned position table, so any length runs (extrapolating beyond the training length is
     exactly what the forgetting curve probes). Attention is O(l^2): the sweeps cap its lengths.
 
-Reading order: TransformerConfig -> rope -> Block -> TinyTransformer (forward, save, load)
+Reading order: TransformerConfig -> rope -> Block -> TinyTransformer (forward, save_pretrained,
+from_pretrained: the same names as minimamba's, so experiments/train.py checkpoints either model)
 
 Glossary
     b batch, l sequence length, d d_model, h heads, e head size (d / h), V vocabulary
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoints import atomic_write
 
 ROPE_BASE = 10000.0  # RoPE frequency base (RoFormer / Llama default)
 MLP_RATIO = 4  # hidden width of the MLP = MLP_RATIO * d_model (GPT-2)
@@ -99,14 +102,17 @@ class TinyTransformer(nn.Module):
             x = blk(x)
         return (self.ln_f(x) @ self.embedding.weight.T).float()  # (b, l, V), tied head
 
-    def save(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write model.pt, then config.json, each atomically (a temporary file, then a rename)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config)))
-        torch.save(self.state_dict(), path / WEIGHTS_FILE)
+        atomic_write(path / WEIGHTS_FILE, lambda f: torch.save(self.state_dict(), f))
+        atomic_write(path / CONFIG_FILE, lambda f: f.write(json.dumps(asdict(self.config)).encode()))
+        return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TinyTransformer":
+    def from_pretrained(cls, path: str | Path) -> "TinyTransformer":
+        """Load a save_pretrained folder (tensors only: torch.load(weights_only=True))."""
         path = Path(path)
         model = cls(TransformerConfig(**json.loads((path / CONFIG_FILE).read_text())))
         model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))

@@ -1,4 +1,5 @@
-"""Train a small byte-level Mamba-2 language model, the way Stuffed Mamba trains long.
+"""The one training loop of the experiments: byte-level Mamba-2 (or the Transformer baseline), the way
+Stuffed Mamba trains long.
 
 Commands (run from the repository root)
     # CPU, about a minute: a 2-layer toy on the standard-library corpus, T_train = 64
@@ -7,12 +8,16 @@ Commands (run from the repository root)
     python -m experiments.train --out_dir runs/tbptt --seq_len 64 --n_segments 4
     # continue a killed run exactly where its last checkpoint left it
     python -m experiments.train --out_dir runs/toy --steps 300 --seq_len 64 --resume
+    # ... with another learning rate than the checkpoint's (without the flag that is an error)
+    python -m experiments.train --out_dir runs/toy --steps 300 --seq_len 64 --resume --lr 1e-3 --override_config
     # several processes (GPUs with NCCL; on CPU the same code uses gloo)
     torchrun --nproc_per_node 2 -m experiments.train --out_dir runs/ddp --batch_size 32
     # any text file or folder instead of the standard library
     python -m experiments.train --data path/to/text --out_dir runs/mytext
     # half the rows copy episodes (the regime in which toy models collapse; see state_collapse.py)
     python -m experiments.train --task mix --seq_len 16 --d_state 256 --headdim 32 --out_dir runs/mix
+    # the Transformer baseline on the forgetting-curve task
+    python -m experiments.train --arch transformer --n_head 2 --task copymix --lr 1e-3 --out_dir runs/tf
 
 Paper
     Stuffed Mamba (arXiv 2410.07145), "Training": models are trained on length-T_train segments with
@@ -20,29 +25,43 @@ Paper
     segment of the same document stream, 12 chained segments in the paper.
 
 Reading order
-    1. TrainConfig       every knob, with units; CLI flags are its field names
-    2. train()           setup (seed, data, model, optimizer, resume) then the step loop:
-                         (a) batch = pure function of (seed, step)  (b) TBPTT over N segments with
-                         grad accumulation  (c) clip, AdamW step  (d) log  (e) atomic checkpoint
-    3. save_checkpoint / latest_checkpoint / load_checkpoint   the checkpoint protocol
+    1. TrainConfig       every knob, with units; the flags are its field names (--help lists them)
+    2. the pieces        batches (a task name, or the caller's batch function), the weighted loss,
+                         the lr schedule, the optimizer (weight-decay groups)
+    3. checkpoints       save_checkpoint (temporary folder, COMPLETE marker, rename), the resume
+                         protocol (weights_only loads, the config check, fallback to an older one)
+    4. train()           setup, then the step loop: (a) batch = pure function of (seed, step)
+                         (b) TBPTT over N segments with grad accumulation (c) a non-finite loss or
+                         gradient stops the run (d) clip, AdamW step (e) log (f) atomic checkpoint
 
 Glossary
     b  global batch rows per optimizer step (all ranks, all micro-batches together)
     T  seq_len: tokens per segment, the paper's T_train
     N  n_segments: chained segments per row (truncated BPTT)
     V  vocabulary, 256 bytes (padded to the model's padded_vocab_size in the logits)
+    w  per-target loss weight; the loss is sum(w * ce) / sum(w) over the global batch
 
 Outputs (all in --out_dir)
-    config.json        resolved config, versions, hardware
+    config.json        resolved config, model facts, command, git commit, versions, hardware (per run)
     metrics.csv        one row per logged step: loss, lr, grad norm, tokens/s, held-out loss
-    checkpoints/step_XXXXXXXX/   model/ (a save_pretrained directory: from_pretrained loads it),
-                       trainer.pt (optimizer, step, RNG states), COMPLETE (written last). A checkpoint
-                       directory is built under a temporary name and renamed into place, so a killed
-                       write never leaves a directory that looks complete.
+    checkpoints/step_XXXXXXXX/   model/ (Mamba2LM or TinyTransformer save_pretrained: from_pretrained
+                       loads it), trainer.pt (optimizer, step, config, RNG states: tensors and plain
+                       data only, loaded with weights_only=True), COMPLETE (written last, with
+                       trainer.pt's sha256; model/ carries its own manifest of hashes). A
+                       checkpoint is built under checkpoints/.tmp-* and renamed into place; the
+                       temporary folders of killed writes are removed at the next start and save.
+
+Faults and what happens (the messages name the file, the step and the fix)
+    --resume with other settings than the checkpoint's   error naming each field (checkpoint vs
+        now); --override_config takes the new values, except model sizes (never)
+    a newest checkpoint that cannot be read (a file failing its hash, or trainer.pt holding a
+        non-tensor object) -> said on stderr, moved to checkpoints/.unusable-step_XXXXXXXX, the
+        previous one used; none usable -> CheckpointError (exit code 1)
+    a non-finite loss or gradient norm (or weight, at a checkpoint) -> TrainingDiverged: the run
+        stops before the optimizer step, nothing is saved from then on (exit code 1)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -51,141 +70,217 @@ import re
 import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import kernels
 from checkpoints import save_pretrained
+from minimamba import Mamba2Config, Mamba2LM, sha256_of
 
-from experiments.common import CsvLog, ProgressBar, atomic_write_json, fsync_dir, run_metadata
-from experiments.data import VOCAB_SIZE, Corpus, copy_batch
+from experiments.common import (CsvLog, ProgressBar, config_parser, flag, fsync_dir, parse_config, resolve_device,
+                                write_run_config)
+from experiments.data import VOCAB_SIZE, Corpus, copy_batch, copymix_batch
+from experiments.tiny_transformer import TinyTransformer, TransformerConfig
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# 1. Config
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
-COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint; a checkpoint without it is ignored
+COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint (with trainer.pt's sha256); without it: ignored
+TEMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step_XXXXXXXX-<pid>: a checkpoint being written
+UNUSABLE_PREFIX = ".unusable-"  # checkpoints/.unusable-step_XXXXXXXX: one that could not be read
 NO_DECAY_NAMES = ("dt_bias", "A_log", "D")  # SSM parameters never decayed (official Mamba-2 practice)
-TASKS = ("lm", "copy", "mix")
+ARCHS = ("mamba2", "transformer")
+TASKS = ("lm", "copy", "mix", "copymix", "custom")  # custom: the caller's batch_fn (train(cfg, batch_fn))
 METRIC_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "heldout_loss", "wall_s")
+MAMBA_ONLY = ("d_state", "headdim", "expand", "ngroups", "chunk_size", "dt_min", "dt_max", "accelerate")
+TRANSFORMER_ONLY = ("n_head",)
+# What --resume compares with the checkpoint's config:
+MODEL_FIELDS = ("arch", "d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "n_head")  # never change
+FREE_FIELDS = ("out_dir", "log_every", "eval_every", "eval_windows", "ckpt_every", "keep_ckpts", "resume",
+               "override_config", "stop_at", "device", "threads", "progress")  # bookkeeping: may change
+# every other field is the recipe: a difference is an error unless --override_config
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on. Each field is also a command-line flag (--name value)."""
 
-    # --- model (passed to minimamba.Mamba2Config) ---
-    d_model: int = 64  # d, residual width
-    n_layer: int = 2  # number of Mamba-2 blocks
-    d_state: int = 64  # n, SSM state size per head (the paper's N)
-    headdim: int = 16  # p, channels per head (the paper's P)
-    expand: int = 2  # e, d_inner = e * d
-    ngroups: int = 1  # g, B/C groups
-    chunk_size: int = 64  # q, SSD chunk length (any q gives the same function)
-    dt_min: float = 1e-3  # Delta init range lower end (official 1e-3)
-    dt_max: float = 1e-1  # Delta init range upper end (official 1e-1); smaller = slower initial decay
-    accelerate: bool = True  # kernels.accelerate(model): the same function, faster (kernels.py)
+    # --- model ---
+    arch: str = flag("mamba2", "model: mamba2 (minimamba.Mamba2LM) | transformer (experiments/tiny_transformer.py)")
+    d_model: int = flag(64, "d, residual width (channels)")
+    n_layer: int = flag(2, "number of blocks")
+    d_state: int = flag(64, "n, SSM state size per head, the paper's N (mamba2 only)")
+    headdim: int = flag(16, "p, channels per head, the paper's P (mamba2 only)")
+    expand: int = flag(2, "e, d_inner = e * d_model (mamba2 only)")
+    ngroups: int = flag(1, "g, B/C groups (mamba2 only)")
+    chunk_size: int = flag(64, "q, SSD chunk length in tokens; any q gives the same function (mamba2 only)")
+    dt_min: float = flag(1e-3, "lower end of the Delta init range, official 1e-3 (mamba2 only)")
+    dt_max: float = flag(1e-1, "upper end of the Delta init range, official 1e-1; smaller = slower initial "
+                              "decay (mamba2 only)")
+    accelerate: bool = flag(True, "kernels.accelerate(model): the same function, faster (mamba2 only)")
+    n_head: int = flag(2, "attention heads; head size d_model / n_head (transformer only)")
     # --- data ---
-    data: str = ""  # text file or folder; "" = this Python's standard library
-    task: str = "lm"  # lm: the corpus | copy: random-byte copy episodes | mix: even rows lm, odd rows copy
-    copy_len: int = 8  # random bytes per copy episode (an episode is [r, r], 2*copy_len tokens)
-    seq_len: int = 64  # T, tokens per segment (the paper's T_train)
-    n_segments: int = 1  # N, chained segments per row, state carried detached (truncated BPTT)
-    batch_size: int = 16  # b, global rows per optimizer step (summed over ranks and micro-batches)
-    grad_accum: int = 1  # micro-batches per step on each rank
+    data: str = flag("", "text file or folder; empty = this Python's standard library")
+    task: str = flag("lm", "lm: the corpus | copy: random-byte copy episodes | mix: even rows lm, odd rows "
+                           "copy | copymix: even rows lm, odd rows the forgetting-curve layout [SEP] x [SEP] x "
+                           "(data.copymix_batch) | custom: the caller's batch_fn (Python only)")
+    copy_len: int = flag(8, "random bytes per copy episode of --task copy/mix (an episode is [r, r])")
+    seq_len: int = flag(64, "T, tokens per segment (the paper's T_train)")
+    n_segments: int = flag(1, "N, chained segments per row, state carried detached (truncated BPTT)")
+    batch_size: int = flag(16, "b, global rows per optimizer step (summed over ranks and micro-batches)")
+    grad_accum: int = flag(1, "micro-batches per step on each rank")
     # --- optimization ---
-    steps: int = 1000  # optimizer steps
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine decay)
-    warmup_steps: int = 50  # linear warmup from lr / warmup_steps to lr
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices and the embedding only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; <= 0 disables
+    steps: int = flag(1000, "optimizer steps")
+    lr: float = flag(3e-3, "peak learning rate")
+    min_lr_ratio: float = flag(0.1, "final lr = lr * min_lr_ratio (cosine decay)")
+    warmup_steps: int = flag(50, "steps of linear warmup from lr / warmup_steps to lr")
+    weight_decay: float = flag(0.1, "AdamW decoupled decay on matrices and the embedding only")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    grad_clip: float = flag(1.0, "max global gradient norm; <= 0 disables clipping")
     # --- bookkeeping ---
-    out_dir: str = "runs/train"
-    seed: int = 0
-    log_every: int = 10  # steps between metrics.csv rows
-    eval_every: int = 200  # steps between held-out evaluations (0 = never)
-    eval_windows: int = 16  # held-out windows of T tokens per evaluation
-    ckpt_every: int = 200  # steps between checkpoints (the last step is always checkpointed)
-    keep_ckpts: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # continue from the newest complete checkpoint in out_dir
-    stop_at: int = 0  # end this process after this step as if killed (time-sliced jobs, tests); 0 = never
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    amp: bool = True  # bf16 autocast; only ever used on CUDA (CPU trains in fp32)
-    threads: int = 0  # torch.set_num_threads on CPU (0 = leave torch's default)
-    progress: bool = True  # progress bar on stderr
+    out_dir: str = flag("runs/train", "run folder (config.json, metrics.csv, checkpoints/)")
+    seed: int = flag(0, "seed of the initialization and of the batches")
+    log_every: int = flag(10, "steps between metrics.csv rows")
+    eval_every: int = flag(200, "steps between held-out evaluations (0 = never)")
+    eval_windows: int = flag(16, "held-out windows of T tokens per evaluation")
+    ckpt_every: int = flag(200, "steps between checkpoints (the last step is always checkpointed)")
+    keep_ckpts: int = flag(2, "newest checkpoints kept on disk (>= 2 leaves one to fall back to)")
+    resume: bool = flag(False, "continue from the newest usable checkpoint in out_dir")
+    override_config: bool = flag(False, "with --resume: take this command's recipe where it differs from the "
+                                        "checkpoint's (model sizes can never change)")
+    stop_at: int = flag(0, "end this process after this step as if killed (time-sliced jobs, tests); 0 = never")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:1 ...")
+    amp: bool = flag(True, "bf16 autocast; only ever used on CUDA (CPU trains in fp32)")
+    threads: int = flag(0, "torch.set_num_threads on CPU (0 = leave torch's default)")
+    progress: bool = flag(True, "progress bar on stderr")
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "chunk_size",
+        for name in ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "chunk_size", "n_head",
                      "seq_len", "n_segments", "batch_size", "grad_accum", "steps", "log_every",
                      "eval_windows", "ckpt_every", "keep_ckpts", "copy_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if (self.expand * self.d_model) % self.headdim:
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        other = TRANSFORMER_ONLY if self.arch == "mamba2" else MAMBA_ONLY
+        ignored = [n for n in other if getattr(self, n) != getattr(TrainConfig, n)]
+        if ignored:
+            raise ValueError(f"--arch {self.arch} does not use {', '.join('--' + n for n in ignored)}; leave "
+                             f"them at their defaults")
+        if self.arch == "transformer" and self.n_segments != 1:
+            raise ValueError(f"--arch transformer has no state to carry: --n_segments must be 1, got {self.n_segments}")
+        if self.arch == "mamba2" and (self.expand * self.d_model) % self.headdim:
             raise ValueError(f"d_inner = expand*d_model = {self.expand * self.d_model} must be divisible "
                              f"by headdim = {self.headdim}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+            raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0; got {self.lr}, "
+                             f"{self.min_lr_ratio}, {self.warmup_steps}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size {self.batch_size} must be divisible by --grad_accum {self.grad_accum}")
 
-    def model_config(self):
-        from minimamba import Mamba2Config
+    def model_config(self) -> Mamba2Config | TransformerConfig:
+        if self.arch == "transformer":
+            return TransformerConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, n_layer=self.n_layer,
+                                     n_head=self.n_head)
         return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=VOCAB_SIZE,
                             d_state=self.d_state, headdim=self.headdim, expand=self.expand,
                             ngroups=self.ngroups, chunk_size=self.chunk_size,
                             dt_min=self.dt_min, dt_max=self.dt_max)
 
 
-def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Build a TrainConfig from command-line flags named after its fields (bools take true/false)."""
-    base = base or TrainConfig()
-    hints = typing.get_type_hints(TrainConfig)
-    p = argparse.ArgumentParser(description="Train a byte-level Mamba-2 (see the module docstring).")
+def build_model(cfg: TrainConfig) -> Mamba2LM | TinyTransformer:
+    """A freshly initialized model of cfg.arch (seed it first: torch.manual_seed)."""
+    return TinyTransformer(cfg.model_config()) if cfg.arch == "transformer" else Mamba2LM(cfg.model_config())
 
-    def to_bool(s: str) -> bool:
-        if s.lower() in ("1", "true", "yes", "y"):
-            return True
-        if s.lower() in ("0", "false", "no", "n"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
-    for f in dataclasses.fields(TrainConfig):
-        typ = hints[f.name]
-        if typ is bool:  # `--resume` alone means true
-            p.add_argument(f"--{f.name}", type=to_bool, nargs="?", const=True, default=getattr(base, f.name))
-        else:
-            p.add_argument(f"--{f.name}", type=typ, default=getattr(base, f.name))
-    return TrainConfig(**vars(p.parse_args(argv)))
+def load_model(arch: str, model_dir: str | Path) -> Mamba2LM | TinyTransformer:
+    """The model a checkpoint's model/ folder holds (from_pretrained of its architecture)."""
+    return (TinyTransformer if arch == "transformer" else Mamba2LM).from_pretrained(model_dir)
+
+
+DESCRIPTION = "Train a byte-level Mamba-2 or the Transformer baseline (see the module docstring)."
+
+
+def build_parser():
+    return config_parser(TrainConfig, DESCRIPTION)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces of the loop
+# 2. Pieces of the loop
 # ----------------------------------------------------------------------------------------------
 
-def training_rows(corpus: Corpus, cfg: TrainConfig, step: int, rows: slice) -> torch.Tensor:
-    """This rank's rows of the global batch for `step`: LongTensor (b_rank, N*T + 1)."""
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # rows (b, N*T+1) [, weights or mask (b, N*T)]
+
+
+def task_batch(corpus: Corpus, cfg: TrainConfig, step: int) -> Batch:
+    """The global batch of a named task for `step`: a pure function of (seed, step)."""
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len, n_segments=cfg.n_segments)
     if cfg.task == "lm":
-        return corpus.batch(step, rows=rows, **kw)
-    copy = copy_batch(step, copy_len=cfg.copy_len, **kw)  # (b, N*T+1), global rows
-    if cfg.task == "mix":  # odd global rows are copy episodes, even rows corpus text
-        text = corpus.batch(step, **kw)
-        copy[0::2] = text[0::2]
-    return copy[rows]
+        return corpus.batch(step, **kw)
+    if cfg.task == "copymix":
+        return copymix_batch(corpus, step, steps=cfg.steps, **kw)
+    if cfg.task == "custom":
+        raise ValueError("--task custom needs a batch function: call train(cfg, batch_fn=...) from Python")
+    copy = copy_batch(step, copy_len=cfg.copy_len, **kw)  # (b, N*T+1)
+    if cfg.task == "mix":  # odd rows are copy episodes, even rows corpus text
+        copy[0::2] = corpus.batch(step, **kw)[0::2]
+    return copy
+
+
+def rows_and_weights(batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (b, N*T+1) long, weights (b, N*T) float >= 0 with a positive sum) from a batch function's
+    output: rows alone (every target weighs 1), rows and a bool mask, or rows and float weights."""
+    rows, weights = batch if isinstance(batch, tuple) else (batch, None)
+    span = cfg.n_segments * cfg.seq_len
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (cfg.batch_size, span + 1):
+        raise ValueError(f"a batch must hold rows of shape (batch_size, n_segments*seq_len + 1) = "
+                         f"({cfg.batch_size}, {span + 1}), got {getattr(rows, 'shape', type(rows).__name__)}")
+    if weights is None:
+        return rows, torch.ones(cfg.batch_size, span)
+    if tuple(weights.shape) != (cfg.batch_size, span):
+        raise ValueError(f"loss weights must have shape ({cfg.batch_size}, {span}), got {tuple(weights.shape)}")
+    weights = weights.float()
+    if bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError(f"loss weights must be >= 0 with a positive sum, got min {float(weights.min())}, "
+                         f"sum {float(weights.sum())}")
+    return rows, weights
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-byte cross-entropy per target: logits (b, T, V_padded) -> (b, T); only the first 256
+    logits are real bytes."""
+    ce = F.cross_entropy(logits[..., :VOCAB_SIZE].float().reshape(-1, VOCAB_SIZE), targets.reshape(-1),
+                         reduction="none")
+    return ce.view(targets.shape)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-byte cross-entropy, or with weights (b, T) the weighted mean sum(w * ce) / sum(w)
+    (a 0/1 weight is a mask)."""
+    ce = token_losses(logits, targets)
+    return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
+
+
+def forward(model, arch: str, x: torch.Tensor, state, keep_state: bool):
+    """(logits, state) of either architecture. keep_state=False: nobody reads the final state, so
+    the Mamba-2 does not build it (return_state=False); the Transformer has no state."""
+    if arch == "transformer":
+        return model(x), None
+    return model(x, state, return_state=keep_state)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -202,10 +297,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linears, conv kernels, the tied embedding) only.
+    """AdamW (fused: one kernel for all parameters, on CPU and GPU; equal to the per-parameter loop up
+    to float rounding, tests/test_experiments.py) with weight decay on matrices (linears, conv
+    kernels, the tied embedding) only.
 
     No decay on dt_bias, A_log, D (as the official Mamba-2) and on every other 1-D parameter (norm
-    weights, the conv bias): decaying them would pull the decay rates and gains towards 0.
+    weights, biases): decaying them would pull the decay rates and gains towards 0.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -214,12 +311,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         leaf = name.rsplit(".", 1)[-1]
         (no_decay if leaf in NO_DECAY_NAMES or p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy. logits (b, T, V_padded) -> only the first 256 are real bytes."""
-    return F.cross_entropy(logits[..., :VOCAB_SIZE].float().reshape(-1, VOCAB_SIZE), targets.reshape(-1))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 @torch.no_grad()
@@ -228,17 +320,35 @@ def heldout_loss(model: torch.nn.Module, corpus: Corpus, cfg: TrainConfig, devic
     was_training = model.training
     model.eval()
     ids = corpus.heldout_windows(cfg.eval_windows, cfg.seq_len).to(device)  # (w, T+1)
-    logits, _ = model(ids[:, :-1])
+    logits, _ = forward(model, cfg.arch, ids[:, :-1], None, keep_state=False)
     model.train(was_training)
     return lm_loss(logits, ids[:, 1:]).item()
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: build in a temporary directory, write COMPLETE last, rename into place
+# 3. Checkpoints: build in a temporary folder, write COMPLETE last, rename into place
 # ----------------------------------------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or holding something other than tensors
+    and plain data."""
+
+
+class ConfigMismatch(ValueError):
+    """--resume with other settings than the checkpoint was trained with."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint folder was written at (from its name step_XXXXXXXX)."""
+    return int(CHECKPOINT_RE.match(ckpt.name).group(1))
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -246,67 +356,171 @@ def is_complete(ckpt: Path) -> bool:
     return bool(CHECKPOINT_RE.match(ckpt.name)) and (ckpt / COMPLETE_MARKER).is_file()
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in out_dir, or None. Temporary and partial ones are skipped."""
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (temporary, partial and unusable ones skipped)."""
     root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and is_complete(p))
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_complete(p)) if root.is_dir() else []
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in out_dir, or None."""
+    done = complete_checkpoints(out_dir)
     return done[-1] if done else None
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, cfg: TrainConfig,
-                    extra: dict | None = None) -> Path:
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the checkpoints/.tmp-* folders that killed writes left behind; returns them."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    stale = sorted(p for p in root.glob(TEMP_PREFIX + "*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """The model's save_pretrained folder (checkpoints.save_pretrained for a Mamba2LM)."""
+    if isinstance(model, Mamba2LM):
+        save_pretrained(model, path)
+    else:
+        model.save_pretrained(path)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, cfg: TrainConfig) -> Path:
     """Write checkpoints/step_<step>/ atomically; returns its path.
 
-    Steps: 1. save_pretrained + trainer.pt into checkpoints/.tmp-step_<step>-<pid>
-           2. write COMPLETE, fsync   3. os.replace to the final name   4. prune old checkpoints.
-    A crash before step 3 leaves only a .tmp-* directory, which no reader treats as a checkpoint.
+    Steps: 0. remove the temporary folders of killed writes
+           1. save_pretrained + trainer.pt into checkpoints/.tmp-step_<step>-<pid>
+           2. write COMPLETE (trainer.pt's sha256; model/ has its own manifest of hashes), fsync
+           3. os.replace to the final name   4. prune old checkpoints.
+    A crash before step 3 leaves only a .tmp-* folder, which no reader treats as a checkpoint; a
+    file damaged later fails its hash. trainer.pt holds tensors and plain data only, so it loads
+    with torch.load(weights_only=True).
     """
+    remove_stale_temporaries(out_dir)  # 0.
     final = checkpoint_path(out_dir, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = final.parent / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
-    save_pretrained(model, tmp / "model")
+    save_model(model, tmp / "model")  # 1.
     state = {"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
              "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             **(extra or {})}
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(state, tmp / "trainer.pt")
-    with open(tmp / COMPLETE_MARKER, "w") as f:
-        f.write(f"step {step}\n")
+    with open(tmp / COMPLETE_MARKER, "w") as f:  # 2.
+        f.write(f"step {step}\ntrainer.pt sha256 {sha256_of(tmp / 'trainer.pt')}\n")
         f.flush()
         os.fsync(f.fileno())
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    os.replace(tmp, final)  # 3.
     fsync_dir(final.parent)
-    done = sorted(p for p in final.parent.iterdir() if p.is_dir() and is_complete(p))
-    for old in done[:-cfg.keep_ckpts]:
+    for old in complete_checkpoints(out_dir)[:-cfg.keep_ckpts]:  # 4.
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None) -> dict:
-    """Load weights (from the save_pretrained directory) and optimizer/RNG state. Returns trainer state."""
+def read_trainer_state(ckpt: Path) -> dict:
+    """trainer.pt of a complete checkpoint, unpickled with weights_only=True (tensors and plain data
+    only: a file that holds any other object is refused, and no code in it runs)."""
     if not is_complete(ckpt):
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {COMPLETE_MARKER} marker or "
-                                f"not under its final step_XXXXXXXX name): an interrupted write?")
-    from minimamba import Mamba2LM
-    loaded = Mamba2LM.from_pretrained(str(ckpt / "model"))
-    model.load_state_dict(loaded.state_dict())
-    state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE_MARKER} marker or not "
+                              f"under its final step_XXXXXXXX name): an interrupted write?")
+    path = ckpt / "trainer.pt"
+    recorded = (ckpt / COMPLETE_MARKER).read_text().split()[-1]
+    if not path.is_file() or sha256_of(path) != recorded:
+        raise CheckpointError(f"{path} is missing or damaged: its sha256 differs from the one recorded in "
+                              f"{COMPLETE_MARKER} when it was written")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way a file can be unreadable ends here, with its cause
+        kind = "refused to unpickle" if "weights_only" in str(e).lower() else "cannot read"
+        raise CheckpointError(f"{kind} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    missing = [k for k in ("step", "optimizer", "config", "torch_rng") if k not in state]
+    if not isinstance(state, dict) or missing:
+        raise CheckpointError(f"{path} is not a trainer state (missing {missing})")
+    return state
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(model fields, recipe fields) that differ between a checkpoint's config and cfg, each as
+    'name: <checkpoint> (checkpoint) vs <now> (now)'. A field the checkpoint lacks counts as its
+    default. Bookkeeping fields (FREE_FIELDS) are not compared."""
+    model, recipe = [], []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in FREE_FIELDS:
+            continue
+        old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
+        if old != new:
+            (model if f.name in MODEL_FIELDS else recipe).append(f"{f.name}: {old!r} (checkpoint) vs {new!r} (now)")
+    return model, recipe
+
+
+def check_resume_config(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Raise ConfigMismatch naming every field that differs, unless only recipe fields differ and
+    cfg.override_config is set (then they are listed on stderr and the new values win)."""
+    model, recipe = config_differences(saved, cfg)
+    if model:
+        raise ConfigMismatch(f"--resume from {ckpt}: the model differs from the checkpoint's, which no flag can "
+                             f"override (start a new --out_dir):\n  " + "\n  ".join(model + recipe))
+    if recipe and not cfg.override_config:
+        raise ConfigMismatch(f"--resume from {ckpt}: these settings differ from the checkpoint's:\n  "
+                             + "\n  ".join(recipe) + "\nPass --override_config to continue with the new values, "
+                             "or give the checkpoint's values.")
+    if recipe:
+        print(f"--override_config: continuing {ckpt} with\n  " + "\n  ".join(recipe), file=sys.stderr)
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None, cfg: TrainConfig | None = None) -> dict:
+    """Load weights, optimizer and RNG states from a checkpoint; returns its trainer state.
+
+    cfg: check it against the checkpoint's config first (check_resume_config). Raises
+    CheckpointError for anything unreadable, ConfigMismatch for other settings.
+    """
+    state = read_trainer_state(ckpt)
+    if cfg is not None:
+        check_resume_config(ckpt, state["config"], cfg)
+    arch = state["config"].get("arch", "mamba2")
+    try:
+        model.load_state_dict(load_model(arch, ckpt / "model").state_dict())
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # noqa: BLE001 - a corrupt weight file shows up as any of several errors
+        raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+    if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
+def resume(out_dir: Path, model: torch.nn.Module, optimizer, cfg: TrainConfig, is_main: bool = True) -> int:
+    """Load the newest usable checkpoint; returns its step (0 when there is none).
+
+    A checkpoint that cannot be read is moved aside to checkpoints/.unusable-step_XXXXXXXX (so no
+    later run picks it again) and the previous one is tried, which is said on stderr. A config
+    mismatch is not a damaged checkpoint: it stops at once. Only the main rank (is_main) moves
+    checkpoints and speaks; under DDP the other ranks resume after it (train() orders them).
+    """
+    reasons = []
+    for ckpt in reversed(complete_checkpoints(out_dir)):
+        try:
+            return load_checkpoint(ckpt, model, optimizer, cfg)["step"]
+        except CheckpointError as e:
+            reasons.append(str(e))
+            aside = ckpt.parent / f"{UNUSABLE_PREFIX}{ckpt.name}"
+            if is_main:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(ckpt, aside)
+                print(f"--resume: {e}\n  moved it to {aside}; falling back to the previous checkpoint "
+                      f"(if any)", file=sys.stderr)
+    if reasons:
+        raise CheckpointError(f"--resume: no usable checkpoint in {out_dir / CHECKPOINT_DIR}:\n  "
+                              + "\n  ".join(reasons))
+    if is_main:
+        print(f"--resume: no complete checkpoint in {out_dir / CHECKPOINT_DIR}, starting from step 0", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
-# Training
+# 4. Training
 # ----------------------------------------------------------------------------------------------
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -314,8 +528,7 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {cfg.device} asked for CUDA, but torch.cuda.is_available() is False")
     if device.type == "cuda" and world > 1:
@@ -327,15 +540,21 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> dict:
     """Run (or resume) training; returns {"step", "loss_history", "checkpoint"}.
 
-    Works in one process or under torchrun (DistributedDataParallel). The global batch of
-    cfg.batch_size rows is the same whatever the number of processes: rank r of k takes rows
-    [r*b/k, (r+1)*b/k), then splits them into grad_accum micro-batches.
-    """
-    from minimamba import Mamba2LM
+    batch_fn(step) -> the GLOBAL batch of that step: rows (b, N*T+1), optionally with a bool mask or
+    float weights (b, N*T) for the targets rows[:, 1:] (the loss is sum(w * ce) / sum(w) over the
+    global batch). It must be a pure function of step (resume and DDP rely on it) and goes with
+    --task custom; without it the batch is task_batch(corpus, cfg, step).
 
+    Works in one process or under torchrun (DistributedDataParallel). The global batch is the same
+    whatever the number of processes: rank r of k takes rows [r*b/k, (r+1)*b/k), then splits them
+    into grad_accum micro-batches.
+    """
+    if (batch_fn is None) == (cfg.task == "custom"):
+        raise ValueError(f"train(): pass batch_fn exactly when --task is custom (task {cfg.task!r}, "
+                         f"batch_fn {'given' if batch_fn else 'None'})")
     rank, world, device = _setup_distributed(cfg)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by world_size*grad_accum "
@@ -345,39 +564,37 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     is_main = rank == 0
     use_amp = cfg.amp and device.type == "cuda"  # bf16 autocast on GPU only
+    t_start = time.perf_counter()
 
-    # 1. seed, data, model, optimizer
+    # 1. seed, data, model, optimizer, resume
     torch.manual_seed(cfg.seed)
-    corpus = Corpus.load(cfg.data or None)
-    model = Mamba2LM(cfg.model_config()).to(device)
-    if cfg.accelerate:
+    corpus = Corpus.load(cfg.data or None) if (batch_fn is None or cfg.eval_every > 0) else None
+    batch_fn = batch_fn or (lambda step: task_batch(corpus, cfg, step))
+    model = build_model(cfg).to(device)
+    if cfg.arch == "mamba2" and cfg.accelerate:
         kernels.accelerate(model)
     optimizer = make_optimizer(model, cfg)
+    if is_main:
+        remove_stale_temporaries(out)
     start_step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        start_step = state["step"]
-        model.to(device)
-    elif is_main and cfg.resume:
-        print(f"--resume: no complete checkpoint in {out / CHECKPOINT_DIR}, starting from step 0", file=sys.stderr)
+    if cfg.resume:  # rank 0 first: it moves unusable checkpoints aside before the others look
+        if world > 1 and not is_main:
+            dist.barrier()
+        start_step = resume(out, model, optimizer, cfg, is_main)
+        if world > 1 and is_main:
+            dist.barrier()
     ddp_model = model
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    facts = dict(model=dataclasses.asdict(cfg.model_config()), n_params=sum(p.numel() for p in model.parameters()),
+                 world_size=world, device=str(device), amp_bf16=use_amp,
+                 corpus=None if corpus is None else {"source": corpus.source, "train_bytes": len(corpus.train),
+                                                     "heldout_bytes": len(corpus.heldout)})
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        atomic_write_json(out / "config.json", {"train": dataclasses.asdict(cfg),
-                                                "model": dataclasses.asdict(cfg.model_config()),
-                                                "n_params": n_params, "world_size": world,
-                                                "device": str(device), "amp_bf16": use_amp,
-                                                "corpus": {"source": corpus.source,
-                                                           "train_bytes": len(corpus.train),
-                                                           "heldout_bytes": len(corpus.heldout)},
-                                                "meta": run_metadata()})
-        log = CsvLog(out / "metrics.csv", METRIC_FIELDS, keep_until=start_step if ckpt is not None else None)
+        write_run_config(out, dataclasses.asdict(cfg), **facts)
+        log = CsvLog(out / "metrics.csv", METRIC_FIELDS, keep_until=start_step if cfg.resume else None)
 
     b_rank = cfg.batch_size // world  # rows on this rank
     b_micro = b_rank // cfg.grad_accum  # rows per micro-batch
@@ -385,84 +602,109 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.batch_size * N * T
     bar = ProgressBar(cfg.steps, desc="train", initial=start_step, enabled=cfg.progress and is_main)
     losses: list[float] = []
-    t_last, step = time.perf_counter(), start_step
-    t_start = time.perf_counter()
+    last_saved = latest_checkpoint(out) if is_main else None
+    t_last = time.perf_counter()
     model.train()
-    for step in range(start_step, cfg.steps):
-        # (a) this rank's rows of the global batch: a pure function of (seed, step)
-        rows = training_rows(corpus, cfg, step, slice(rank * b_rank, (rank + 1) * b_rank)).to(device)
-        lr = lr_at(cfg, step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        # (b) truncated BPTT: N segments per row, state carried but detached between segments;
-        #     each backward frees its segment's graph. Gradients sum over micro-batches and segments.
-        n_backward, i_backward = cfg.grad_accum * N, 0
-        for m in range(cfg.grad_accum):
-            micro = rows[m * b_micro:(m + 1) * b_micro]  # (b_micro, N*T+1)
-            state = None
-            for s in range(N):
-                x = micro[:, s * T:(s + 1) * T]  # (b_micro, T)
-                y = micro[:, s * T + 1:(s + 1) * T + 1]  # (b_micro, T)
-                i_backward += 1
-                sync = world == 1 or i_backward == n_backward  # DDP all-reduces on the last backward only
-                ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        # the last segment's state is read by nobody: not built (return_state=False)
-                        logits, state = ddp_model(x, state, return_state=s < N - 1)
-                    loss = lm_loss(logits, y) / n_backward
-                    loss.backward()
-                state = state.detach() if state is not None else None
-                step_loss += loss.detach()
-        if world > 1:  # report the global mean loss (gradients are already averaged by DDP)
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        # (c) clip and step
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        loss_value = step_loss.item()
-        losses.append(loss_value)
+    try:
+        for step in range(start_step, cfg.steps):
+            # (a) the global batch, a pure function of (seed, step); this rank's rows of it
+            rows, weights = rows_and_weights(batch_fn(step), cfg)
+            # DDP averages the ranks' gradients, so each rank divides by the global weight / world
+            norm = weights.sum().item() / world
+            mine = slice(rank * b_rank, (rank + 1) * b_rank)
+            rows, weights = rows[mine].to(device), weights[mine].to(device)
+            lr = lr_at(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            # (b) truncated BPTT: N segments per row, state carried but detached between segments;
+            #     each backward frees its segment's graph. Gradients sum over micro-batches and segments.
+            n_backward, i_backward = cfg.grad_accum * N, 0
+            for m in range(cfg.grad_accum):
+                micro, w_micro = rows[m * b_micro:(m + 1) * b_micro], weights[m * b_micro:(m + 1) * b_micro]
+                state = None
+                for s in range(N):
+                    x = micro[:, s * T:(s + 1) * T]  # (b_micro, T)
+                    y = micro[:, s * T + 1:(s + 1) * T + 1]  # (b_micro, T)
+                    i_backward += 1
+                    sync = world == 1 or i_backward == n_backward  # DDP all-reduces on the last backward only
+                    with ddp_model.no_sync() if not sync else contextlib.nullcontext():
+                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                            # the last segment's state is read by nobody: not built
+                            logits, state = forward(ddp_model, cfg.arch, x, state, keep_state=s < N - 1)
+                        loss = (token_losses(logits, y) * w_micro[:, s * T:(s + 1) * T]).sum() / norm
+                        loss.backward()
+                    state = state.detach() if state is not None else None
+                    step_loss += loss.detach()
+            if world > 1:  # the global weighted mean (every rank then agrees on divergence too)
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_value, gnorm_value, done = step_loss.item(), float(gnorm), step + 1
+            # (c) a non-finite loss or gradient: stop before the step can write NaN into the weights
+            diverged = not (math.isfinite(loss_value) and math.isfinite(gnorm_value))
+            # (d) clip and step
+            if not diverged:
+                optimizer.step()
+                losses.append(loss_value)
 
-        # (d) log
-        done = step + 1
-        now = time.perf_counter()
-        tok_s = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        bar.update(1, loss=loss_value, tok_s=tok_s)
-        evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
-        h_loss = heldout_loss(model, corpus, cfg, device) if evaluate and is_main else ""
-        if is_main and (done % cfg.log_every == 0 or done == cfg.steps or evaluate):
-            log.write({"step": done, "tokens": done * tokens_per_step, "loss": loss_value, "lr": lr,
-                       "grad_norm": float(gnorm), "tok_per_s": tok_s, "heldout_loss": h_loss,
-                       "wall_s": now - t_start})
-        # (e) checkpoint (rank 0 writes; others wait so nobody races ahead of a half-written one)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            if is_main:
-                save_checkpoint(out, done, model, optimizer, cfg)
-            if world > 1:
-                dist.barrier()
-        if cfg.stop_at and done >= cfg.stop_at:
-            break
-    bar.close()
+            # (e) log
+            now = time.perf_counter()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            bar.update(1, loss=loss_value, tok_s=tok_s)
+            evaluate = not diverged and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps)
+            h_loss = heldout_loss(model, corpus, cfg, device) if evaluate and is_main else ""
+            if is_main and (diverged or done % cfg.log_every == 0 or done == cfg.steps or evaluate):
+                log.write({"step": done, "tokens": done * tokens_per_step, "loss": loss_value, "lr": lr,
+                           "grad_norm": gnorm_value, "tok_per_s": tok_s, "heldout_loss": h_loss,
+                           "wall_s": now - t_start})
+            if diverged:
+                raise TrainingDiverged(
+                    f"step {done}: the loss is {loss_value} and the gradient norm {gnorm_value} (lr {lr:g}): "
+                    f"training diverged and stopped before the optimizer step. The last good checkpoint is "
+                    f"{last_saved or 'none (none was written)'}; nothing was saved after it. Lower --lr "
+                    f"(or --grad_clip) and rerun, or --resume --override_config with a smaller --lr.")
+            # (f) checkpoint (rank 0 writes; others wait so nobody races ahead of a half-written one)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+                if broken:  # a finite gradient can still overflow a weight: never checkpoint that
+                    raise TrainingDiverged(f"step {done}: weights {broken[:3]} hold NaN or inf after the optimizer "
+                                           f"step (lr {lr:g}); not checkpointed. The last good checkpoint is "
+                                           f"{last_saved or 'none (none was written)'}.")
+                if is_main:
+                    last_saved = save_checkpoint(out, done, model, optimizer, cfg)
+                if world > 1:
+                    dist.barrier()
+            if cfg.stop_at and done >= cfg.stop_at:
+                break
+    finally:
+        bar.close()
+        if is_main:
+            log.close()
     if is_main:
-        log.close()
-    final = latest_checkpoint(out) if is_main else None
+        write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t_start,
+                         record={"steps": [start_step, start_step + len(losses)]}, **facts)
     if world > 1 and dist.is_initialized():
         dist.barrier()
-    return {"step": start_step + len(losses), "loss_history": losses,
-            "checkpoint": str(final) if final else None}
+    final = latest_checkpoint(out) if is_main else None
+    return {"step": start_step + len(losses), "loss_history": losses, "checkpoint": str(final) if final else None}
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    result = train(cfg)
+    cfg = parse_config(TrainConfig, argv, DESCRIPTION)
+    try:
+        result = train(cfg)
+    except (CheckpointError, ConfigMismatch, TrainingDiverged) as e:
+        sys.exit(f"experiments.train: error: {e}")  # exit code 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         last = result["loss_history"][-1] if result["loss_history"] else float("nan")
         print(f"done: step {result['step']}, last loss {last:.4f}, checkpoint {result['checkpoint']}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -147,3 +147,22 @@ def test_ssd_chunked_gradients_and_no_grad_path_match_reference(l, g, r, q, per_
             scale = ref.abs().max()
             assert diff.max() <= 1e-9 * scale + 1e-12, \
                 f"{other} vs ssd, {key}: max abs diff {diff.max().item():.3g} (max |ref| {scale.item():.3g}), mean {diff.mean().item():.3g}"
+
+
+def test_committed_bench_results_replot_into_the_readme_figure(tmp_path):
+    """experiments/figures.py publishes bench.py's results.json as it is and redraws bench_cpu.png from it."""
+    import json
+    from experiments import figures
+    rows = [_row("model", "accelerated", "fwd", l, l ** 1.1 / 4e4) for l in (1024, 4096)] + \
+           [_row("scan", "chunked", "fwd", l, l ** 1.2 / 1e5) for l in (1024, 4096)] + \
+           [dict(kind="decode", impl="accelerated", context=c, ms_per_token=c / 1e3, ok=True) for c in (128, 4096)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"meta": {"command": "bench.py --quick", "wall_s": 12.0,
+                                                           "config": {"quick": True}}, "rows": rows}))
+    done = figures.main(["--publish", str(run), "--experiment", "bench", "--results_dir", str(tmp_path / "res"),
+                         "--figures_dir", str(tmp_path / "figs")])
+    assert done == {"bench": "replotted"} and (tmp_path / "figs" / "bench_cpu.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "res" / "bench" / "results.json").read_text())["rows"] == rows
+    manifest = json.loads((tmp_path / "res" / "bench" / "manifest.json").read_text())
+    assert manifest["invocations"][0]["command"] == "bench.py --quick" and manifest["wall_s_total"] == 12.0

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from experiments import train as T
+from experiments.common import parse_config
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
-from experiments.state_collapse import collapse_criterion
+from experiments import state_collapse as SC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +79,10 @@ def test_copy_episodes_and_mix_rows(corpus_dir):
     assert not torch.equal(x[:, :5], x[:, 10:15]) and int(x.min()) >= 1
     cfg = T.TrainConfig(task="mix", seq_len=20, n_segments=2, batch_size=4, copy_len=5, data=str(corpus_dir))
     c = Corpus.load(corpus_dir)
-    rows = T.training_rows(c, cfg, 3, slice(0, 4))
+    rows = T.task_batch(c, cfg, 3)
     text = c.batch(3, seed=0, batch_size=4, seq_len=20, n_segments=2)
     assert torch.equal(rows[0::2], text[0::2]) and torch.equal(rows[1::2], x[1::2])
-    assert torch.equal(T.training_rows(c, cfg, 3, slice(2, 4)), rows[2:4]), "a rank's slice must match"
+    assert torch.equal(T.task_batch(c, cfg, 3), rows), "a batch is a pure function of (seed, step)"
 
 
 def test_default_corpus_is_the_stdlib():
@@ -89,6 +90,38 @@ def test_default_corpus_is_the_stdlib():
     assert len(c.train_docs) > 100 and len(c.heldout_docs) > 5
     assert set(c.train_docs).isdisjoint(c.heldout_docs)
     assert all("site-packages" not in n for n in c.train_docs + c.heldout_docs)
+
+
+# ------------------------------------------------------------------------------------------------
+# one command-line convention (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*.py")
+                 if "def main(" in p.read_text()) + ["forgetting_curve"]
+
+
+def test_every_script_is_listed():
+    assert {"experiments.train", "experiments.state_collapse", "experiments.state_capacity", "experiments.passkey",
+            "experiments.forgetting_curves", "experiments.figures", "experiments.bench",
+            "experiments.bench_mitigations", "experiments.check_equivalence"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_is_snake_case_with_help_and_its_default(name):
+    """Walk the script's parser: every flag --snake_case, with help text that states its default."""
+    import argparse
+    import importlib
+    import re
+    parser = importlib.import_module(name).build_parser()
+    flags = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert flags, f"{name} has no flags"
+    for action in flags:
+        for option in action.option_strings:
+            assert re.fullmatch(r"--[a-z][a-z0-9_]*", option), f"{name}: {option} is not a --snake_case flag"
+        assert action.help and action.help != argparse.SUPPRESS, f"{name}: {action.option_strings} has no help"
+        text = action.help % {"default": action.default}
+        assert "default" in text or (action.required and "required" in text), \
+            f"{name}: the help of {action.option_strings} does not state its default: {text!r}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,8 +133,12 @@ def test_config_validation_and_cli():
         T.TrainConfig(batch_size=5, grad_accum=2)
     with pytest.raises(ValueError, match="headdim"):
         T.TrainConfig(d_model=24, headdim=64)
-    cfg = T.parse_config(["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"])
+    cfg = parse_config(T.TrainConfig, ["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"], "")
     assert cfg.seq_len == 32 and cfg.resume is True and cfg.lr == 0.01 and cfg.amp is False
+    with pytest.raises(ValueError, match="--arch transformer does not use --d_state"):
+        T.TrainConfig(arch="transformer", d_state=128)
+    with pytest.raises(ValueError, match="n_segments must be 1"):
+        T.TrainConfig(arch="transformer", n_segments=2)
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -173,12 +210,13 @@ def test_interrupted_checkpoint_write_never_loads_as_complete(corpus_dir, tmp_pa
     partial = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
     assert partial, "the interrupted write should have left its temporary directory behind"
     assert T.latest_checkpoint(tmp_path / "run").name == "step_00000006"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(T.CheckpointError, match="not a complete checkpoint"):
         from minimamba import Mamba2LM
         T.load_checkpoint(partial[0], Mamba2LM(cfg.model_config()))
-    # resuming continues from step 6 and finishes
+    # resuming continues from step 6 and finishes; the killed write's temporary folder is gone
     res = T.train(dataclasses.replace(cfg, resume=True))
     assert res["step"] == 12 and len(res["loss_history"]) == 6
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")], "stale temporary folder kept"
 
 
 def _free_port() -> int:
@@ -214,38 +252,249 @@ def test_ddp_two_gloo_processes_equal_one_process(corpus_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the collapse criterion
+# one loop for every model and loss (issue 11)
 # ------------------------------------------------------------------------------------------------
 
-def test_collapse_criterion_on_hand_made_curves():
+def test_fused_adamw_equals_the_per_parameter_loop():
+    """make_optimizer's fused AdamW takes the same steps as torch's reference loop (foreach=False)."""
+    from minimamba import Mamba2LM
+    cfg = T.TrainConfig(d_model=32, n_layer=1, d_state=16, headdim=16, chunk_size=16)
+    ids = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        m = Mamba2LM(cfg.model_config())
+        opt = T.make_optimizer(m, cfg)
+        if not fused:
+            opt = torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+        assert opt.defaults.get("fused") is (True if fused else None)
+        for _ in range(5):
+            opt.zero_grad()
+            T.lm_loss(m(ids[:, :-1])[0], ids[:, 1:]).backward()
+            opt.step()
+        models.append(m)
+    diffs = [(a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters())]
+    assert max(diffs) < 1e-5, f"fused vs reference AdamW after 5 steps: max |diff| {max(diffs):.3e}"
+
+
+def test_masks_and_weights_train_the_same_and_shapes_are_checked(corpus_dir, tmp_path):
+    """A bool mask and the same 0/1 float weights give identical runs; a mask is not ignored."""
+    corpus = Corpus.load(corpus_dir)
+    cfg = tiny_config(corpus_dir, tmp_path / "a", task="custom", n_segments=2, steps=3, ckpt_every=3)
+
+    def batch(step, as_float=False, everything=False):
+        rows = corpus.batch(step, seed=0, batch_size=4, seq_len=16, n_segments=2)  # (4, 33)
+        mask = torch.zeros(4, 32, dtype=torch.bool)
+        mask[:, 20:] = not everything
+        mask[:, :20] = everything
+        return rows, (mask.float() if as_float else mask)
+
+    a = T.train(cfg, batch_fn=batch)["loss_history"]
+    b = T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), batch_fn=lambda s: batch(s, True))["loss_history"]
+    c = T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "c")), batch_fn=lambda s: batch(s, False, True))
+    assert a == b, f"bool mask {a} vs float weights {b}"
+    assert a[0] != c["loss_history"][0], "other targets in the loss must give another loss"
+    with pytest.raises(ValueError, match=r"loss weights must have shape \(4, 32\)"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "d")), batch_fn=lambda s: (batch(s)[0], torch.ones(4, 16)))
+    with pytest.raises(ValueError, match="positive sum"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "e")), batch_fn=lambda s: (batch(s)[0], torch.zeros(4, 32)))
+    with pytest.raises(ValueError, match="batch_fn exactly when --task is custom"):
+        T.train(dataclasses.replace(cfg, task="lm"), batch_fn=batch)
+
+
+def test_the_transformer_trains_and_resumes_in_the_same_loop(corpus_dir, tmp_path):
+    kw = dict(arch="transformer", d_state=T.TrainConfig.d_state, headdim=T.TrainConfig.headdim,
+              chunk_size=T.TrainConfig.chunk_size, n_head=2, n_segments=1, task="copymix", lr=3e-3, steps=8,
+              ckpt_every=4)
+    full = T.train(tiny_config(corpus_dir, tmp_path / "full", **kw))["loss_history"]
+    T.train(tiny_config(corpus_dir, tmp_path / "cut", stop_at=4, **kw))
+    rest = T.train(tiny_config(corpus_dir, tmp_path / "cut", resume=True, **kw))["loss_history"]
+    assert rest == full[4:], f"resumed Transformer differs: {rest} vs {full[4:]}"
+    model = T.load_model("transformer", T.latest_checkpoint(tmp_path / "cut") / "model")
+    assert type(model).__name__ == "TinyTransformer"
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability of the trainer (issue 13): refused pickles, config checks, divergence, fallback
+# ------------------------------------------------------------------------------------------------
+
+class _Planted:
+    """An object whose unpickling would run code (touch a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _plant(ckpt: Path, state: dict, marker: Path) -> None:
+    """Replace trainer.pt by one holding a code-running object, and its recorded hash (as an attacker
+    handing out a run folder would)."""
+    from minimamba import sha256_of
+    torch.save({**state, "planted": _Planted(marker)}, ckpt / "trainer.pt")
+    (ckpt / T.COMPLETE_MARKER).write_text(f"step 4\ntrainer.pt sha256 {sha256_of(ckpt / 'trainer.pt')}\n")
+
+
+def test_resume_refuses_a_planted_pickle(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=4, ckpt_every=4)
+    T.train(cfg)
+    ckpt = T.latest_checkpoint(tmp_path / "run")
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    marker = tmp_path / "code_ran"
+    _plant(ckpt, state, marker)
+    with pytest.raises(T.CheckpointError, match="refused to unpickle .*trainer.pt"):
+        T.train(dataclasses.replace(cfg, resume=True, steps=8))
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    argv = ["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+            "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--lr", "0.01", "--eval_every", "0",
+            "--ckpt_every", "4", "--progress", "false", "--out_dir", str(tmp_path / "run2")]
+    T.main(argv + ["--steps", "4"])  # the same through the command line
+    _plant(T.latest_checkpoint(tmp_path / "run2"), state, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(argv + ["--steps", "4", "--resume"])
+    assert exit_info.value.code != 0 and "refused to unpickle" in str(exit_info.value.code)
+    assert not marker.exists()
+
+
+def test_resume_names_every_changed_field(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=4, ckpt_every=2)
+    T.train(cfg)
+    changed = dict(lr=0.02, seed=1, seq_len=8, batch_size=8, steps=6)
+    with pytest.raises(T.ConfigMismatch) as info:
+        T.train(dataclasses.replace(cfg, resume=True, **changed))
+    message = str(info.value)
+    for name, new in changed.items():
+        assert f"{name}: {getattr(cfg, name)!r} (checkpoint) vs {new!r} (now)" in message, message
+    assert "--override_config" in message
+    # bookkeeping fields may change freely; --override_config takes a new recipe
+    res = T.train(dataclasses.replace(cfg, resume=True, override_config=True, log_every=2, **changed))
+    assert res["step"] == 6 and len(res["loss_history"]) == 2
+    state = T.read_trainer_state(T.latest_checkpoint(tmp_path / "run"))
+    assert state["config"]["lr"] == 0.02, "the checkpoint after an override records the new recipe"
+    # model sizes never change, not even with --override_config
+    with pytest.raises(T.ConfigMismatch, match=r"(?s)no flag can override.*d_model: 32 \(checkpoint\) vs 64 \(now\)"):
+        T.train(dataclasses.replace(cfg, resume=True, override_config=True, d_model=64, **changed))
+
+
+def test_a_diverging_run_stops_and_keeps_only_finite_checkpoints(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", lr=1e6, warmup_steps=0, steps=20, ckpt_every=1, keep_ckpts=50)
+    with pytest.raises(T.TrainingDiverged, match=r"step \d+: the loss is nan.*diverged.*last good checkpoint") as info:
+        T.train(cfg)
+    ckpts = T.complete_checkpoints(tmp_path / "run")
+    assert str(ckpts[-1]) in str(info.value) if ckpts else "none" in str(info.value)
+    from minimamba import Mamba2LM
+    for ckpt in ckpts:
+        for name, w in Mamba2LM.from_pretrained(ckpt / "model").state_dict().items():
+            assert torch.isfinite(w).all(), f"{ckpt.name}/{name} holds non-finite weights"
+    with pytest.raises(SystemExit) as exit_info:  # the command line exits non-zero with the message
+        T.main(["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+                "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--steps", "20", "--lr", "1e6",
+                "--warmup_steps", "0", "--eval_every", "0", "--progress", "false", "--out_dir", str(tmp_path / "cli")])
+    assert exit_info.value.code != 0 and "diverged" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("damaged", ["trainer.pt", "model/model.safetensors"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(corpus_dir, tmp_path, capsys, damaged):
+    full = T.train(tiny_config(corpus_dir, tmp_path / "full"))["loss_history"]
+    cfg = tiny_config(corpus_dir, tmp_path / "run", stop_at=12)  # checkpoints at 6 and 12
+    T.train(cfg)
+    newest = T.latest_checkpoint(tmp_path / "run")
+    f = newest / damaged
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # a torn write in the middle of the file
+    f.write_bytes(bytes(data))
+    capsys.readouterr()
+    res = T.train(dataclasses.replace(cfg, resume=True, stop_at=0))
+    err = capsys.readouterr().err
+    assert "step_00000012" in err and "falling back" in err, err
+    assert res["loss_history"] == full[6:], "the fallback run must redo steps 7-12 exactly"
+    assert (newest.parent / ".unusable-step_00000012").is_dir() and T.latest_checkpoint(tmp_path / "run") == newest
+
+
+def test_stale_temporary_checkpoint_folders_are_removed(corpus_dir, tmp_path):
+    stale = tmp_path / "run" / "checkpoints" / ".tmp-step_00000099-12345"
+    stale.mkdir(parents=True)
+    (stale / "trainer.pt").write_bytes(bytes(1 << 16))
+    T.train(tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2))
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the collapse criteria and mechanism measures (fixed in state_collapse.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_criteria_constants_are_the_fixed_ones():
+    assert SC.PAPER_COLLAPSE_FACTOR == 2.0 and SC.MEAN_COLLAPSE_RATIO == 1.5 and SC.CRITERIA == ("paper", "mean")
+
+
+def test_paper_criterion_on_hand_made_curves():
     t_train = 100
     flat = torch.full((3200,), 2.0)
     flat[0] = 4.0  # the first token is the hardest in-window position
-    r = collapse_criterion(flat, t_train)
-    assert not r.collapsed and r.first_position is None and r.threshold == pytest.approx(8.0)
+    r = SC.paper_criterion(flat, t_train)
+    assert not r.collapsed and r.first_position is None and r.within == 4.0 and r.ratio == pytest.approx(0.5)
 
     exploding = flat.clone()
     exploding[1000:] = torch.linspace(2.0, 12.0, 2200)  # passes 8.0 at 1000 + 0.6*2199
-    r = collapse_criterion(exploding, t_train)
+    r = SC.paper_criterion(exploding, t_train)
     assert r.collapsed and r.first_position == 1000 + int(torch.nonzero(exploding[1000:] > 8.0)[0])
-    assert r.max_beyond == pytest.approx(12.0)
+    assert r.beyond == pytest.approx(12.0) and r.ratio == pytest.approx(3.0)
 
     # a rise inside the training window does not count, nor does one that stays below 2x
     inside = flat.clone()
     inside[50] = 20.0
-    assert not collapse_criterion(inside, t_train).collapsed
+    assert not SC.paper_criterion(inside, t_train).collapsed
     mild = flat.clone()
     mild[500:] = 7.9
-    assert not collapse_criterion(mild, t_train).collapsed
-    # the factor is a parameter
-    assert collapse_criterion(mild, t_train, factor=1.5).collapsed
+    assert not SC.paper_criterion(mild, t_train).collapsed
+    with pytest.raises(ValueError, match="positions"):
+        SC.paper_criterion(flat[:50], t_train)
 
-    with pytest.raises(ValueError, match="longer than"):
-        collapse_criterion(flat[:50], t_train)
+
+def test_mean_criterion_reads_the_settled_window_and_the_far_range():
+    t_train = 100
+    loss = torch.full((1000,), 2.0)
+    loss[:50] = 9.0  # the unsettled first half of the window is not the reference
+    r = SC.mean_criterion(loss, t_train)
+    assert not r.collapsed and r.within == 2.0 and r.beyond == 2.0
+    loss[200:] = 3.01  # 1.505 x the in-window mean over [2T, l)
+    r = SC.mean_criterion(loss, t_train)
+    assert r.collapsed and r.ratio == pytest.approx(1.505)
+    loss[200:] = 2.99
+    assert not SC.mean_criterion(loss, t_train).collapsed
+    loss[100:200] = 50.0  # [T, 2T) is read by neither mean
+    assert not SC.mean_criterion(loss, t_train).collapsed
+    # a steady climb the paper's rule misses (its in-window maximum is the first token) and ours sees
+    climb = torch.cat([torch.tensor([9.0]), torch.full((99,), 2.0), torch.linspace(2.0, 5.0, 900)])
+    assert not SC.paper_criterion(climb, t_train).collapsed and SC.mean_criterion(climb, t_train).collapsed
+    with pytest.raises(ValueError, match="positions"):
+        SC.mean_criterion(loss[:200], t_train)
+
+
+def test_a_model_collapses_if_any_probe_fires():
+    ok = {"criteria": {"paper": {"collapsed": False}, "mean": {"collapsed": False}}}
+    bad = {"criteria": {"paper": {"collapsed": False}, "mean": {"collapsed": True}}}
+    v = SC.model_verdicts({"text": ok, "copy": bad, "newline": ok})
+    assert v == {"paper": {"collapsed": False, "probes": []}, "mean": {"collapsed": True, "probes": ["copy"]}}
+
+
+def test_mechanism_measures_on_hand_made_traces():
+    positions = [4, 8, 12, 16, 20, 24, 28, 32, 36]  # T = 8: records every T/2 here
+    retention = torch.zeros(9, 2, 3)
+    retention[:, 1, 2] = torch.tensor([0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    assert SC.retention_at_multiples(positions, retention, 8) == pytest.approx({"1": 0.9, "2": 0.7, "4": 0.3})
+    norm = torch.ones(9, 2, 3)
+    norm[1, 0, 0] = 2.0  # the in-window maximum, at t = T
+    norm[6, 1, 1] = 7.0  # the largest past T
+    assert SC.norm_growth(positions, norm, 8) == pytest.approx(3.5)
+    assert SC.trace_every(16, 1024) == 4 and SC.trace_every(8192, 20000) == 2048
+    assert SC.trace_every(16, 10**6) % 16 == 0 and 10**6 // SC.trace_every(16, 10**6) <= SC.MAX_TRACE_POINTS
 
 
 # ------------------------------------------------------------------------------------------------
-# state_collapse.py: carried-state evaluation and the --checkpoint path
+# state_collapse.py: carried-state evaluation, the demo per seed, the --checkpoint path
 # ------------------------------------------------------------------------------------------------
 
 def test_carried_state_loss_does_not_depend_on_chunking():
@@ -268,7 +517,6 @@ def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
     """The --checkpoint path on a checkpoint this test writes (the hub is unreachable here)."""
     import json
     from minimamba import Mamba2Config, Mamba2LM
-    from experiments import state_collapse as SC
     from checkpoints import save_pretrained
     torch.manual_seed(0)
     save_pretrained(Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
@@ -276,14 +524,49 @@ def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
     out = tmp_path / "out"
     SC.main(["--checkpoint", str(tmp_path / "ckpt"), "--t_train", "16", "--eval_length", "80",
              "--chunk_len", "32", "--eval_prompts", "2", "--trace_prompts", "1", "--out_dir", str(out)])
-    res = json.loads((out / "metrics.json").read_text())
-    assert res["newline_id"] == (10 if vocab == 256 else SC.GPT_NEOX_NEWLINE_ID)
-    entry = res["models"]["16"]
-    assert set(entry["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
-    assert set(entry["mitigations"]) == {"rri", "state_norm", "sliding_window", "delta_scaling"}
-    s = entry["base"]["newline"]
-    assert s["bins"][-1]["to"] == 80 and isinstance(s["collapsed"], bool)
-    assert entry["trace"]["newline"]["positions"][-1] == 80
-    for f in ("metrics.csv", "config.json", "state_collapse_loss.png", "state_collapse_mitigations.png",
+    res = json.loads((out / "points" / "checkpoint.json").read_text())["result"]
+    assert res["state_size"] > 0
+    assert set(res["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
+    assert set(res["mitigations"]) == set(SC.MITIGATIONS)
+    assert set(res["base"]["newline"]["criteria"]) == {"paper", "mean"}
+    assert res["trace"]["newline"]["positions"][-1] == 80 and set(res["trace"]["newline"]["retention_at"]) == {"1", "2", "4"}
+    summary = json.loads((out / "state_collapse_summary.json").read_text())
+    assert summary["t_train"]["16"]["verdicts"]["paper"]["n"] == 1
+    for f in ("config.json", "state_collapse_summary.md", "state_collapse_loss.png", "state_collapse_mitigations.png",
               "state_collapse_state.png"):
         assert (out / f).is_file(), f
+    before = (out / "state_collapse_summary.json").read_text()
+    (out / "state_collapse_summary.json").unlink()
+    SC.main(["--replot", "--out_dir", str(out)])
+    assert (out / "state_collapse_summary.json").read_text() == before
+
+
+def test_state_collapse_demo_per_seed_in_workers_resumes_and_replots(tmp_path):
+    """Two seeds x two training lengths in 2 worker processes; a rerun computes nothing; --replot
+    rebuilds the same summary from the points alone."""
+    import json
+    cfg = SC.DemoConfig(out_dir=str(tmp_path / "demo"), d_model=16, n_layer=1, d_state=8, headdim=8, train_lens=(4, 8),
+                        seeds=(0, 1), tokens_per_step=16, steps=2, eval_length=40, eval_prompts=2, trace_prompts=1,
+                        chunk_len=16, device="cpu", workers=2)
+    summary = SC.run_demo(cfg)
+    points = sorted(p.name for p in (tmp_path / "demo" / "points").iterdir())
+    assert points == ["mitigations=False_seed=0_t_train=8.json", "mitigations=False_seed=1_t_train=8.json",
+                      "mitigations=True_seed=0_t_train=4.json", "mitigations=True_seed=1_t_train=4.json"]
+    for t in ("4", "8"):
+        v = summary["t_train"][t]["verdicts"]
+        assert v["paper"]["n"] == v["mean"]["n"] == 2 and set(summary["t_train"][t]["per_probe"]) == set(SC.PROBES)
+        assert v["paper"]["k"] == len(v["paper"]["seeds_collapsed"])
+    mit = summary["mitigations"]
+    assert mit["t_train"] == 4 and set(mit["methods"]) == set(SC.MITIGATIONS)
+    for m in mit["methods"].values():
+        assert m["fixed"]["paper"]["n"] == summary["t_train"]["4"]["verdicts"]["paper"]["k"]
+        assert m["in_window_cost"]["text"]["n"] == 2
+    again = SC.run_demo(dataclasses.replace(cfg, workers=1))
+    record = json.loads((tmp_path / "demo" / "config.json").read_text())["invocations"][-1]
+    assert record["points_computed"] == [] and "git_commit" in record and "command" in record
+    assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+    SC.replot(tmp_path / "demo", tmp_path / "figs")
+    assert json.loads((tmp_path / "figs" / "state_collapse_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "figs" / "state_collapse_loss.png").is_file()
+    with pytest.raises(ValueError, match="other settings .*steps"):  # a changed recipe is refused
+        SC.run_demo(dataclasses.replace(cfg, steps=3, workers=1))

@@ -597,23 +597,23 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     save_pretrained(minimamba.Mamba2LM(cfg), tmp_path / "ckpt")
     text = tmp_path / "t.txt"
     text.write_bytes(bytes(np.random.default_rng(0).integers(32, 127, 3000, dtype=np.uint8)))
-    curve = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "40", "--text", str(text),
-                     "--n-samples", "5", "--chunk-size", "32", "--train-length", "16",
-                     "--out", str(tmp_path / "out")])
+    curve = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4,40", "--text", str(text),
+                     "--n_samples", "5", "--chunk_size", "32", "--train_length", "16",
+                     "--out_dir", str(tmp_path / "out")])
     saved = fc.ForgettingCurve.load(tmp_path / "out" / "curve.json")
     np.testing.assert_array_equal(saved.copy_acc, curve.copy_acc)
     assert saved.meta["bos_id"] == 0 and saved.meta["chunk_size"] == 32
     assert (tmp_path / "out" / "curve.png").stat().st_size > 10_000
-    rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random-tokens",
-                    "--n-samples", "5", "--out", str(tmp_path / "rand")])
+    rand = fc.main(["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "--random_tokens",
+                    "--n_samples", "5", "--out_dir", str(tmp_path / "rand")])
     assert rand.meta["text"] == "random" and rand.copy_acc.shape == (1, 5)
-    redrawn = fc.main(["--from-json", str(tmp_path / "out" / "curve.json"), "--out", str(tmp_path / "re"),
+    redrawn = fc.main(["--from_json", str(tmp_path / "out" / "curve.json"), "--out_dir", str(tmp_path / "re"),
                        "--significance", "t-test"])
     np.testing.assert_array_equal(redrawn.copy_acc, curve.copy_acc)
     assert (tmp_path / "re" / "curve.png").stat().st_size > 10_000
     # --resume: the lengths of curve.json are reused, only L = 60 is measured
-    args = ["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4", "40", "60", "--text", str(text),
-            "--n-samples", "5", "--chunk-size", "32", "--out", str(tmp_path / "out")]
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--lengths", "4,40,60", "--text", str(text),
+            "--n_samples", "5", "--chunk_size", "32", "--out_dir", str(tmp_path / "out")]
     resumed = fc.main(args + ["--resume"])
     assert resumed.lengths.tolist() == [4, 40, 60]
     np.testing.assert_array_equal(resumed.copy_acc[:2], curve.copy_acc)
@@ -621,7 +621,7 @@ def test_cli_on_a_tiny_checkpoint(tmp_path):
     other = tmp_path / "other.txt"
     other.write_bytes(text.read_bytes()[::-1])
     with pytest.raises(ValueError, match="other text"):
-        fc.main(args[:7] + [str(other)] + args[8:] + ["--resume"])
+        fc.main(args[:5] + [str(other)] + args[6:] + ["--resume"])
 
 
 @pytest.mark.parametrize("chunk", [None, 5, 64])
@@ -722,7 +722,7 @@ def test_old_file_without_fingerprint_plots_but_does_not_resume(tmp_path):
     assert old.fine_grained_length() == 8
     with pytest.raises(ValueError, match="no fingerprint"):
         run(Copier(K=40, K2=40), [8, 64, 128], out=out, resume=True)
-    fc.main(["--from-json", str(out), "--out", str(tmp_path / "re")])
+    fc.main(["--from_json", str(out), "--out_dir", str(tmp_path / "re")])
     assert (tmp_path / "re" / "curve.png").exists()
 
 
@@ -800,8 +800,8 @@ def test_out_is_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="cannot create its folder"):
         run(model, [8, 16], out=tmp_path / "file" / "c.json")
     assert calls == []                                                # the model never ran
-    with pytest.raises(SystemExit):                                   # the CLI: --out must be a folder
-        fc.main(["--checkpoint", "x", "--lengths", "4", "--out", str(tmp_path / "file")])
+    with pytest.raises(SystemExit):                                   # the CLI: --out_dir must be a folder
+        fc.main(["--checkpoint", "x", "--lengths", "4", "--out_dir", str(tmp_path / "file")])
 
 
 def test_corrupt_json_is_an_error_naming_the_file(tmp_path):

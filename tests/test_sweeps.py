@@ -1,20 +1,71 @@
-"""Tests of the scaling sweeps: fit helpers, the passkey generator, resumable sweeps, the baseline.
+"""Tests of the scaling sweeps: statistics, fit helpers, the passkey generator, resumable sweeps over
+seeds, the baseline.
 
-Claims tested (issue 6):
+Claims tested (issues 6 and 11):
+- mean_ci, proportion (Wilson) and linear_fit's slope interval equal hand-computed values;
 - linear_fit and exp_fit recover known parameters from synthetic points (and report R^2);
 - the passkey generator places the needle at the requested depth and builds the requested length;
-- a sweep resumes without recomputing finished points (PointStore and state_capacity.run);
+- a sweep over seeds resumes without recomputing finished (point, seed) pairs, in-process and in
+  worker processes (run_points, state_capacity.run, passkey.run, forgetting_curves.run), and
+  --replot rebuilds the summary from the points alone;
 - T_forget / T_recall read the censored cases correctly; the Transformer baseline is causal.
 """
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from experiments import passkey, state_capacity
-from experiments.sweep import PointStore, exp_fit, linear_fit, point_key, r_squared
+from experiments import forgetting_curves, passkey, state_capacity, sweep
+from experiments.data import copymix_batch
+from experiments.sweep import (Point, PointStore, exp_fit, grid_points, linear_fit, mean_ci, point_key, proportion,
+                               r_squared, run_points, t_quantile)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics over seeds (hand-computed values)
+# ---------------------------------------------------------------------------------------------
+
+def test_t_quantiles_match_tables():
+    for df, t in ((1, 12.706204736174698), (2, 4.302652729911275), (4, 2.7764451051977987),
+                  (10, 2.2281388519649385), (30, 2.0422724563012373)):
+        assert t_quantile(0.975, df) == pytest.approx(t, rel=1e-9), df
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile(0.975, 0)
+
+
+def test_mean_ci_by_hand():
+    s = mean_ci([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.3027: half = 4.3027 / sqrt(3) = 2.4841
+    assert s["mean"] == 2.0 and s["sd"] == 1.0 and s["n"] == 3
+    assert s["low"] == pytest.approx(2 - 2.484138, abs=1e-6) and s["high"] == pytest.approx(2 + 2.484138, abs=1e-6)
+    assert mean_ci([5.0]) == {"mean": 5.0, "low": None, "high": None, "sd": None, "n": 1}
+    assert mean_ci([])["n"] == 0
+    assert mean_ci([4.0, 4.0])["low"] == mean_ci([4.0, 4.0])["high"] == 4.0
+
+
+def test_wilson_interval_by_hand():
+    # 8/10: center (8 + 1.9207) / 13.8415 = 0.71675, half 1.96 / 13.8415 * sqrt(1.6 + 0.9604) = 0.22658
+    p = proportion(8, 10)
+    assert (p["k"], p["n"], p["share"]) == (8, 10, 0.8)
+    assert p["low"] == pytest.approx(0.49016, abs=1e-5) and p["high"] == pytest.approx(0.94332, abs=1e-5)
+    zero = proportion(0, 3)  # 0/3: [0, z^2 / (3 + z^2)] = [0, 3.841459 / 6.841459] = [0, 0.561497]
+    assert zero["low"] == 0.0 and zero["high"] == pytest.approx(0.561497, abs=1e-6)
+    assert proportion(0, 0)["share"] is None
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        proportion(4, 3)
+
+
+def test_slope_interval_by_hand():
+    # x 1..4, y 1,3,2,5: Sxx 5, Sxy 5.5 -> slope 1.1, intercept 0; SSE 2.7; se sqrt(2.7 / 2 / 5) = 0.519615;
+    # t(0.975, 2) = 4.302653 -> half 2.235724
+    f = linear_fit([1, 2, 3, 4], [1, 3, 2, 5])
+    assert f.slope == pytest.approx(1.1) and f.intercept == pytest.approx(0.0, abs=1e-12) and f.n == 4
+    assert f.slope_low == pytest.approx(1.1 - 2.235724, abs=1e-5) and f.slope_high == pytest.approx(1.1 + 2.235724, abs=1e-5)
+    two = linear_fit([1, 2], [3, 5])
+    assert two.slope == pytest.approx(2.0) and two.slope_low is None and two.slope_high is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,28 +212,23 @@ def test_passkey_training_rows_weights(batch_size, share, t_train, answer_only, 
     assert not torch.equal(rows[:n_pk], other[:n_pk]), "another step must draw other keys / depths"
 
 
-def test_weighted_lm_loss_matches_masked_lm_loss_and_checks_weights():
-    from experiments.sweep import weighted_lm_loss
+def test_weighted_lm_loss_matches_masked_lm_loss():
     from experiments.train import lm_loss
     torch.manual_seed(0)
     logits, targets = torch.randn(3, 7, 260), torch.randint(0, 256, (3, 7))
     mask = torch.rand(3, 7) < 0.4
     mask[0, 0] = True
-    got = weighted_lm_loss(logits, targets, mask.float())
+    got = lm_loss(logits, targets, mask.float())
     want = lm_loss(logits[mask][None], targets[mask][None])
     assert abs(got.item() - want.item()) < 1e-6, f"0/1 weights: {got.item()} vs masked lm_loss {want.item()}"
     one = torch.zeros(3, 7)
     one[1, 4] = 5.0  # a single weighted target: its own cross-entropy, whatever the weight's scale
     ce = torch.nn.functional.cross_entropy(logits[1, 4, :256][None], targets[1, 4][None])
-    assert abs(weighted_lm_loss(logits, targets, one).item() - ce.item()) < 1e-6
-    with pytest.raises(ValueError, match="positive sum"):
-        weighted_lm_loss(logits, targets, torch.zeros(3, 7))
-    with pytest.raises(ValueError, match="shape"):
-        weighted_lm_loss(logits, targets, torch.ones(3, 6))
+    assert abs(lm_loss(logits, targets, one).item() - ce.item()) < 1e-6
 
 
 def test_passkey_config_validates():
-    passkey.PasskeyConfig(**{**passkey.QUICK, "figures": False})
+    passkey.PasskeyConfig(**passkey.QUICK)
     with pytest.raises(ValueError, match="passkey_share"):
         passkey.PasskeyConfig(passkey_share=0.01)  # 8 rows per step: no passkey row
     with pytest.raises(ValueError, match="multiple"):
@@ -218,82 +264,100 @@ def test_recall_length_is_contiguous_from_the_shortest():
 # resumable sweeps
 # ---------------------------------------------------------------------------------------------
 
-def test_point_store_skips_finished_points_and_checks_params(tmp_path):
-    calls = []
+def _square(cfg, point):
+    """A module-level compute (worker processes import it by name)."""
+    if point.coords["x"] == cfg.get("fail_at"):
+        raise KeyboardInterrupt("killed")
+    return {"y": point.coords["x"] ** 2 + point.coords["seed"]}
+
+
+def test_point_store_reuses_points_and_refuses_other_settings(tmp_path):
+    assert point_key(d_state=64, T=16) == "T=16_d_state=64"
+    pts = grid_points([{"x": 2}, {"x": 3}], seeds=(0, 1), recipe_params={"steps": 10})
+    assert [p.key for p in pts] == ["seed=0_x=2", "seed=1_x=2", "seed=0_x=3", "seed=1_x=3"]
+    assert pts[1].params == {"steps": 10, "x": 2, "seed": 1}
     store = PointStore(tmp_path)
-    key = point_key(d_state=64, T=16)
-    assert key == "T=16_d_state=64"
-    r1 = store.run(key, {"d_state": 64, "T": 16}, lambda: calls.append(1) or {"x": 1.5})
-    r2 = PointStore(tmp_path).run(key, {"d_state": 64, "T": 16}, lambda: calls.append(1) or {"x": 9})
-    assert r1 == r2 == {"x": 1.5} and len(calls) == 1
-    with pytest.raises(ValueError, match="settings changed"):
-        PointStore(tmp_path).run(key, {"d_state": 64, "T": 32}, lambda: {"x": 0})
-
-    def killed():
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        store.run("other", {"a": 1}, killed)
-    assert store.get("other") is None, "a point killed mid-way must not be stored"
-    assert not list((tmp_path / "points").glob(".*tmp*")), "no temporary file left behind"
+    store.put(pts[0], {"y": 4}, 0.1)
+    assert PointStore(tmp_path).get(pts[0]) == {"y": 4} and store.get(pts[1]) is None
+    other = Point(pts[0].key, pts[0].coords, {**pts[0].params, "steps": 11})
+    with pytest.raises(ValueError, match=r"other settings \(steps\).*new --out_dir"):
+        store.get(other)
 
 
-def _fake_point_factory(calls, fail_after=None):
-    """A stand-in for state_capacity.run_point: deterministic ratios that fall with T and rise with N."""
+def test_run_points_resumes_a_killed_sweep_in_process_and_in_workers(tmp_path):
+    pts = grid_points([{"x": x} for x in range(4)], seeds=(0, 1), recipe_params={})
+    with pytest.raises(KeyboardInterrupt):  # killed at the 5th point (x = 2, seed 0)
+        run_points(tmp_path, pts, _square, {"fail_at": 2}, workers=1)
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == [f"seed={s}_x={x}.json" for s in (0, 1) for x in (0, 1)]
+    assert not list((tmp_path / "points").glob(".*")), "no temporary file left behind"
+    results, computed = run_points(tmp_path, pts, _square, {}, workers=2)  # the rest, in 2 processes
+    assert computed == [p.key for p in pts[4:]]
+    assert results == {p.key: {"y": p.coords["x"] ** 2 + p.coords["seed"]} for p in pts}
+    stored = json.loads((tmp_path / "points" / "seed=1_x=3.json").read_text())
+    assert stored["threads"] == sweep.threads_per_worker(2) and stored["params"] == {"x": 3, "seed": 1}
+    assert run_points(tmp_path, pts, _square, {"fail_at": 0}, workers=2) == (results, [])
 
-    def fake(cfg, n_layer, n, p, t, out, probes):
+
+def _fake_capacity_point(calls, fail_after=None):
+    """A stand-in for state_capacity.run_point: ratios 1 + N_S / (1000 T) x (1 + seed / 2), falling with
+    T and rising with N_S; the criteria fire above 2 (paper) and 1.5 (mean)."""
+
+    def fake(cfg, point):
         if fail_after is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt("killed")
-        calls.append((n, p, t))
-        ns = n_layer * n * p * 4
-        ratio = 1.0 + ns / (1000.0 * t)  # so T_forget grows with N_S
-        pr = {"max_within": 1.0, "max_beyond": ratio, "ratio": ratio, "in_window": 1.0, "beyond": ratio,
-              "first_position_2x": None}
+        c = point.coords
+        calls.append(point.key)
+        ns = c["n_layer"] * c["d_state"] * c["headdim"] * 4
+        ratio = 1.0 + ns / (1000.0 * c["t_train"]) * (1 + c["seed"] / 2)
+        crit = {"paper": {"collapsed": ratio > 2.0, "ratio": ratio}, "mean": {"collapsed": ratio > 1.5, "ratio": ratio}}
         return {"state_size": ns, "n_params": 1, "final_loss": 1.0, "train_seconds": 0.0, "eval_seconds": 0.0,
-                "probes": {"newline": pr, "text": pr}}
+                "probes": {"newline": crit, "text": crit}, "collapsed": {k: v["collapsed"] for k, v in crit.items()}}
     return fake
 
 
-def test_state_capacity_sweep_resumes_without_recomputing(tmp_path, monkeypatch):
-    import experiments.data as data
-    monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
-    cfg = state_capacity.CapacityConfig(out_dir=str(tmp_path), states="16x16,32x16", train_lens="8,16,32,64",
-                                        eval_length=256, figures=False)
+def test_state_capacity_sweep_over_seeds_resumes_and_replots(tmp_path, monkeypatch):
+    cfg = state_capacity.CapacityConfig(out_dir=str(tmp_path), states=("16x16", "32x16", "64x16"),
+                                        train_lens=(8, 16, 32, 64), seeds=(0, 1), eval_length=256, workers=1)
     calls = []
-    monkeypatch.setattr(state_capacity, "run_point", _fake_point_factory(calls, fail_after=5))
-    with pytest.raises(KeyboardInterrupt):  # killed during the 6th of 8 points
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls, fail_after=5))
+    with pytest.raises(KeyboardInterrupt):  # killed during the 6th of 24 points
         state_capacity.run(cfg)
     assert len(calls) == 5 and len(list((tmp_path / "points").glob("*.json"))) == 5
     calls2 = []
-    monkeypatch.setattr(state_capacity, "run_point", _fake_point_factory(calls2))
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls2))
     summary = state_capacity.run(cfg)
-    assert calls2 == [(32, 16, 16), (32, 16, 32), (32, 16, 64)], f"recomputed finished points: {calls2}"
+    assert len(calls2) == 19 and not set(calls2) & set(calls), "finished points were recomputed"
+    s16, s32, s64 = summary["states"]
+    assert [s["state_size"] for s in summary["states"]] == [2048, 4096, 8192]
+    # N_S = 4096: ratio at T = 8 is 1.512 (seed 0) / 1.768 (seed 1): the mean criterion fires, the paper's not
+    assert s32["per_seed"]["0"]["t_forget"] == {"paper": {"value": 8, "censored": "at_or_below", "non_monotone": False},
+                                                "mean": {"value": 16, "censored": None, "non_monotone": False}}
+    assert s32["t_forget"]["mean"]["mean"] == 16 and s32["t_forget"]["paper"]["censored_at_or_below"] == 2
+    # N_S = 8192: T_forget 32 (mean) and 16 (paper) for both seeds
+    assert s64["t_forget"]["mean"]["mean"] == 32 and s64["t_forget"]["paper"]["mean"] == 16
+    # the mean criterion's pairs (4096, 16) x 2, (8192, 32) x 2: slope 16 / 4096 tokens per element
+    fit = summary["fit"]["mean"]
+    assert fit["tokens_per_K_elements"]["slope"] == pytest.approx(1e3 * 16 / 4096) and fit["fit"]["n"] == 4
+    assert summary["fit"]["paper"]["fit"] is None and "no fit" in summary["fit"]["paper"]["note"]
     calls3 = []
-    monkeypatch.setattr(state_capacity, "run_point", _fake_point_factory(calls3))
-    again = state_capacity.run(cfg)
-    assert calls3 == [] and json.dumps(again, default=str, sort_keys=True) == json.dumps(summary, default=str, sort_keys=True)
-    # T_forget from the fake ratios 1 + N_S / (1000 T): at 2x nothing collapses (ratio <= 1.52)
-    s16, s32 = summary["states"]
-    assert s16["state_size"] == 2048 and s32["state_size"] == 4096
-    assert s32["t_forget"] == {"value": 8, "censored": "at_or_below", "non_monotone": False}
-    # relaxed 1.5x: N_S = 4096 needs 4096/(1000 T) <= 0.5 -> T >= 8.2 -> first tested T = 16
-    assert s32["t_forget_relaxed"] == {"value": 16, "censored": None, "non_monotone": False}
-    assert s16["t_forget_relaxed"] == {"value": 8, "censored": "at_or_below", "non_monotone": False}
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls3))
+    assert state_capacity.replot(tmp_path, tmp_path / "re") == json.loads(json.dumps(summary)) and calls3 == []
+    assert (tmp_path / "re" / "capacity.png").is_file() and (tmp_path / "re" / "capacity_summary.md").is_file()
 
 
 def test_t_forget_censoring():
-    assert state_capacity.t_forget({16: 2.5, 64: 1.2}, 2.0) == {"value": 64, "censored": None, "non_monotone": False}
-    assert state_capacity.t_forget({16: 2.5, 64: 2.2}, 2.0) == {"value": 64, "censored": "above", "non_monotone": False}
-    assert state_capacity.t_forget({16: 1.1, 64: 1.2}, 2.0) == {"value": 16, "censored": "at_or_below",
-                                                                "non_monotone": False}
+    assert state_capacity.t_forget({16: True, 64: False}) == {"value": 64, "censored": None, "non_monotone": False}
+    assert state_capacity.t_forget({16: True, 64: True}) == {"value": 64, "censored": "above", "non_monotone": False}
+    assert state_capacity.t_forget({16: False, 64: False}) == {"value": 16, "censored": "at_or_below",
+                                                               "non_monotone": False}
 
 
 def test_t_forget_is_where_collapse_stops_for_good():
     """A pass below a later collapse (noise at toy scale) is flagged, and T_forget is the T after the
     last collapse, not the first pass."""
-    ratios = {8: 1.7, 12: 2.19, 16: 1.74, 20: 1.0}
-    assert state_capacity.t_forget(ratios, 2.0) == {"value": 16, "censored": None, "non_monotone": True}
-    assert state_capacity.t_forget({**ratios, 20: 2.5}, 2.0) == {"value": 20, "censored": "above", "non_monotone": True}
-    assert state_capacity.t_forget(ratios, 1.5) == {"value": 20, "censored": None, "non_monotone": False}
+    collapsed = {8: False, 12: True, 16: False, 20: False}
+    assert state_capacity.t_forget(collapsed) == {"value": 16, "censored": None, "non_monotone": True}
+    assert state_capacity.t_forget({**collapsed, 20: True}) == {"value": 20, "censored": "above", "non_monotone": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,17 +376,16 @@ def test_tiny_transformer_is_causal_and_round_trips(tmp_path):
     diff = (a[:, :25] - b[:, :25]).abs().max().item()
     assert a.shape == (2, 40, 256) and diff < 1e-5, f"future tokens changed past logits: max diff {diff}"
     assert (a[:, 25:] - b[:, 25:]).abs().max().item() > 1e-4
-    m.save(tmp_path / "tf")
+    m.save_pretrained(tmp_path / "tf")
     with torch.no_grad():
-        c = TinyTransformer.load(tmp_path / "tf")(ids)
+        c = TinyTransformer.from_pretrained(tmp_path / "tf")(ids)
     assert torch.equal(a, c)
     with pytest.raises(ValueError, match="even size"):
         TransformerConfig(d_model=30, n_head=10)
 
 
 def test_copymix_rows_mask_only_the_predictable_copy_targets():
-    from experiments.forgetting_curves import copymix_rows
-    rows, mask = copymix_rows(_TinyCorpus(), step=50, steps=100, seed=0, batch_size=4, t_train=64)
+    rows, mask = copymix_batch(_TinyCorpus(), 50, steps=100, seed=0, batch_size=4, seq_len=64)
     assert rows.shape == (4, 65) and mask.shape == (4, 64)
     assert mask[0::2].all(), "text rows: every target counts"
     for r, m in zip(rows[1::2].tolist(), mask[1::2]):
@@ -341,19 +404,94 @@ def test_copymix_rows_mask_only_the_predictable_copy_targets():
         assert m.tolist() == expect[1:65]
 
 
-def test_passkey_sweep_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+def test_passkey_sweep_over_seeds_runs_end_to_end_resumes_and_replots(tmp_path, monkeypatch):
     import experiments.data as data
     monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
-    cfg = passkey.PasskeyConfig(out_dir=str(tmp_path), d_model=16, states="4x8,8x8", t_train=100, tokens_per_step=400,
-                                steps=3, lengths="100,160", depths="0,1", n_eval=2, chunk=64, figures=False)
+    cfg = passkey.PasskeyConfig(out_dir=str(tmp_path), d_model=16, states=("4x8", "8x8"), t_train=100,
+                                tokens_per_step=400, steps=3, lengths=(100, 160), depths=(0.0, 1.0), n_eval=2, chunk=64,
+                                seeds=(0, 1), workers=1)
     summary = passkey.run(cfg)
-    assert [(r["d_state"], r["headdim"]) for r in summary["results"]] == [(4, 8), (8, 8)]
-    for r in summary["results"]:
-        assert np.asarray(r["acc"]).shape == (2, 2) and 0 <= r["answer_loss"] < 20
-        assert r["t_recall"] in (0, 100, 160)
+    assert [(s["d_state"], s["headdim"]) for s in summary["states"]] == [(4, 8), (8, 8)]
+    for s in summary["states"]:
+        assert set(s["per_seed"]) == {"0", "1"} and np.asarray(s["acc_mean"]).shape == (2, 2)
+        for r in s["per_seed"].values():
+            assert r["t_recall"] in (0, 100, 160) and 0 <= r["answer_loss"] < 20
+        tr = s["t_recall"]
+        assert tr["n"] + tr["censored_zero"] + tr["censored_top"] == 2
     first = json.loads((tmp_path / "config.json").read_text())["invocations"][-1]["points_computed"]
-    assert len(first) == 4, f"2 trainings + 2 evaluations, got {first}"
+    assert len(first) == 4, f"2 states x 2 seeds, got {first}"
+    assert (tmp_path / "models" / "d_state=4_headdim=8_seed=1" / "checkpoints").is_dir(), "trained by train.py"
     again = passkey.run(cfg)
     rec = json.loads((tmp_path / "config.json").read_text())["invocations"][-1]
     assert rec["points_computed"] == [], f"a finished sweep recomputed {rec['points_computed']}"
-    assert [r["acc"] for r in again["results"]] == [r["acc"] for r in summary["results"]]
+    assert again == summary and passkey.replot(tmp_path, tmp_path / "re") == json.loads(json.dumps(summary))
+
+
+def test_forgetting_curves_over_seeds_train_both_models_in_one_loop_and_resume(tmp_path, monkeypatch):
+    import experiments.data as data
+    monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
+    cfg = forgetting_curves.FCurvesConfig(out_dir=str(tmp_path), d_model=16, states=("4x8",), n_head=2, train_lens=(16,),
+                                          seeds=(0, 1), tokens_per_step=64, steps=2, lengths=(2, 4), n_samples=5,
+                                          modes=("random",), mitigations=("none", "rri"), chunk_size=16, workers=1)
+    summary = forgetting_curves.run(cfg)
+    labels = [m["label"] for m in summary["models"]]
+    assert labels == ["Mamba-2 n=4 p=8 T=16", "Transformer T=16"]
+    mamba, tf = summary["models"]
+    assert set(mamba["curves"]) == {"none|random", "rri|random"} and set(tf["curves"]) == {"none|random"}
+    for c in (*mamba["curves"].values(), *tf["curves"].values()):
+        assert set(c["per_seed"]) == {"0", "1"} and c["fine"]["n"] == 2
+        for r in c["per_seed"].values():  # read with forgetting_curve.py's rules
+            assert r["lengths"] == [2, 4] and len(r["fine_verdicts"]) == 2
+    for model in ("kind=mamba2", "kind=transformer"):
+        assert any(p.name.startswith("d_state" if "mamba" in model else "kind") for p in (tmp_path / "models").iterdir())
+    again = forgetting_curves.run(cfg)
+    assert json.loads((tmp_path / "config.json").read_text())["invocations"][-1]["points_computed"] == []
+    assert again == summary
+    forgetting_curves.replot(tmp_path, tmp_path / "re")
+    assert (tmp_path / "re" / "fcurves_random.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# committed results and the one re-plot command (experiments/figures.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_publish_then_replot_from_committed_results_only(tmp_path, monkeypatch):
+    from experiments import figures
+    from experiments.common import REPO
+    before = {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()}
+    run_dir = tmp_path / "run"
+    cfg = state_capacity.CapacityConfig(out_dir=str(run_dir), states=("16x16", "64x16"), train_lens=(8, 16, 32),
+                                        seeds=(0, 1), eval_length=256, workers=1)
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    summary = state_capacity.run(cfg)
+    (run_dir / "models").mkdir()
+    (run_dir / "models" / "weights.bin").write_bytes(bytes(1000))  # never published
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        figures.main(["--publish", str(run_dir), "--experiment", "capacity", "--results_dir", str(results)])
+    done = figures.main(["--publish", str(run_dir), "--experiment", "state_capacity", "--results_dir", str(results),
+                         "--figures_dir", str(tmp_path / "figs")])
+    assert done == {"state_capacity": "replotted"}
+    published = results / "state_capacity"
+    assert sorted(p.name for p in published.iterdir()) == ["manifest.json", "points"]
+    assert len(list((published / "points").iterdir())) == 12
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert manifest["seeds"] == [0, 1] and manifest["config"]["train_lens"] == [8, 16, 32]
+    inv = manifest["invocations"][-1]
+    for key in ("command", "git_commit", "wall_s", "torch", "python", "cpu_count", "processor"):
+        assert key in inv, key
+    assert json.loads((tmp_path / "figs" / "capacity_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "figs" / "capacity.png").is_file()
+    # re-plot from the committed files alone, after the run folder is gone
+    shutil.rmtree(run_dir)
+    (tmp_path / "figs" / "capacity.png").unlink()
+    done = figures.main(["--results_dir", str(results), "--figures_dir", str(tmp_path / "figs")])
+    assert done["state_capacity"] == "replotted" and done["passkey"].startswith("skipped")
+    assert (tmp_path / "figs" / "capacity.png").is_file()
+    # an unfinished run is not published
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(dataclasses.replace(cfg, out_dir=str(tmp_path / "half")))
+    with pytest.raises(FileNotFoundError, match="missing; finish the run"):
+        figures.publish(tmp_path / "half", "state_capacity", results)
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()} == before, "figures/ was written"
