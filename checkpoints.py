@@ -9,6 +9,7 @@ training code needs, not what a reader of the model needs, and doing it safely t
     write_safetensors(path, tensors)               one .safetensors file (atomic)
     config_to_dict(config, layout)                 the config.json of a layout
     atomic_write(path, write)                      temporary file in the same folder, fsync, rename
+    sha256_of(path)                                a file's hash, for manifests
 
 The folder protocol of save_pretrained (a killed save never leaves a folder that loads as a mix of
 two checkpoints; minimamba.MANIFEST names the manifest file):
@@ -28,6 +29,7 @@ Mamba2ForCausalLM (see ../shared/MAMBA2.md section 2).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import struct
@@ -41,6 +43,15 @@ from minimamba import HF_NAMES, MANIFEST, SSM_CFG_NAMES, ST_DTYPES, Mamba2Config
 LAYOUTS = {"hf": "model.safetensors", "mamba_ssm": "pytorch_model.bin"}  # layout -> its weight file
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # any layout's
 ST_ALIGN = 8  # the safetensors header is padded with spaces so tensor data starts 8-byte aligned
+
+
+def sha256_of(path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (for manifests that must catch a damaged file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:

@@ -38,13 +38,17 @@ GPU_LENGTHS = (8192, 65536)  # two buckets of chunk counts: two compiles per dty
 TEST_TIMEOUT_S = 300  # the gpu tests compile a few graphs
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out_dir", type=Path, default=ROOT / "runs" / "gpu_check",
                     help="run folder for gpu_check.json and gpu_check.md (default: %(default)s)")
     ap.add_argument("--lengths", default=",".join(map(str, GPU_LENGTHS)),
                     help="comma-separated sequence lengths (tokens) of the GPU bench rows (default: %(default)s)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         print("gpu_check: torch.cuda.is_available() is False: nothing to check on this machine", file=sys.stderr)

@@ -47,7 +47,7 @@ Outputs (all in --out_dir)
     checkpoints/step_XXXXXXXX/   model/ (Mamba2LM or TinyTransformer save_pretrained: from_pretrained
                        loads it), trainer.pt (optimizer, step, config, RNG states: tensors and plain
                        data only, loaded with weights_only=True), COMPLETE (written last, with
-                       trainer.pt's sha256; model/ carries its own manifest of hashes). A
+                       the sha256 of every file in the checkpoint). A
                        checkpoint is built under checkpoints/.tmp-* and renamed into place; the
                        temporary folders of killed writes are removed at the next start and save.
 
@@ -80,8 +80,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import kernels
-from checkpoints import save_pretrained
-from minimamba import Mamba2Config, Mamba2LM, sha256_of
+from checkpoints import save_pretrained, sha256_of
+from minimamba import Mamba2Config, Mamba2LM
 
 from experiments.common import (CsvLog, ProgressBar, config_parser, flag, fsync_dir, parse_config, resolve_device,
                                 write_run_config)
@@ -94,7 +94,7 @@ from experiments.tiny_transformer import TinyTransformer, TransformerConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
-COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint (with trainer.pt's sha256); without it: ignored
+COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint (every file's sha256); without it: ignored
 TEMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step_XXXXXXXX-<pid>: a checkpoint being written
 UNUSABLE_PREFIX = ".unusable-"  # checkpoints/.unusable-step_XXXXXXXX: one that could not be read
 NO_DECAY_NAMES = ("dt_bias", "A_log", "D")  # SSM parameters never decayed (official Mamba-2 practice)
@@ -390,7 +390,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
 
     Steps: 0. remove the temporary folders of killed writes
            1. save_pretrained + trainer.pt into checkpoints/.tmp-step_<step>-<pid>
-           2. write COMPLETE (trainer.pt's sha256; model/ has its own manifest of hashes), fsync
+           2. write COMPLETE (the sha256 of every file in the checkpoint), fsync
            3. os.replace to the final name   4. prune old checkpoints.
     A crash before step 3 leaves only a .tmp-* folder, which no reader treats as a checkpoint; a
     file damaged later fails its hash. trainer.pt holds tensors and plain data only, so it loads
@@ -405,8 +405,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(state, tmp / "trainer.pt")
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     with open(tmp / COMPLETE_MARKER, "w") as f:  # 2.
-        f.write(f"step {step}\ntrainer.pt sha256 {sha256_of(tmp / 'trainer.pt')}\n")
+        f.write(f"step {step}\n" + "".join(f"sha256 {sha256_of(tmp / name)} {name}\n" for name in files))
         f.flush()
         os.fsync(f.fileno())
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -425,10 +426,12 @@ def read_trainer_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE_MARKER} marker or not "
                               f"under its final step_XXXXXXXX name): an interrupted write?")
     path = ckpt / "trainer.pt"
-    recorded = (ckpt / COMPLETE_MARKER).read_text().split()[-1]
-    if not path.is_file() or sha256_of(path) != recorded:
-        raise CheckpointError(f"{path} is missing or damaged: its sha256 differs from the one recorded in "
-                              f"{COMPLETE_MARKER} when it was written")
+    recorded = [line.split(maxsplit=2)[1:] for line in (ckpt / COMPLETE_MARKER).read_text().splitlines()
+                if line.startswith("sha256 ")]
+    damaged = [name for digest, name in recorded if not (ckpt / name).is_file() or sha256_of(ckpt / name) != digest]
+    if damaged or not recorded:
+        raise CheckpointError(f"{ckpt}: {damaged or 'no file'} missing or damaged: sha256 differs from the one "
+                              f"{COMPLETE_MARKER} recorded when the checkpoint was written")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every way a file can be unreadable ends here, with its cause

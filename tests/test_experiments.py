@@ -103,7 +103,7 @@ SCRIPTS = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*
 def test_every_script_is_listed():
     assert {"experiments.train", "experiments.state_collapse", "experiments.state_capacity", "experiments.passkey",
             "experiments.forgetting_curves", "experiments.figures", "experiments.bench",
-            "experiments.bench_mitigations", "experiments.check_equivalence"} <= set(SCRIPTS)
+            "experiments.bench_mitigations", "experiments.check_equivalence", "experiments.gpu_check"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -331,9 +331,11 @@ class _Planted:
 def _plant(ckpt: Path, state: dict, marker: Path) -> None:
     """Replace trainer.pt by one holding a code-running object, and its recorded hash (as an attacker
     handing out a run folder would)."""
-    from minimamba import sha256_of
+    from checkpoints import sha256_of
     torch.save({**state, "planted": _Planted(marker)}, ckpt / "trainer.pt")
-    (ckpt / T.COMPLETE_MARKER).write_text(f"step 4\ntrainer.pt sha256 {sha256_of(ckpt / 'trainer.pt')}\n")
+    marker_file = ckpt / T.COMPLETE_MARKER
+    marker_file.write_text("".join(f"sha256 {sha256_of(ckpt / 'trainer.pt')} trainer.pt\n" if line.endswith(" trainer.pt")
+                                   else line + "\n" for line in marker_file.read_text().splitlines()))
 
 
 def test_resume_refuses_a_planted_pickle(corpus_dir, tmp_path):
