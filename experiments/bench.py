@@ -486,7 +486,8 @@ def measure_toy_train(spec) -> list[dict]:
     toy, T, impls = ToyShape(**spec["shape"]), spec["t_train"], spec["impls"]
     rows_per_step = toy.tokens_per_step // T
     models = {impl: _toy_model(impl, toy, T, spec["seed"]) for impl in impls}
-    opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True) for impl, m in models.items()}
+    # fused AdamW, as experiments/train.py steps it (one kernel over all parameters); the same for every impl
+    opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for impl, m in models.items()}
     gen = torch.Generator().manual_seed(spec["seed"])
     batches = [torch.randint(0, toy.vocab_size, (rows_per_step, T + 1), generator=gen) for _ in range(4)]
 
