@@ -23,11 +23,13 @@ Protocol (numbered as the code below)
     1. For every state size (d_state x headdim, n_layer), training length T and seed, train a Mamba-2
        with experiments/train.py (the "mix" task: half stdlib text, half copy episodes - the regime
        where experiments/LOG.md found collapse at T_train = 16; the same number of tokens for every T).
-    2. Per-position loss with the state carried (state_collapse.per_position_loss) on the newline
-       prompt and on held-out text, to eval_length tokens; both criteria of state_collapse.py
-       (the paper's 2x on maxima, our 1.5x on means) per probe. A point collapses under a criterion
-       if it fires on any probe.
-    3. Per (state, seed) and criterion, T_forget = the shortest tested T after which no longer T
+    2. Per-position loss with the state carried (state_collapse.per_position_loss) on the demo's three
+       probes (newline prompt, held-out text, a stream of copy episodes), to eval_length tokens; both
+       criteria of state_collapse.py (the paper's 2x on maxima, our 1.5x on means) per probe. A point
+       collapses under a criterion if it fires on any probe. A third rule reads the mechanism: the
+       largest first-token retention over heads at t = RETENTION_AT x T_train on the newline prompt
+       above RETENTION_LIMIT means the model did not learn to forget.
+    3. Per (state, seed) and rule, T_forget = the shortest tested T after which no longer T
        collapses. Censored cases are kept as such: "> max T" (collapses at the longest tested T) and
        "<= min T" (never collapses). Over seeds: the mean and 95% t interval of the uncensored values,
        and how many seeds were censored.
@@ -57,8 +59,8 @@ import numpy as np
 import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
-from experiments.data import Corpus, newline_probe
-from experiments.state_collapse import CRITERIA, criteria, load_for_eval, per_position_loss
+from experiments.data import Corpus, copy_batch, newline_probe
+from experiments.state_collapse import CRITERIA, EVAL_SEED, EVAL_STEP, criteria, load_for_eval, per_position_loss, trace
 from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, Point, check_seeds_and_workers,
                                final_train_loss, finished_run, fmt_ci, grid_points, linear_fit, mean_ci, parse_states,
                                point_key, point_train_config, recipe, run_sweep, train_point_model, workers_flag)
@@ -75,9 +77,10 @@ class CapacityConfig:
     out_dir: str = flag("runs/capacity", "run folder")
     d_model: int = flag(64, "d, residual width (channels)")
     layers: tuple[int, ...] = flag((2,), "n_layer values (part of the state size)")
-    states: tuple[str, ...] = flag(("32x16", "64x16", "128x32", "256x32"), "per-head states d_state x headdim")
+    states: tuple[str, ...] = flag(("32x16", "64x16", "128x16", "256x16"), "per-head states d_state x headdim "
+                                   "(headdim 16: 8 heads per layer at d_model 64, as the demo)")
     train_lens: tuple[int, ...] = flag((8, 16, 32, 64, 128), "T_train values searched (tokens)")
-    seeds: tuple[int, ...] = flag((0,), "training seeds, comma-separated; T_forget is reported per seed and over seeds")
+    seeds: tuple[int, ...] = flag((0, 1, 2), "training seeds, comma-separated; T_forget is reported per seed and over seeds")
     task: str = flag("mix", "train.py task (see LOG.md)")
     copy_len: int = flag(8, "random bytes per copy episode")
     tokens_per_step: int = flag(512, "tokens per optimizer step; rows = tokens_per_step / T_train")
@@ -104,9 +107,15 @@ class CapacityConfig:
 # The CPU demo: the regime where experiments/state_collapse.py --quick collapses (d_state 256 x headdim
 # 32, mix task, 3000 steps of 512 tokens, T_train 16 vs 64) plus a 4x smaller state. With 1500 steps
 # the same sizes did not meet 2x anywhere (newline ratio <= 1.02, text <= 1.74): see README.
-QUICK = dict(out_dir="runs/capacity_quick", states=("64x16", "256x32"), train_lens=(16, 64), steps=3000,
+QUICK = dict(out_dir="runs/capacity_quick", states=("64x16", "256x16"), train_lens=(16, 64), steps=3000,
              eval_length=1024, eval_prompts=8)
 DESCRIPTION = "State capacity: T_forget vs state size, per seed (see the module docstring)."
+# The retention rule (fixed 2026-12-02 before the capacity runs): a model has not learned to forget if some head
+# still keeps more than RETENTION_LIMIT of the first token at t = RETENTION_AT x T_train on the newline prompt
+# ([SC]: collapsing heads keep alpha_{1:t} near 1 far beyond T_train). Needs eval_length >= RETENTION_AT x T.
+RETENTION_AT = 4  # k in t = k * T_train (a power of two: state_collapse records retention at 1, 2, 4, ... x T)
+RETENTION_LIMIT = 0.5
+RULES = (*CRITERIA, "retention")  # T_forget is read under each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,14 +137,19 @@ def run_point(cfg: CapacityConfig, point: Point) -> dict:
     t0 = time.perf_counter()
     model = load_for_eval(train_point_model(tcfg), cfg.device)
     t1 = time.perf_counter()
-    probes = {"newline": newline_probe(cfg.eval_length),
-              "text": Corpus.load().heldout_windows(cfg.eval_prompts, cfg.eval_length)}
+    probes = {"newline": newline_probe(cfg.eval_length),  # the demo's three probes (state_collapse.make_probes)
+              "text": Corpus.load().heldout_windows(cfg.eval_prompts, cfg.eval_length),
+              "copy": copy_batch(EVAL_STEP, seed=EVAL_SEED, batch_size=cfg.eval_prompts, seq_len=cfg.eval_length,
+                                 copy_len=cfg.copy_len)}
     res = {"state_size": M.state_size(model.config), "n_params": sum(q.numel() for q in model.parameters()),
            "final_loss": final_train_loss(tcfg.out_dir), "train_seconds": t1 - t0, "probes": {}}
     for name, ids in probes.items():
         loss = per_position_loss(model, ids, cfg.chunk_len)  # (l,)
         res["probes"][name] = criteria(loss, c["t_train"])
     res["collapsed"] = {k: any(pr[k]["collapsed"] for pr in res["probes"].values()) for k in CRITERIA}
+    # the mechanism as a third rule: the model still keeps the first token at t = RETENTION_AT x T_train
+    res["retention_at"] = trace(model, probes["newline"][:, :-1], c["t_train"])["retention_at"]
+    res["collapsed"]["retention"] = res["retention_at"][str(RETENTION_AT)] > RETENTION_LIMIT
     res["eval_seconds"] = time.perf_counter() - t1
     return res
 
@@ -198,8 +212,8 @@ def summarize(cfg: CapacityConfig, results: dict[str, dict]) -> dict:
                 entry["state_size"] = next(iter(pts.values()))["state_size"]
                 entry["per_seed"][str(s)] = {"points": {str(t): r for t, r in pts.items()},
                                              "t_forget": {c: t_forget({t: r["collapsed"][c] for t, r in pts.items()})
-                                                          for c in CRITERIA}}
-            for c in CRITERIA:
+                                                          for c in RULES}}
+            for c in RULES:
                 tfs = [v["t_forget"][c] for v in entry["per_seed"].values()]
                 entry["t_forget"][c] = {**mean_ci(tf["value"] for tf in tfs if tf["censored"] is None),
                                         "censored_above": sum(tf["censored"] == "above" for tf in tfs),
@@ -207,7 +221,7 @@ def summarize(cfg: CapacityConfig, results: dict[str, dict]) -> dict:
                                         "non_monotone": sum(tf["non_monotone"] for tf in tfs)}
             states.append(entry)
     fits = {c: fit_capacity([(st["state_size"], v["t_forget"][c]) for st in states for v in st["per_seed"].values()])
-            for c in CRITERIA}
+            for c in RULES}
     return {"train_lens": list(cfg.train_lens), "seeds": list(cfg.seeds), "states": states, "fit": fits,
             "paper": {"slope_K_per_M": PAPER_FORGET_SLOPE, "intercept_K": PAPER_FORGET_INTERCEPT}}
 
@@ -231,19 +245,20 @@ def _fmt_tf(tf: dict) -> str:
 
 def report(cfg: CapacityConfig, summary: dict, out: Path) -> dict:
     lens = summary["train_lens"]
-    md = ["Per state and seed: T_forget under the paper's criterion / the mean criterion (state_collapse.py); "
-          "'> T': collapses at the longest tested T; '<= T': never collapses; *: non-monotone. Over seeds: "
+    md = ["Per state and seed: T_forget under the paper's criterion / the mean criterion (state_collapse.py) / the "
+          f"retention rule (a head keeps > {RETENTION_LIMIT} of the first token at {RETENTION_AT} x T_train); "
+          "'> T': fails at the longest tested T; '<= T': never fails; *: non-monotone. Over seeds: "
           "mean [95% t interval] of the uncensored seeds, then how many were censored (above / at or below).", "",
-          "| n_layer | d_state x headdim | N_S | T_forget per seed (paper / mean) | over seeds, paper | "
-          "over seeds, mean |", "|---|---|---|---|---|---|"]
+          "| n_layer | d_state x headdim | N_S | T_forget per seed (paper / mean / retention) | over seeds, paper | "
+          "over seeds, mean | over seeds, retention |", "|---|---|---|---|---|---|---|"]
     for s in summary["states"]:
-        per_seed = "; ".join(f"seed {k}: {_fmt_tf(v['t_forget']['paper'])} / {_fmt_tf(v['t_forget']['mean'])}"
+        per_seed = "; ".join(f"seed {k}: " + " / ".join(_fmt_tf(v["t_forget"][c]) for c in RULES)
                              for k, v in s["per_seed"].items())
         over = [f"{fmt_ci(s['t_forget'][c])}, censored {s['t_forget'][c]['censored_above']} / "
-                f"{s['t_forget'][c]['censored_at_or_below']}" for c in CRITERIA]
+                f"{s['t_forget'][c]['censored_at_or_below']}" for c in RULES]
         md.append(f"| {s['n_layer']} | {s['d_state']}x{s['headdim']} | {s['state_size']} | {per_seed} | "
-                  f"{over[0]} | {over[1]} |")
-    for c in CRITERIA:
+                  + " | ".join(over) + " |")
+    for c in RULES:
         f = summary["fit"][c]
         if f["fit"] is None:
             md.append(f"\nFit ({c} criterion): {f['note']}.")
@@ -265,7 +280,7 @@ def report(cfg: CapacityConfig, summary: dict, out: Path) -> dict:
 def plot(summary: dict, lens: list[int], out: Path) -> Path:
     """Left two panels: each criterion's ratio (worst probe) vs T_train, per state (thin: seeds; thick:
     mean). Right: T_forget vs N_S per seed (dots), mean over the uncensored seeds, the fits, the paper."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     limits = {"paper": 2.0, "mean": 1.5}
     for ax, c in zip(axes[:2], CRITERIA):
         for i, s in enumerate(summary["states"]):
@@ -283,12 +298,12 @@ def plot(summary: dict, lens: list[int], out: Path) -> Path:
         ax.legend(fontsize=6)
     ax = axes[2]
     xs = np.array([s["state_size"] for s in summary["states"]], float)
-    for j, c in enumerate(CRITERIA):
+    for j, c in enumerate(RULES):
         for s in summary["states"]:
             for v in s["per_seed"].values():
                 tf = v["t_forget"][c]
                 marker = {"above": "^", "at_or_below": "v", None: "o"}[tf["censored"]]
-                ax.plot(s["state_size"] / 1e3 * (1 + 0.03 * (j - 0.5)), tf["value"], marker, color=f"C{j}", mfc="none",
+                ax.plot(s["state_size"] / 1e3 * (1 + 0.03 * (j - 1)), tf["value"], marker, color=f"C{j}", mfc="none",
                         ms=6, alpha=0.7)
             m = s["t_forget"][c]
             if m["mean"] is not None:

@@ -86,13 +86,17 @@ from experiments.sweep import (Point, PointStore, check_seeds_and_workers, fmt_c
 # ----------------------------------------------------------------------------------------------
 # 1. The collapse criteria
 # ----------------------------------------------------------------------------------------------
-# Fixed on 2026-12-02, before any multi-seed run; they are not to be tuned on results.
+# Fixed on 2026-12-02, before any reported multi-seed run; they are not to be tuned on results. (One change
+# while tuning the recipe on seeds 1000-1007, never reported: the mean criterion's in-window reference was
+# [T/2, T); on the copy probe with T = 2 * copy_len that window is exactly the predictable second half of
+# an episode, so a model that forgets perfectly would read ~2x. The whole window [0, T) covers whole
+# episodes, like [2T, L). The threshold did not change. LOG.md, 2026-12-02.)
 #
 # Paper criterion ([SC] section "State capacity"): collapsed if
 #     max_{t >= T} loss_t  >  PAPER_COLLAPSE_FACTOR * max_{t < T} loss_t      (loss averaged over prompts)
 PAPER_COLLAPSE_FACTOR = 2.0
 # Mean criterion (ours): collapsed if
-#     mean_{t in [2T, L)} loss_t  >  MEAN_COLLAPSE_RATIO * mean_{t in [T/2, T)} loss_t   (averaged over prompts)
+#     mean_{t in [2T, L)} loss_t  >  MEAN_COLLAPSE_RATIO * mean_{t in [0, T)} loss_t   (averaged over prompts)
 # A model that learned to forget does no worse with more context, so its long-range mean stays at or
 # below its in-window mean up to averaging noise of a few percent (~1000 positions x many prompts);
 # 1.5x is far outside that noise and below the paper's 2x on maxima (a maximum over noisy positions
@@ -117,7 +121,7 @@ class Verdict:
 
     collapsed: bool
     ratio: float  # beyond / within: the statistic the criterion compares with its constant
-    within: float  # paper: max loss over [0, T); mean: mean loss over [T/2, T)
+    within: float  # paper: max loss over [0, T); mean: mean loss over [0, T)
     beyond: float  # paper: max loss over [T, l);  mean: mean loss over [2T, l)
     first_position: int | None  # paper: the first t >= T with loss_t > 2 x within; mean: None
 
@@ -140,9 +144,9 @@ def paper_criterion(loss, t_train: int) -> Verdict:
 
 
 def mean_criterion(loss, t_train: int) -> Verdict:
-    """Ours: mean_{[2T, l)} loss > MEAN_COLLAPSE_RATIO * mean_{[T/2, T)} loss. loss: (l,), l > 2T."""
+    """Ours: mean_{[2T, l)} loss > MEAN_COLLAPSE_RATIO * mean_{[0, T)} loss. loss: (l,), l > 2T."""
     loss = _curve(loss, t_train, 2 * t_train + 1)
-    within, beyond = loss[t_train // 2:t_train].mean().item(), loss[2 * t_train:].mean().item()
+    within, beyond = loss[:t_train].mean().item(), loss[2 * t_train:].mean().item()
     return Verdict(beyond > MEAN_COLLAPSE_RATIO * within, beyond / within, within, beyond, None)
 
 
@@ -256,12 +260,12 @@ def log_curve(loss: torch.Tensor, n_points: int = PLOT_POINTS) -> tuple[list[flo
 
 
 def evaluate(model, probes: dict[str, torch.Tensor], t_train: int, chunk_len: int) -> dict:
-    """Per probe: both criteria, the in-window mean loss [T/2, T) and the binned curve."""
+    """Per probe: both criteria, the in-window mean loss [0, T) and the binned curve."""
     out = {}
     for name, ids in probes.items():
         loss = per_position_loss(model, ids, chunk_len)
         xs, ys = log_curve(loss)
-        out[name] = {"criteria": criteria(loss, t_train), "in_window": loss[t_train // 2:t_train].mean().item(),
+        out[name] = {"criteria": criteria(loss, t_train), "in_window": loss[:t_train].mean().item(),
                      "curve": {"position": xs, "loss": ys}}
     return out
 
@@ -390,9 +394,10 @@ class DemoConfig:
                                   self.norm_every)
 
 
-# The README demo: small enough for 2 CPU cores, about 10 minutes per (T_train, seed) (see LOG.md)
-QUICK = dict(out_dir="runs/state_collapse_quick", d_model=64, n_layer=2, d_state=256, headdim=32,
-             train_lens=(16, 64), tokens_per_step=512, steps=3000, eval_prompts=16, eval_mult=64)
+# The README demo: 5 seeds x T_train 16 and 64 in under 10 minutes on 2 CPU cores. headdim 16 (8 heads per
+# layer, not 4): with 4 heads whether a seed draws a slow-decaying head was a lottery (LOG.md, 2026-12-02)
+QUICK = dict(out_dir="runs/state_collapse_quick", d_model=64, n_layer=2, d_state=256, headdim=16,
+             train_lens=(16, 64), tokens_per_step=512, steps=3000, eval_prompts=16, eval_mult=64, seeds=(0, 1, 2, 3, 4))
 DESCRIPTION = "State collapse at toy scale, per seed (see the module docstring)."
 
 
@@ -476,7 +481,7 @@ def report(groups: dict[int, list[dict]], out: Path) -> dict:
     """summary.json / summary.md / figures of per-seed analyses grouped by T_train (T -> [entry per
     seed]); the mitigations are read from the shortest T_train's entries."""
     summary: dict = {"criteria": {"paper": f"max_(t >= T) loss > {PAPER_COLLAPSE_FACTOR} x max_(t < T) loss",
-                                  "mean": f"mean_[2T, l) loss > {MEAN_COLLAPSE_RATIO} x mean_[T/2, T) loss"},
+                                  "mean": f"mean_[2T, l) loss > {MEAN_COLLAPSE_RATIO} x mean_[0, T) loss"},
                      "t_train": {}}
     for t, entries in groups.items():
         probes = list(entries[0]["base"])

@@ -455,19 +455,23 @@ def test_paper_criterion_on_hand_made_curves():
         SC.paper_criterion(flat[:50], t_train)
 
 
-def test_mean_criterion_reads_the_settled_window_and_the_far_range():
+def test_mean_criterion_reads_the_whole_window_and_the_far_range():
     t_train = 100
     loss = torch.full((1000,), 2.0)
-    loss[:50] = 9.0  # the unsettled first half of the window is not the reference
+    loss[:50] = 4.0  # the whole window [0, T) is the reference: mean 3.0
     r = SC.mean_criterion(loss, t_train)
-    assert not r.collapsed and r.within == 2.0 and r.beyond == 2.0
-    loss[200:] = 3.01  # 1.505 x the in-window mean over [2T, l)
+    assert not r.collapsed and r.within == 3.0 and r.beyond == 2.0
+    loss[200:] = 4.51  # 1.503 x the in-window mean over [2T, l)
     r = SC.mean_criterion(loss, t_train)
-    assert r.collapsed and r.ratio == pytest.approx(1.505)
-    loss[200:] = 2.99
+    assert r.collapsed and r.ratio == pytest.approx(4.51 / 3.0)
+    loss[200:] = 4.49
     assert not SC.mean_criterion(loss, t_train).collapsed
     loss[100:200] = 50.0  # [T, 2T) is read by neither mean
     assert not SC.mean_criterion(loss, t_train).collapsed
+    # a copy stream that forgets perfectly: episodes of 8 random then 8 copied tokens, T = 16 = one episode;
+    # the window [T/2, T) would be the copied half alone and read 2x, the whole window reads 1x
+    episode = torch.cat([torch.full((8,), 5.5), torch.full((8,), 0.3)])
+    assert SC.mean_criterion(episode.repeat(64), 16).ratio == pytest.approx(1.0)
     # a steady climb the paper's rule misses (its in-window maximum is the first token) and ours sees
     climb = torch.cat([torch.tensor([9.0]), torch.full((99,), 2.0), torch.linspace(2.0, 5.0, 900)])
     assert not SC.paper_criterion(climb, t_train).collapsed and SC.mean_criterion(climb, t_train).collapsed

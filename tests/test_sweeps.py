@@ -310,8 +310,10 @@ def _fake_capacity_point(calls, fail_after=None):
         ns = c["n_layer"] * c["d_state"] * c["headdim"] * 4
         ratio = 1.0 + ns / (1000.0 * c["t_train"]) * (1 + c["seed"] / 2)
         crit = {"paper": {"collapsed": ratio > 2.0, "ratio": ratio}, "mean": {"collapsed": ratio > 1.5, "ratio": ratio}}
+        retention = min(1.0, ns / (20.0 * c["t_train"] ** 2))  # the first-token retention at 4 T, falling with T
         return {"state_size": ns, "n_params": 1, "final_loss": 1.0, "train_seconds": 0.0, "eval_seconds": 0.0,
-                "probes": {"newline": crit, "text": crit}, "collapsed": {k: v["collapsed"] for k, v in crit.items()}}
+                "probes": {"newline": crit, "text": crit}, "retention_at": {"4": retention},
+                "collapsed": {**{k: v["collapsed"] for k, v in crit.items()}, "retention": retention > 0.5}}
     return fake
 
 
@@ -331,7 +333,9 @@ def test_state_capacity_sweep_over_seeds_resumes_and_replots(tmp_path, monkeypat
     assert [s["state_size"] for s in summary["states"]] == [2048, 4096, 8192]
     # N_S = 4096: ratio at T = 8 is 1.512 (seed 0) / 1.768 (seed 1): the mean criterion fires, the paper's not
     assert s32["per_seed"]["0"]["t_forget"] == {"paper": {"value": 8, "censored": "at_or_below", "non_monotone": False},
-                                                "mean": {"value": 16, "censored": None, "non_monotone": False}}
+                                                "mean": {"value": 16, "censored": None, "non_monotone": False},
+                                                "retention": {"value": 32, "censored": None, "non_monotone": False}}
+    # the retention rule: 4096 / (20 T^2) > 0.5 up to T = 16 (12.8, 0.8), so T_forget 32; at 8192 up to T = 16 too
     assert s32["t_forget"]["mean"]["mean"] == 16 and s32["t_forget"]["paper"]["censored_at_or_below"] == 2
     # N_S = 8192: T_forget 32 (mean) and 16 (paper) for both seeds
     assert s64["t_forget"]["mean"]["mean"] == 32 and s64["t_forget"]["paper"]["mean"] == 16
@@ -339,6 +343,7 @@ def test_state_capacity_sweep_over_seeds_resumes_and_replots(tmp_path, monkeypat
     fit = summary["fit"]["mean"]
     assert fit["tokens_per_K_elements"]["slope"] == pytest.approx(1e3 * 16 / 4096) and fit["fit"]["n"] == 4
     assert summary["fit"]["paper"]["fit"] is None and "no fit" in summary["fit"]["paper"]["note"]
+    assert s16["t_forget"]["retention"]["mean"] == 16 and s64["t_forget"]["retention"]["mean"] == 32
     calls3 = []
     monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls3))
     assert state_capacity.replot(tmp_path, tmp_path / "re") == json.loads(json.dumps(summary)) and calls3 == []
