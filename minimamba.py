@@ -345,13 +345,14 @@ class Mamba2LM(nn.Module):
                 p._no_weight_decay = True  # the official marker: exclude from weight decay
 
     def _checked_state(self, input_ids, state, ndim):
-        """Validate input_ids ((b, l) or (b,) token ids) and state (None or this model's Mamba2State)."""
-        cfg, what = self.config, "(b, l)" if ndim == 2 else "(b,)"
+        """Check input_ids ((b, l) or (b,) ids on the model's device) and state (None or this model's Mamba2State)."""
+        cfg, what, dev = self.config, "(b, l)" if ndim == 2 else "(b,)", self.lm_head.weight.device
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must hold integer token ids (an int64 or int32 tensor {what}), got "
                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-        if input_ids.dim() != ndim or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must have shape {what} with at least one token, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != ndim or input_ids.numel() == 0 or input_ids.device != dev:
+            raise ValueError(f"input_ids must have shape {what} with at least one token on the model's device ({dev}); "
+                             f"got {tuple(input_ids.shape)} on {input_ids.device}")
         if input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got {input_ids.min().item()} to "
                              f"{input_ids.max().item()}")
@@ -380,8 +381,7 @@ class Mamba2LM(nn.Module):
         return self._run(input_ids, self._checked_state(input_ids, state, 1), True)
 
     def _run(self, input_ids, state: Mamba2State, one_token: bool, return_state: bool = True):
-        """embedding -> [residual += mixer(RMSNorm(residual))] x n_layer -> norm_f -> lm_head, on checked
-        inputs: a piece (b, l), or one token (b,) through each mixer's recurrent step."""
+        """The layers on checked inputs: a piece (b, l), or one token (b,) through each mixer's recurrent step."""
         hidden = self.backbone.embedding(input_ids)  # (b, l, d) or (b, d)
         residual = _at_least_fp32(hidden) if self.config.residual_in_fp32 else hidden
         conv, ssm = [], []

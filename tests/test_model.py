@@ -202,6 +202,7 @@ def test_generate_never_emits_padding_ids(model):
     (torch.zeros(2, 0, dtype=torch.long), ValueError, "at least one token"),
     (torch.zeros(1, 3), TypeError, "integer"),
     ([[1, 2]], TypeError, "integer token ids"),
+    (torch.zeros(1, 3, dtype=torch.long, device="meta"), ValueError, r"model's device \(cpu\); got \(1, 3\) on meta"),
 ])
 def test_bad_input_ids_get_clear_errors(model, bad, error, match):
     with pytest.raises(error, match=match):
