@@ -406,6 +406,9 @@ def _logits_of(out: Any, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the model must return logits of shape (b, l, V) = ({ids.shape[0]}, "
                          f"{ids.shape[1]}, V) (or a tuple starting with them, or an object with "
                          f".logits); got {shape}")
+    if out.shape[-1] <= int(ids.max()):     # ids it cannot predict would score as silent misses
+        raise ValueError(f"the model returns {out.shape[-1]} logits per position but reads token id "
+                         f"{int(ids.max())}: it cannot predict every id it is given (is vocab_size the model's?)")
     return out
 
 
@@ -557,6 +560,15 @@ def student_t_sf2(t: float, df: float) -> float:
     return regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
+def _finite_diffs(diff: np.ndarray) -> np.ndarray:
+    """diff as a flat float64 array, refusing NaN or inf (a NaN mean compares False everywhere: the
+    sign-flip test would read p = 0, significant)."""
+    d = np.asarray(diff, dtype=np.float64).ravel()                             # (n,)
+    if not np.isfinite(d).all():
+        raise ValueError(f"paired differences must be finite, got {d[~np.isfinite(d)][:3]} among {d.size}")
+    return d
+
+
 def paired_t_test_pvalue(diff: np.ndarray) -> float:
     """Two-sided paired t-test of H0: mean(diff) = 0, as the official code's scipy.stats.ttest_rel:
         t = mean(d) / (sd(d) / sqrt(n)),  sd with n - 1 in the denominator,  df = n - 1,
@@ -565,7 +577,7 @@ def paired_t_test_pvalue(diff: np.ndarray) -> float:
     (scipy returns NaN there and the official code maps it to 1.0), else p = 0 (scipy: t = +-inf).
     Needs n >= 2. The direction (copy above or below LM) is not in p: the rules read it from the sign
     of the mean."""
-    d = np.asarray(diff, dtype=np.float64).ravel()                             # (n,)
+    d = _finite_diffs(diff)                                                    # (n,)
     n = d.size
     if n < 2:
         raise ValueError(f"the paired t-test needs n >= 2 samples, got {n}")
@@ -586,7 +598,7 @@ def paired_sign_flip_pvalue(diff: np.ndarray, *, n_resamples: int = DEFAULT_N_RE
     The identity pattern is always counted, so p >= 2^-n: with n = 10 the smallest p is ~0.001, and
     n < 5 can never reach p < 0.05. All-zero differences give p = 1.
     """
-    d = np.asarray(diff, dtype=np.float64).ravel()                             # (n,)
+    d = _finite_diffs(diff)                                                    # (n,)
     n = d.size
     observed = d.mean()
     tol = 1e-12 * max(1.0, np.abs(d).max(initial=0.0))     # ties count as "at least as extreme"
@@ -648,6 +660,8 @@ def _check_probability(name: str, value: float) -> None:
 def memory_length(verdicts: Sequence[str], lengths: Sequence[int]) -> int:
     """The largest tested L that passes with no failing length at or below it; 0 if none passes
     before the first failure. Inconclusive lengths neither end the run nor extend it."""
+    if len(verdicts) != len(lengths):
+        raise ValueError(f"one verdict per length: got {len(verdicts)} verdicts for {len(lengths)} lengths")
     best = 0
     for verdict, L in zip(verdicts, lengths):
         if verdict == FAIL:
@@ -1317,6 +1331,9 @@ def read_byte_tokens(paths: Sequence[str | os.PathLike], max_tokens: int | None 
     """Files concatenated (in the given order) and read as bytes: (N,) long ids in range(256)."""
     data = bytearray()
     for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p} is not a file (give text files; a folder's *.py files: "
+                                    f"sorted(Path(folder).glob('*.py')))")
         data += Path(p).read_bytes()
         if max_tokens is not None and len(data) >= max_tokens:
             break

@@ -122,8 +122,10 @@ def check_scan_inputs(x, dt, A, B, C, D=None, state=None, chunk_size=None, step=
     """Validate a scan's inputs: x (b, l, h, p), dt (b, l, h), A (h,) or per token (b, l, h), B and C (b, l, g, n),
     D (h,), state (b, h, p, n); for a step, the same without l. Returns (b, l, h, p, g, n) (l = 1 for a step)."""
     lead, what = ("(b, h", "step") if step else ("(b, l, h", "scan")
-    if x.dim() != (3 if step else 4):
-        raise ValueError(f"x must be {lead}, p), got shape {tuple(x.shape)}")
+    if not all(isinstance(t, torch.Tensor) for t in (x, dt, A, B, C)):
+        raise TypeError(f"x, dt, A, B, C must be tensors, got {', '.join(type(t).__name__ for t in (x, dt, A, B, C))}")
+    if x.dim() != (3 if step else 4) or 0 in x.shape or not x.is_floating_point():
+        raise ValueError(f"x must be a non-empty floating-point {lead}, p) tensor, got {x.dtype} {tuple(x.shape)}")
     (b, h, p), l, seq = (x.shape, 1, ()) if step else ((x.shape[0], *x.shape[2:]), x.shape[1], (x.shape[1],))
     (g, n), shape = (B.shape[-2:] if B.dim() >= 2 else (0, 0)), lambda t: tuple(t.shape)
     for ok, msg in [(shape(dt) == (b, *seq, h), f"dt must be {lead}) = {(b, *seq, h)}, got {shape(dt)}"),
@@ -257,9 +259,7 @@ class Mamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + h, bias=cfg.bias)
         # depthwise, one length-k filter per channel: an nn.Conv1d for the official names and init, run by self.conv
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(torch.empty(h))  # initialized in Mamba2LM._init_weights
-        self.A_log = nn.Parameter(torch.empty(h))
-        self.D = nn.Parameter(torch.empty(h))
+        self.dt_bias, self.A_log, self.D = (nn.Parameter(torch.empty(h)) for _ in range(3))  # see _init_weights
         self.norm = RMSNorm(cfg.d_inner, cfg.norm_eps, group_size=cfg.d_inner // cfg.ngroups)  # gated, per group
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
         self.scan = DefaultScan()
@@ -440,7 +440,7 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"checkpoint {path} does not match its config:" + "".join(
                 f"\n  {what}: {found}" for what, found in problems.items() if found))
         model.load_state_dict(weights, strict=False)  # strict check done above (tied lm_head)
-        return model.to(dtype) if dtype is not None else model
+        return model.to(dtype=dtype) if dtype is not None else model
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token id per row of logits (b, V): greedy at temperature 0, else softmax(logits / T)

@@ -273,6 +273,8 @@ def test_memory_length_ends_at_the_first_failure():
                             [2, 4, 8, 16, 32, 64, 128]) == 16
     assert fc.memory_length(["inconclusive"] * 3, [2, 4, 8]) == 0
     assert fc.memory_length(["fail", "pass"], [2, 4]) == 0
+    with pytest.raises(ValueError, match="one verdict per length"):  # zip() silently read the shorter
+        fc.memory_length(["pass"], [2, 4])
 
 
 def test_coarse_rule_needs_effect_size_and_significance():
@@ -467,6 +469,9 @@ def test_paired_t_test_against_hand_computed_values():
     assert fc.paired_t_test_pvalue(np.full(6, 0.1)) == 0.0
     with pytest.raises(ValueError, match="n >= 2"):
         fc.paired_t_test_pvalue([1.0])
+    for significance in fc.SIGNIFICANCE_TESTS:  # NaN compares False: the sign-flip test read p = 0
+        with pytest.raises(ValueError, match="must be finite"):
+            fc.paired_pvalue(np.array([0.5, math.nan, 0.5, 0.5, 0.5, 0.5]), significance)
     with pytest.raises(ValueError, match="significance must be"):
         fc.paired_pvalue(np.ones(3), "wilcoxon")
 
@@ -885,3 +890,19 @@ def test_module_is_standalone():
     code = ("import sys, forgetting_curve; "
             "assert not {'minimamba', 'matplotlib', 'experiments'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(fc.Path(fc.__file__).parent))
+
+
+def test_a_model_with_fewer_logits_than_its_ids_is_refused():
+    """A model whose logits cannot name every id it reads (vocab_size not the model's) scored every such
+    target as a silent miss."""
+    narrow = lambda ids: torch.zeros(*ids.shape, 10)  # noqa: E731  (10 logits, ids up to 49)
+    with pytest.raises(ValueError, match="returns 10 logits per position but reads token id"):
+        fc.forgetting_curve(narrow, lengths=[2], vocab_size=50, n_samples=2)
+
+
+def test_read_byte_tokens_names_what_is_not_a_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"ab")
+    assert fc.read_byte_tokens([tmp_path / "a.txt"]).tolist() == [97, 98]
+    for bad in (tmp_path, tmp_path / "missing.txt"):
+        with pytest.raises(FileNotFoundError, match="is not a file"):
+            fc.read_byte_tokens([bad])

@@ -273,6 +273,13 @@ def test_ids_of_another_dtype_are_a_clear_error(dtype):
         small_model(0)(IDS.to(dtype))
 
 
+def test_load_names_a_dtype_that_is_not_one(tmp_path):
+    save_pretrained(small_model(0), tmp_path)  # dtype="float16" was read as a device: "Invalid device string"
+    with pytest.raises(TypeError, match="dtype=str"):
+        Mamba2LM.from_pretrained(tmp_path, dtype="float16")
+    assert Mamba2LM.from_pretrained(tmp_path, dtype=torch.float64).lm_head.weight.dtype == torch.float64
+
+
 def test_states_of_another_model_batch_or_device_are_named():
     model = small_model(0)
     _, state = model(IDS)

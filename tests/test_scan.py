@@ -172,6 +172,14 @@ def test_bad_scan_inputs_are_named():
         ssd(x, dt, A, B, C, chunk_size=0)
     with pytest.raises(ValueError, match="state must be"):
         kernels.ssd_chunked(x, dt, A, B, C, chunk_size=4, initial_state=torch.zeros(1, 4, 2, 2))
+    with pytest.raises(TypeError, match="must be tensors, got Tensor, Tensor, list"):  # was a raw AttributeError
+        ssd(x, dt, [-1.0] * 4, B, C, chunk_size=4)
+    with pytest.raises(ValueError, match=r"non-empty floating-point \(b, l, h, p\) tensor"):  # l = 0 divided by 0
+        ssd(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], chunk_size=4)
+    with pytest.raises(ValueError, match="floating-point"):  # integer x was rounded back to integers, silently
+        ssd(x.long(), dt, A, B, C, chunk_size=4)
+    with pytest.raises(ValueError, match=r"floating-point \(b, h, p\)"):
+        ssd_step(x[:, 0].long(), dt[:, 0], A, B[:, 0], C[:, 0])
 
 
 @pytest.mark.slow
