@@ -95,6 +95,8 @@ class CapacityConfig:
 
     def __post_init__(self):
         parse_states(self.states)
+        if not self.train_lens or any(t < 2 for t in self.train_lens):
+            raise ValueError(f"--train_lens must be ints >= 2, got {self.train_lens}")
         if self.eval_length <= 2 * max(self.train_lens):
             raise ValueError(f"--eval_length {self.eval_length} must exceed 2 x the largest T_train "
                              f"({max(self.train_lens)}): the mean criterion reads [2T, l)")

@@ -148,6 +148,8 @@ def check_seeds_and_workers(cfg) -> None:
     """The __post_init__ check every sweep config shares."""
     if not cfg.seeds or cfg.workers < 1:
         raise ValueError(f"need at least one seed and --workers >= 1, got --seeds {cfg.seeds}, --workers {cfg.workers}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):  # a repeated seed would be one run counted twice in k of N
+        raise ValueError(f"--seeds must not repeat a seed, got {cfg.seeds}")
 
 
 def threads_per_worker(workers: int) -> int:

@@ -170,6 +170,9 @@ class TrainConfig:
                      "eval_windows", "ckpt_every", "keep_ckpts", "copy_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; inf is no setting either
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"--{f.name} must be a finite number, got {getattr(self, f.name)}")
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
         if self.task not in TASKS:

@@ -133,6 +133,9 @@ def test_config_validation_and_cli():
         T.TrainConfig(batch_size=5, grad_accum=2)
     with pytest.raises(ValueError, match="headdim"):
         T.TrainConfig(d_model=24, headdim=64)
+    for name in ("lr", "weight_decay", "grad_clip"):  # NaN passed every range check (lr: a raw torch error)
+        with pytest.raises(ValueError, match=f"--{name} must be a finite number"):
+            T.TrainConfig(**{name: float("nan")})
     cfg = parse_config(T.TrainConfig, ["--seq_len", "32", "--resume", "--lr", "0.01", "--amp", "false"], "")
     assert cfg.seq_len == 32 and cfg.resume is True and cfg.lr == 0.01 and cfg.amp is False
     with pytest.raises(ValueError, match="--arch transformer does not use --d_state"):

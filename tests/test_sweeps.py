@@ -239,6 +239,15 @@ def test_passkey_config_validates():
         passkey.PasskeyConfig(dt_max=1e-4)
 
 
+def test_sweep_configs_refuse_repeated_seeds_and_impossible_train_lens():
+    for config in (passkey.PasskeyConfig, state_capacity.CapacityConfig, forgetting_curves.FCurvesConfig):
+        with pytest.raises(ValueError, match="must not repeat a seed"):  # one run counted twice in k of N
+            config(seeds=(0, 1, 0))
+    for lens in ((), (0, 16)):  # a ZeroDivisionError / max() of nothing
+        with pytest.raises(ValueError, match="train_lens must be ints >= 2"):
+            state_capacity.CapacityConfig(train_lens=lens)
+
+
 def test_fit_recall_leaves_censored_points_out():
     ns = [5_056, 17_920, 69_376, 120_000]
     fit, note = passkey.fit_recall(ns, [256, 512, 4096, 0], 4096)
