@@ -675,16 +675,21 @@ class CausalConvSilu(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         xBC, past, weight, bias, pre = ctx.saved_tensors
-        (b, l, c), k = xBC.shape, weight.shape[0]
+        k, l = weight.shape[0], xBC.shape[1]
         dpre = torch.ops.aten.silu_backward(dout, pre)  # dout * silu'(pre), one fused pass (b, l, c)
-        xpad = torch.cat([past, xBC], dim=1)  # (b, k-1+l, c): token t's tap j reads xpad_{t+j}
-        dxpad, dweight = torch.zeros_like(xpad, dtype=dpre.dtype), torch.empty_like(weight)  # sums in dpre's dtype
-        ones = dpre.new_ones(1, b * l)  # sums over (b, t) as one matrix-vector product: faster than .sum((0, 1))
-        for j in range(k):
-            dweight[j] = (ones @ (dpre * xpad[:, j:j + l]).reshape(b * l, c))[0]
-            dxpad[:, j:j + l].addcmul_(dpre, weight[j])
-        dbias = None if bias is None else (ones @ dpre.reshape(b * l, c))[0]
-        return dxpad[:, k - 1:], dxpad[:, :k - 1], dweight, dbias
+        dxBC = dpre * weight[k - 1]
+        dpast = torch.zeros_like(past)  # (b, k-1, c)
+        dweight = torch.empty_like(weight)  # (k, c)
+        dweight[k - 1] = (dpre * xBC).sum((0, 1))
+        for j in range(k - 1):
+            s, m = k - 1 - j, min(k - 1 - j, l)
+            dw = (dpre[:, :m] * past[:, j:j + m]).sum((0, 1))
+            if s < l:
+                dxBC[:, : l - s].addcmul_(dpre[:, s:], weight[j])
+                dw += (dpre[:, s:] * xBC[:, : l - s]).sum((0, 1))
+            dpast[:, j:j + m].addcmul_(dpre[:, :m], weight[j])
+            dweight[j] = dw
+        return dxBC, dpast, dweight, None if bias is None else dpre.sum((0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------
