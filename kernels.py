@@ -6,7 +6,8 @@
 
 accelerate() puts a FastScan into every layer's `mixer.scan` and a conv with a hand-written backward
 into `mixer.conv`: the two plug-in points of minimamba.Mamba2Mixer (mitigations.py wraps the same
-`mixer.scan`, so enter mitigations after accelerating). This file imports minimamba, never the
+`mixer.scan`, so enter mitigations after accelerating); on a CPU it also runs long no-grad forwards in
+pieces (an instance attribute model.forward). This file imports minimamba, never the
 reverse; tests prove the accelerated model computes what the plain one does (logits and gradients).
 
 Paper: [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (Listing 1 is the chunked scan).
@@ -21,8 +22,8 @@ Reading order (sections)
                              whose final state nobody reads, needs only step 1 (attention-like form)
     4. eager training        a hand-written backward for ssd_chunked (autograd through the chunk loop
                              would keep every intermediate and cost O(c^2))
-    5. CPU-only tricks       the factored decay mask, segments, in-place buffers, the conv's backward;
-                             their knobs are the fields of CpuTricks
+    5. CPU-only tricks       the factored decay mask, segments, in-place buffers, the conv's backward,
+                             long no-grad model calls in pieces; their knobs are the fields of CpuTricks
     6. accelerate / restore  installing all of it into a model
 
 Glossary: as minimamba (b batch, l length, h heads, p headdim, n d_state, g groups, q chunk,
@@ -96,10 +97,16 @@ class CpuTricks:
     keep_freed_memory: bool = True  # accelerate() asks glibc's malloc to keep freed memory for reuse
     # (see keep_freed_memory): measured on the toy training step (T_train 64), 1600 page faults and
     # ~29 ms per step without, 8 and ~21 ms with
+    model_segment: int | None = 1024  # a no-grad forward of the whole model on a CPU longer than this
+    # runs as pieces of whole chunks of about this many tokens, state carried (see _pieces_forward);
+    # d 256, 4 layers, l 16384, 1 thread: 1113 ms in one piece, 778 ms in pieces of 1024. None: off
 
     def __post_init__(self):
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
             raise ValueError(f"segment must be a positive int (tokens), got {self.segment!r}")
+        if self.model_segment is not None and (isinstance(self.model_segment, bool) or
+                                               not isinstance(self.model_segment, int) or self.model_segment < 1):
+            raise ValueError(f"model_segment must be None or a positive int (tokens), got {self.model_segment!r}")
         if self.factored_range is not None and not 0 <= self.factored_range <= 80:
             raise ValueError(f"factored_range must be None or in [0, 80] nats (e^80 is near float32's "
                              f"largest value), got {self.factored_range!r}")
@@ -498,7 +505,8 @@ def _head_block_grads(M, L, X_h, dY_h):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. CPU-only tricks (eager mode): factored decay mask, segments, in-place buffers, the conv's backward
+# 5. CPU-only tricks (eager mode): factored decay mask, segments, in-place buffers, the conv's backward,
+#    long no-grad model calls in pieces
 # ---------------------------------------------------------------------------------------------------
 # The factored decay mask: step 1 may split L[i, s] = exp(cs_i) exp(-cs_s), cs = a_cumsum from the
 # chunk's start, which turns the per-head (q, q) blocks into one (q, q) @ (q, r*p) matmul per group
@@ -692,6 +700,33 @@ class CausalConvSilu(torch.autograd.Function):
         return dxBC, dpast, dweight, None if bias is None else dpre.sum((0, 1))
 
 
+def _pieces_forward(model, tokens: int):
+    """A forward for `model` (installed by accelerate() as model.forward) that runs a no-grad CPU call
+    longer than `tokens` as pieces of whole chunks, the state carried from one to the next, and writes
+    each piece's logits into one preallocated output. The same computation as one call (every layer
+    is causal and carries its state exactly; the benchmark model's logits and states come out bit for
+    bit the same), but every layer's temporaries are bounded by a piece instead of growing with l.
+    Calls with autograd, on other devices or no longer than a piece go to Mamba2LM.forward as they are."""
+    plain, q = type(model).forward, model.config.chunk_size
+    piece = max(1, tokens // q) * q
+
+    def forward(input_ids, state=None, return_state=True):
+        if (torch.is_grad_enabled() or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                or input_ids.device.type != "cpu" or input_ids.shape[1] <= piece):
+            return plain(model, input_ids, state, return_state)
+        b, l = input_ids.shape
+        out = None
+        for s in range(0, l, piece):
+            last = s + piece >= l
+            logits, state = plain(model, input_ids[:, s:s + piece], state, return_state or not last)
+            if out is None:
+                out = logits.new_empty(b, l, logits.shape[-1])
+            out[:, s:s + piece] = logits
+        return out, state
+
+    return forward
+
+
 # ---------------------------------------------------------------------------------------------------
 # 6. Installing: accelerate(model), restore(model)
 # ---------------------------------------------------------------------------------------------------
@@ -723,7 +758,8 @@ class FastScan:
 def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | None = CpuTricks()):
     """Install this file's fast paths into every layer of a minimamba.Mamba2LM; returns the model.
 
-    mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; on a CPU with
+    mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; with
+    cpu_tricks.model_segment, model.forward <- _pieces_forward (no-grad CPU calls in pieces); on a CPU with
     cpu_tricks.keep_freed_memory, keep_freed_memory() for the whole process. compiled: use
     ssd_chunked_compiled (default: when the model's parameters are on CUDA; compiling on a CPU costs
     minutes and ran no faster there). Call it before entering any mitigation (they wrap the scan);
@@ -738,6 +774,9 @@ def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | N
                                "call kernels.accelerate(model) before entering a mitigation, not inside one")
     for m in mixers:
         m.scan, m.conv = FastScan(compiled, cpu_tricks), CausalConvSilu.apply
+    model.__dict__.pop("forward", None)
+    if cpu_tricks is not None and cpu_tricks.model_segment is not None:
+        model.forward = _pieces_forward(model, cpu_tricks.model_segment)  # an instance attribute: restore() drops it
     if cpu_tricks is not None and cpu_tricks.keep_freed_memory and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
     return model
@@ -749,6 +788,7 @@ def restore(model):
         if not isinstance(m.scan, (minimamba.DefaultScan, FastScan)):
             raise RuntimeError(f"layer {m.layer_idx} runs {type(m.scan).__name__}: exit the mitigation first")
         m.scan, m.conv = minimamba.DefaultScan(), minimamba.causal_conv_silu
+    model.__dict__.pop("forward", None)  # Mamba2LM.forward again
     return model
 
 

@@ -3,6 +3,7 @@ parameter gradients (with and without a carried state, inside one chunk and acro
 mitigations give the same results with and without it, its conv and quadratic scan pass gradcheck
 and agree with nn.functional.conv1d and the recurrence, and accelerate() installs and restores."""
 
+import contextlib
 import copy
 
 import pytest
@@ -83,6 +84,45 @@ def test_mitigations_give_the_same_results_with_and_without_kernels(method):
     assert max_rel_err(results["fast"][0], results["plain"][0]) < 1e-10
     assert max_rel_err(results["fast"][1], results["plain"][1]) < 1e-10
     assert all(isinstance(b.mixer.scan, kernels.FastScan) for b in fast.backbone.layers), "the block restored it"
+
+
+@pytest.mark.parametrize("method", [None, "rri", "delta", "state_norm", "window"])
+@pytest.mark.parametrize("return_state", [True, False])
+def test_long_no_grad_calls_in_pieces_equal_one_call(method, return_state):
+    """CpuTricks.model_segment: a no-grad CPU call longer than a piece runs as pieces of whole chunks
+    with the state carried; logits and the final state are those of the plain model in one call, alone
+    and inside each mitigation. With autograd the call is not split (the graph is the plain one)."""
+    plain, fast = pair()
+    kernels.accelerate(fast, cpu_tricks=kernels.CpuTricks(model_segment=12))  # pieces of 8 tokens (chunk 8)
+    ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(4))
+    blocks = {None: lambda m: contextlib.nullcontext(),
+              "rri": lambda m: mit.rri(m, lambda_a=0.95, lambda_B=0.8),
+              "delta": lambda m: mit.delta_scaling(m, 0.5),
+              "state_norm": lambda m: mit.state_norm(m, torch.full((2, plain.config.nheads), 0.5), every=6),
+              "window": lambda m: mit.sliding_window(m, 10)}[method]
+    calls = []
+    fast.backbone.layers[0].mixer.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
+    results = {}
+    for name, m in (("plain", plain), ("fast", fast)):
+        with torch.no_grad(), blocks(m):
+            logits, state = m(ids, return_state=return_state)
+            pieces = list(calls)
+            after, _ = m.step(ids[:, 0], state) if return_state else (None, None)
+        results[name] = (logits, state, after)
+    assert pieces == [8] * 5 + [5], pieces
+    assert max_rel_err(results["fast"][0], results["plain"][0]) < 1e-10
+    if return_state:
+        assert results["fast"][1].seqlen == 45
+        assert max_rel_err(results["fast"][2], results["plain"][2]) < 1e-10, "the carried state differs"
+    else:
+        assert results["fast"][1] is None
+    calls.clear()
+    fast(ids)  # autograd on: one call
+    assert calls == [45]
+    kernels.restore(fast)
+    assert "forward" not in fast.__dict__
+    with pytest.raises(ValueError, match="model_segment"):
+        kernels.CpuTricks(model_segment=0)
 
 
 def test_accelerate_installs_restores_and_refuses_inside_a_mitigation():
