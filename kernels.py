@@ -98,7 +98,7 @@ class CpuTricks:
     # (see keep_freed_memory): measured on the toy training step (T_train 64), 1600 page faults and
     # ~29 ms per step without, 8 and ~21 ms with
     model_segment: int | None = 1024  # a no-grad forward of the whole model on a CPU longer than this
-    # runs as pieces of whole chunks of about this many tokens, state carried (see _pieces_forward);
+    # runs as pieces of whole chunks of about this many tokens, state carried (see ForwardInPieces);
     # d 256, 4 layers, l 16384, 1 thread: 1113 ms in one piece, 778 ms in pieces of 1024. None: off
 
     def __post_init__(self):
@@ -700,17 +700,22 @@ class CausalConvSilu(torch.autograd.Function):
         return dxBC, dpast, dweight, None if bias is None else dpre.sum((0, 1))
 
 
-def _pieces_forward(model, tokens: int):
-    """A forward for `model` (installed by accelerate() as model.forward) that runs a no-grad CPU call
-    longer than `tokens` as pieces of whole chunks, the state carried from one to the next, and writes
-    each piece's logits into one preallocated output. The same computation as one call (every layer
-    is causal and carries its state exactly; the benchmark model's logits and states come out bit for
-    bit the same), but every layer's temporaries are bounded by a piece instead of growing with l.
-    Calls with autograd, on other devices or no longer than a piece go to Mamba2LM.forward as they are."""
-    plain, q = type(model).forward, model.config.chunk_size
-    piece = max(1, tokens // q) * q
+class ForwardInPieces:
+    """model.forward as accelerate() installs it on a CPU (an instance attribute; an object, not a
+    closure, so that copy.deepcopy and pickle of the model give a copy that runs its own weights): a
+    no-grad CPU call longer than `tokens` runs as pieces of whole chunks, the state carried from one to
+    the next, each piece's logits written into one preallocated output. The same computation as one
+    call (every layer is causal and carries its state exactly; the benchmark model's logits and states
+    come out bit for bit the same), but every layer's temporaries are bounded by a piece instead of
+    growing with l. Calls with autograd, on other devices or no longer than a piece go to
+    Mamba2LM.forward as they are."""
 
-    def forward(input_ids, state=None, return_state=True):
+    def __init__(self, model, tokens: int):
+        q = model.config.chunk_size
+        self.model, self.piece = model, max(1, tokens // q) * q
+
+    def __call__(self, input_ids, state=None, return_state=True):
+        model, piece, plain = self.model, self.piece, type(self.model).forward
         if (torch.is_grad_enabled() or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
                 or input_ids.device.type != "cpu" or input_ids.shape[1] <= piece):
             return plain(model, input_ids, state, return_state)
@@ -723,8 +728,6 @@ def _pieces_forward(model, tokens: int):
                 out = logits.new_empty(b, l, logits.shape[-1])
             out[:, s:s + piece] = logits
         return out, state
-
-    return forward
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -759,7 +762,7 @@ def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | N
     """Install this file's fast paths into every layer of a minimamba.Mamba2LM; returns the model.
 
     mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; with
-    cpu_tricks.model_segment, model.forward <- _pieces_forward (no-grad CPU calls in pieces); on a CPU with
+    cpu_tricks.model_segment, model.forward <- ForwardInPieces (no-grad CPU calls in pieces); on a CPU with
     cpu_tricks.keep_freed_memory, keep_freed_memory() for the whole process. compiled: use
     ssd_chunked_compiled (default: when the model's parameters are on CUDA; compiling on a CPU costs
     minutes and ran no faster there). Call it before entering any mitigation (they wrap the scan);
@@ -776,7 +779,7 @@ def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | N
         m.scan, m.conv = FastScan(compiled, cpu_tricks), CausalConvSilu.apply
     model.__dict__.pop("forward", None)
     if cpu_tricks is not None and cpu_tricks.model_segment is not None:
-        model.forward = _pieces_forward(model, cpu_tricks.model_segment)  # an instance attribute: restore() drops it
+        model.forward = ForwardInPieces(model, cpu_tricks.model_segment)  # an instance attribute: restore() drops it
     if cpu_tricks is not None and cpu_tricks.keep_freed_memory and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
     return model

@@ -5,6 +5,7 @@ and agree with nn.functional.conv1d and the recurrence, and accelerate() install
 
 import contextlib
 import copy
+import pickle
 
 import pytest
 import torch
@@ -123,6 +124,21 @@ def test_long_no_grad_calls_in_pieces_equal_one_call(method, return_state):
     assert "forward" not in fast.__dict__
     with pytest.raises(ValueError, match="model_segment"):
         kernels.CpuTricks(model_segment=0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_an_accelerated_model_runs_its_own_weights_in_pieces(how):
+    """The installed forward belongs to its model: a copy (deepcopy, or pickle as torch.save would) whose
+    weights then change gives the logits of its own weights on a call long enough to run in pieces."""
+    plain, fast = pair()
+    kernels.accelerate(fast, cpu_tricks=kernels.CpuTricks(model_segment=8))
+    twin = copy.deepcopy(fast) if how == "deepcopy" else pickle.loads(pickle.dumps(fast))
+    ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for m in (twin, plain):
+            m.lm_head.weight.mul_(-2.0)  # tied to the embedding: both change
+        assert max_rel_err(twin(ids)[0], plain(ids)[0]) < 1e-10
+        assert max_rel_err(fast(ids)[0], twin(ids)[0]) > 0.1, "the copy ran the original's weights"
 
 
 def test_accelerate_installs_restores_and_refuses_inside_a_mitigation():
