@@ -41,9 +41,11 @@ def test_summary_ratios_and_misses():
         _row("model", "accelerated", "fwd", 16384, 5.0),
         dict(kind="decode", impl="accelerated", context=128, ms_per_token=2.0, ok=True),
         dict(kind="decode", impl="accelerated", context=4096, ms_per_token=2.2, ok=True),
-        dict(kind="toy_train", impl="accelerated", t_train=16, seconds=0.02, ok=True),
-        dict(kind="toy_train", impl="minimamba", t_train=16, seconds=0.03, ok=True),
-        dict(kind="toy_train", impl="transformers", t_train=16, seconds=0.09, ok=True),
+        dict(kind="toy_train", impl="accelerated", t_train=16, headdim=16, seconds=0.02, ok=True),
+        dict(kind="toy_train", impl="minimamba", t_train=16, headdim=16, seconds=0.03, ok=True),
+        dict(kind="toy_train", impl="transformers", t_train=16, headdim=16, seconds=0.09, ok=True),
+        dict(kind="toy_train", impl="accelerated", t_train=16, shape={"headdim": 32}, seconds=0.03, ok=True),
+        dict(kind="toy_train", impl="transformers", t_train=16, shape={"headdim": 32}, seconds=0.09, ok=True),
     ]
     s = {t["target"]: t for t in bench.summarize(rows)}
     frac = s["ssd_chunked FLOP/s / matmul FLOP/s (l=4096)"]
@@ -53,9 +55,12 @@ def test_summary_ratios_and_misses():
     mem = s["Mamba2LM accelerated fwd peak memory / transformers' (l=4096)"]
     assert mem["value"] == pytest.approx(100 / 150) and mem["met"] is False
     assert s["Mamba2LM accelerated fwdbwd speed-up vs transformers (l=4096)"]["met"] is None  # not measured
-    toy = s["toy training (accelerated) tokens/s vs transformers (T_train=16)"]
+    toy = s["toy training (accelerated) tokens/s vs transformers (T_train=16, headdim 16)"]
     assert toy["value"] == pytest.approx(4.5) and toy["met"] is True
-    assert s["toy training (minimamba) tokens/s vs transformers (T_train=16)"]["met"] is False
+    assert s["toy training (minimamba) tokens/s vs transformers (T_train=16, headdim 16)"]["met"] is False
+    toy32 = s["toy training (accelerated) tokens/s vs transformers (T_train=16, headdim 32)"]  # headdim in shape only
+    assert toy32["value"] == pytest.approx(3.0) and toy32["met"] is False
+    assert s["toy training (minimamba) tokens/s vs transformers (T_train=16, headdim 32)"]["met"] is None
     assert s["scan chunked time(16384) / time(4096)"]["value"] == pytest.approx(5.0)
     assert s["scan chunked time(16384) / time(4096)"]["met"] is False
     assert s["decode accelerated: ms/token at ctx 4096 / at ctx 128"]["value"] == pytest.approx(1.1)
