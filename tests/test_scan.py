@@ -264,11 +264,14 @@ def test_chunked_gradients_equal_autograd_through_the_oracle(inputs, chunk_size,
         loss = (y * w_y).sum() + (s * w_s).sum()
         grads[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+    largest = max(g.abs().max().item() for g in grads["oracle"].values())
     for k, ref in grads["oracle"].items():
-        # relative to max |ref|, floored at 1e-3 (gradients here are O(1)): a gradient that is exactly 0
-        # (dA for a single token, whose output does not depend on its own decay) comes out as float32
-        # rounding noise (~1e-8) from the factored mask, where exp(cs) exp(-cs) is not exactly 1
+        # float64: relative to this gradient's own max |ref|, floored at 1e-3 (gradients here are O(1)).
+        # float32: relative to the largest gradient of any input. A gradient that is exactly 0 (dA for a
+        # single token, whose output does not depend on its own decay) keeps the float32 rounding noise of
+        # the O(1-10) terms that cancel in it (the factored mask's exp(cs) exp(-cs) is not exactly 1): seen
+        # up to 1.5e-6, far above 1e-4 of its own floor. The float64 draws hold every gradient to its own scale.
         diff = (grads["chunked"][k].double() - ref.double()).abs().max().item()
-        err = diff / max(ref.abs().max().item(), 1e-3)
+        err = diff / max(ref.abs().max().item() if dtype == torch.float64 else largest, 1e-3)
         mean = (grads["chunked"][k].double() - ref.double()).abs().mean().item()
         assert err <= tol, f"d{k}: max rel err {err:.3g} (mean abs diff {mean:.3g}) > {tol}"
