@@ -406,9 +406,10 @@ def _logits_of(out: Any, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the model must return logits of shape (b, l, V) = ({ids.shape[0]}, "
                          f"{ids.shape[1]}, V) (or a tuple starting with them, or an object with "
                          f".logits); got {shape}")
-    if out.shape[-1] <= int(ids.max()):     # ids it cannot predict would score as silent misses
+    top = int(ids.max())                     # one reduction (and, on a GPU, one sync) per model call
+    if out.shape[-1] <= top:                 # ids it cannot predict would score as silent misses
         raise ValueError(f"the model returns {out.shape[-1]} logits per position but reads token id "
-                         f"{int(ids.max())}: it cannot predict every id it is given (is vocab_size the model's?)")
+                         f"{top}: it cannot predict every id it is given (is vocab_size the model's?)")
     return out
 
 
