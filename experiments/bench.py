@@ -692,9 +692,10 @@ def summarize(rows: list[dict], target_len: int = 4096, long_len: int = 16384) -
 
     toy = [r for r in rows if r.get("ok") and r["kind"] == "toy_train"]
     for p, t in sorted({(_toy_headdim(r), r["t_train"]) for r in toy}, key=lambda pt: (pt[0] or 0, pt[1])):
-        hf = _find([r for r in toy if _toy_headdim(r) == p], impl="transformers", t_train=t)
+        shape_rows = [r for r in toy if _toy_headdim(r) == p]
+        hf = _find(shape_rows, impl="transformers", t_train=t)
         for impl in [i for i in TOY_IMPLS if i != "transformers"]:
-            ours = _find([r for r in toy if _toy_headdim(r) == p], impl=impl, t_train=t)
+            ours = _find(shape_rows, impl=impl, t_train=t)
             v = hf["seconds"] / ours["seconds"] if (ours and hf) else None
             add(f"toy training ({impl}) tokens/s vs transformers (T_train={t}, headdim {p})", v, ">= 4",
                 None if v is None else v >= 4)
