@@ -2,7 +2,7 @@
 
 A Mamba-2 language model that loads the official checkpoints (state-spaces/mamba2-* and Hugging Face Mamba2ForCausalLM
 layouts) and reproduces their logits. Copy this file alone and it works: it imports only torch and the standard library,
-and the code you read is the code that runs (kernels.py installs a faster scan and conv, mitigations.py wraps the scan:
+and the code you read is the code that runs (minimamba_kernels.py installs a faster scan and conv, mitigations.py wraps the scan:
 both plug in through `mixer.scan` and `mixer.conv`, one way).
 
 Papers
@@ -207,10 +207,10 @@ def ssd(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_
     return y.to(x.dtype), (S if return_final_state else None)
 
 
-# === 3. The SSM of a layer as a replaceable object: the hook kernels.py and mitigations.py use =======
+# === 3. The SSM of a layer as a replaceable object: the hook minimamba_kernels.py and mitigations.py use =======
 class DefaultScan:
     """A Mamba2Mixer's SSM as a replaceable object, `mixer.scan`: chunked() runs a piece of a sequence, step() one token
-    (dt softplus-ed and clamped, A = -exp(A_log) in float32). kernels.py installs a faster one with the same methods;
+    (dt softplus-ed and clamped, A = -exp(A_log) in float32). minimamba_kernels.py installs a faster one with the same methods;
     a mitigation wraps whatever is there. Its state: any object with detach() (Mamba2State carries it unchanged)."""
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):  # shapes as ssd()
         return ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state, return_final_state=return_state)

@@ -248,7 +248,7 @@ def _scan_inputs(shape: ScanShape, l: int, dtype, device, seed: int, requires_gr
 
 
 def _scan_fn(impl: str):
-    import kernels
+    import minimamba_kernels as kernels
     import minimamba
     return {"sequential": kernels.ssd_sequential_chunked, "ssd": minimamba.ssd, "chunked": kernels.ssd_chunked,
             "compiled": kernels.ssd_chunked_compiled}[impl]
@@ -311,7 +311,7 @@ def _build_model(spec):
     torch.manual_seed(spec["seed"])
     ours = Mamba2LM(_model_config(ms))
     if spec["impl"] == "accelerated":
-        import kernels
+        import minimamba_kernels as kernels
         return kernels.accelerate(ours), ms
     if spec["impl"] != "transformers":
         return ours, ms
@@ -415,7 +415,7 @@ def measure_gpu(spec) -> dict:
     """One GPU scan measurement: impl in compiled | fla | mamba_ssm, dtype bf16/fp32, length l.
     Error: max |y - y_ref| / max |y_ref| against ssd_chunked in float64 (on the GPU)."""
     import torch
-    import kernels
+    import minimamba_kernels as kernels
     shape = ScanShape(**spec["shape"])
     dtype, l, q = getattr(torch, spec["dtype"]), spec["l"], shape.chunk_size
     inp = _scan_inputs(shape, l, dtype, "cuda", spec["seed"])
@@ -465,7 +465,7 @@ def _toy_model(impl: str, toy: ToyShape, t_train: int, seed: int):
                        headdim=toy.headdim, chunk_size=min(64, t_train))
     ours = Mamba2LM(cfg)
     if impl == "accelerated":
-        import kernels
+        import minimamba_kernels as kernels
         return kernels.accelerate(ours)
     if impl != "transformers":
         return ours

@@ -6,7 +6,7 @@ draws, so the README and closing notes can quote them.
     python -m experiments.check_equivalence            # ~1 minute on 2 CPU cores
     python -m experiments.check_equivalence --draws 200
 
-The claims themselves are asserted by tests/test_scan.py, test_model.py and test_kernels.py; this
+The claims themselves are asserted by tests/test_scan.py, test_model.py and test_minimamba_kernels.py; this
 script only measures how far inside their tolerances the paths agree. It needs transformers (the
 test extra: pip install -e ".[test]").
 
@@ -21,7 +21,7 @@ import tempfile
 import torch
 import transformers
 
-import kernels
+import minimamba_kernels as kernels
 from minimamba import Mamba2Config, Mamba2LM, ssd, ssd_step
 
 from experiments.common import add_flag

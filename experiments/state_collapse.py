@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
+import minimamba_kernels as kernels
 import mitigations as M
 from minimamba import Mamba2LM
 

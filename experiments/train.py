@@ -79,7 +79,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-import kernels
+import minimamba_kernels as kernels
 from checkpoints import save_pretrained, sha256_of
 from minimamba import Mamba2Config, Mamba2LM
 

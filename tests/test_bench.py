@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
+import minimamba_kernels as kernels
 from experiments import bench
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import max_rel_err
 
-import kernels
+import minimamba_kernels as kernels
 from minimamba import Mamba2Config, Mamba2LM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

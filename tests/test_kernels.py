@@ -1,4 +1,4 @@
-"""kernels.py changes nothing but speed: an accelerated model gives the plain model's logits, states and
+"""minimamba_kernels.py changes nothing but speed: an accelerated model gives the plain model's logits, states and
 parameter gradients (with and without a carried state, inside one chunk and across chunks), the
 mitigations give the same results with and without it, its conv and quadratic scan pass gradcheck
 and agree with nn.functional.conv1d and the recurrence, and accelerate() installs and restores."""
@@ -14,7 +14,7 @@ from conftest import max_rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+import minimamba_kernels as kernels
 import mitigations as mit
 from minimamba import DefaultScan, Mamba2Config, Mamba2LM, causal_conv_silu
 

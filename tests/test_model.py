@@ -89,7 +89,7 @@ class OracleScan:
     """The recurrence one token at a time (kernels.ssd_sequential) as a mixer's scan."""
 
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
-        import kernels
+        import minimamba_kernels as kernels
         return kernels.ssd_sequential(x, dt, A, B, C, D=D, initial_state=state)
 
     def step(self, x, dt, A, B, C, D, state):
@@ -266,7 +266,7 @@ def test_minimamba_py_works_copied_alone(tmp_path):
     alone.mkdir()
     shutil.copy(minimamba.__file__, alone / "minimamba.py")
     code = ("import sys, os, torch\n"
-            "for name in ('kernels', 'checkpoints', 'mitigations', 'forgetting_curve'):\n"
+            "for name in ('minimamba_kernels', 'checkpoints', 'mitigations', 'forgetting_curve'):\n"
             "    sys.modules[name] = None  # an installed project could still serve them: as if absent\n"
             "import minimamba\n"
             "assert os.path.dirname(os.path.abspath(minimamba.__file__)) == os.getcwd(), minimamba.__file__\n"

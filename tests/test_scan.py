@@ -10,7 +10,7 @@ from conftest import max_rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+import minimamba_kernels as kernels
 from minimamba import segsum, ssd, ssd_step
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}

@@ -1,6 +1,8 @@
-"""kernels: faster SSM scans and a faster causal conv for minimamba, installed by one call.
+"""minimamba_kernels: faster SSM scans and a faster causal conv for minimamba, installed by one call.
+(Not named `kernels`: that is a PyPI package which transformers requires, and a top-level kernels.py
+would shadow it.)
 
-    import kernels
+    import minimamba_kernels as kernels
     model = kernels.accelerate(minimamba.Mamba2LM(config))   # same function, faster; returns model
     kernels.restore(model)                                   # back to minimamba's own code
 
