@@ -8,9 +8,12 @@ would shadow it.)
 
 accelerate() puts a FastScan into every layer's `mixer.scan` and a conv with a hand-written backward
 into `mixer.conv`: the two plug-in points of minimamba.Mamba2Mixer (mitigations.py wraps the same
-`mixer.scan`, so enter mitigations after accelerating); on a CPU it also runs long no-grad forwards in
-pieces (an instance attribute model.forward). This file imports minimamba, never the
-reverse; tests prove the accelerated model computes what the plain one does (logits and gradients).
+`mixer.scan`, so enter mitigations after accelerating). It changes nothing else: two CPU helpers are
+explicit opt-ins, never installed by accelerate():
+    kernels.forward_in_pieces(model, 1024)   # long no-grad CPU calls run in pieces, state carried
+    kernels.keep_freed_memory()              # PROCESS-WIDE: glibc's malloc keeps freed memory
+This file imports minimamba, never the reverse; tests prove the accelerated model computes what the
+plain one does (logits and gradients).
 
 Paper: [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (Listing 1 is the chunked scan).
 
@@ -24,9 +27,10 @@ Reading order (sections)
                              whose final state nobody reads, needs only step 1 (attention-like form)
     4. eager training        a hand-written backward for ssd_chunked (autograd through the chunk loop
                              would keep every intermediate and cost O(c^2))
-    5. CPU-only tricks       the factored decay mask, segments, in-place buffers, the conv's backward,
-                             long no-grad model calls in pieces; their knobs are the fields of CpuTricks
-    6. accelerate / restore  installing all of it into a model
+    5. CPU-only tricks       the factored decay mask, segments, in-place buffers, the conv's backward
+                             (their knobs are the fields of CpuTricks); the opt-ins forward_in_pieces
+                             and keep_freed_memory
+    6. accelerate / restore  installing the fast scan and conv into a model
 
 Glossary: as minimamba (b batch, l length, h heads, p headdim, n d_state, g groups, q chunk,
 c chunks), and r = h / g heads per group.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,19 +101,12 @@ class CpuTricks:
     factored_range: float | None = 60.0  # nats: step 1 splits the decay mask where |cumsum| stays
     # below this (see _diag_factored); None: always the per-head blocks
     factored_backward: bool = True  # the backward of step 1 also uses the factored mask where it can
-    keep_freed_memory: bool = True  # accelerate() asks glibc's malloc to keep freed memory for reuse
-    # (see keep_freed_memory): measured on the toy training step (T_train 64), 1600 page faults and
-    # ~29 ms per step without, 8 and ~21 ms with
-    model_segment: int | None = 1024  # a no-grad forward of the whole model on a CPU longer than this
-    # runs as pieces of whole chunks of about this many tokens, state carried (see ForwardInPieces);
-    # d 256, 4 layers, l 16384, 1 thread: 1113 ms in one piece, 778 ms in pieces of 1024. None: off
 
     def __post_init__(self):
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 1:
             raise ValueError(f"segment must be a positive int (tokens), got {self.segment!r}")
-        if self.model_segment is not None and (isinstance(self.model_segment, bool) or
-                                               not isinstance(self.model_segment, int) or self.model_segment < 1):
-            raise ValueError(f"model_segment must be None or a positive int (tokens), got {self.model_segment!r}")
+        if not isinstance(self.factored_backward, bool):
+            raise TypeError(f"factored_backward must be True or False, got {self.factored_backward!r}")
         if self.factored_range is not None and not 0 <= self.factored_range <= 80:
             raise ValueError(f"factored_range must be None or in [0, 80] nats (e^80 is near float32's "
                              f"largest value), got {self.factored_range!r}")
@@ -274,6 +272,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, retur
 
 
 _compiled = None
+_warned_eager = False  # the eager fallback of ssd_chunked_compiled has said so once
 
 
 def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True):
@@ -282,9 +281,14 @@ def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=No
     chunks, so one graph serves every length of a bucket (per batch size and dtype) and autograd runs through
     the compiled forward. Why not dynamic=True: in torch 2.13 the CPU backward of the dynamic-shape graph
     corrupts memory ("double free or corruption"); static bucketed graphs do not, and cost at most 2x padding.
+
+    Every new variant (bucket x batch x dtype x grad mode x with or without a state ...) is one more graph,
+    and torch allows torch._dynamo.config.recompile_limit (8) per function: past it, fullgraph=True raises
+    FailOnRecompileLimitHit. Here such a call runs eager ssd_chunked instead (the same function) and warns
+    once; the variants already compiled stay compiled.
     Args/Returns: as minimamba.ssd.
     """
-    global _compiled
+    global _compiled, _warned_eager
     if _compiled is None:
         _compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=False)
     l, q = x.shape[1], chunk_size
@@ -292,8 +296,19 @@ def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=No
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt, A = F.pad(dt, (0, 0, 0, pad)), (A if A.dim() == 1 else F.pad(A, (0, 0, 0, pad)))
-    y, S = _compiled(x, dt, A, B, C, chunk_size=q, D=D, initial_state=initial_state,
-                     return_final_state=return_final_state)
+    try:
+        y, S = _compiled(x, dt, A, B, C, chunk_size=q, D=D, initial_state=initial_state,
+                         return_final_state=return_final_state)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        if not _warned_eager:
+            _warned_eager = True
+            warnings.warn(f"ssd_chunked_compiled: torch's recompile limit "
+                          f"({torch._dynamo.config.recompile_limit} graphs) is reached; new input variants "
+                          "run eager ssd_chunked (same results, slower). Raise "
+                          "torch._dynamo.config.recompile_limit to compile more of them.",
+                          RuntimeWarning, stacklevel=2)
+        y, S = ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D, initial_state=initial_state,
+                           return_final_state=return_final_state)
     return y[:, :l], S
 
 
@@ -650,10 +665,13 @@ def causal_conv_inplace(xBC, past, weight, bias):
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS:
+    """An explicit, PROCESS-WIDE opt-in (accelerate() never calls it; the experiment scripts that want it call
+    it once at start-up, and the benchmark's --keep_freed_memory gives it to every worker alike).
+    Ask glibc's malloc to keep freed memory in the process instead of returning it to the OS:
     blocks up to 32 MiB come from the heap (M_MMAP_THRESHOLD, glibc's largest) and the heap is not
     trimmed (M_TRIM_THRESHOLD). Otherwise every fresh multi-megabyte temporary of a training step is
-    mapped anew and page-faulted in on first touch, which costs more than the arithmetic on it.
+    mapped anew and page-faulted in on first touch, which costs more than the arithmetic on it (measured
+    on the toy training step, T_train 64: 1600 page faults and ~29 ms per step without, 8 and ~21 ms with).
     Process-wide and idempotent; the peak memory is unchanged, freed memory stays resident.
     Returns False where there is no glibc (macOS, Windows, musl): nothing is changed there."""
     try:
@@ -703,7 +721,7 @@ class CausalConvSilu(torch.autograd.Function):
 
 
 class ForwardInPieces:
-    """model.forward as accelerate() installs it on a CPU (an instance attribute; an object, not a
+    """model.forward as forward_in_pieces() installs it (an instance attribute; an object, not a
     closure, so that copy.deepcopy and pickle of the model give a copy that runs its own weights): a
     no-grad CPU call longer than `tokens` runs as pieces of whole chunks, the state carried from one to
     the next, each piece's logits written into one preallocated output. The same computation as one
@@ -730,6 +748,21 @@ class ForwardInPieces:
                 out = logits.new_empty(b, l, logits.shape[-1])
             out[:, s:s + piece] = logits
         return out, state
+
+
+def forward_in_pieces(model, tokens: int = 1024):
+    """An explicit opt-in: no-grad CPU calls of `model` longer than `tokens` run as pieces of whole chunks
+    with the state carried (ForwardInPieces, installed as the instance attribute model.forward; restore()
+    or forward_in_pieces(model, None) removes it). Same logits and states; the peak memory is bounded by a
+    piece (d 256, 4 layers, l 16384, 1 thread: 1113 ms in one piece, 778 ms in pieces of 1024). Returns model.
+    """
+    _mixers(model)  # type check
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"forward_in_pieces: tokens must be a positive int or None, got {tokens!r}")
+    model.__dict__.pop("forward", None)
+    if tokens is not None:
+        model.forward = ForwardInPieces(model, tokens)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -763,14 +796,20 @@ class FastScan:
 def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | None = CpuTricks()):
     """Install this file's fast paths into every layer of a minimamba.Mamba2LM; returns the model.
 
-    mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; with
-    cpu_tricks.model_segment, model.forward <- ForwardInPieces (no-grad CPU calls in pieces); on a CPU with
-    cpu_tricks.keep_freed_memory, keep_freed_memory() for the whole process. compiled: use
-    ssd_chunked_compiled (default: when the model's parameters are on CUDA; compiling on a CPU costs
-    minutes and ran no faster there). Call it before entering any mitigation (they wrap the scan);
+    mixer.scan <- FastScan(compiled, cpu_tricks); mixer.conv <- CausalConvSilu.apply; nothing else (no
+    process-wide setting, model.forward untouched: see forward_in_pieces and keep_freed_memory).
+    compiled: True, False or None, use ssd_chunked_compiled (None: when the model's parameters are on CUDA;
+    compiling on a CPU costs minutes and ran no faster there). cpu_tricks: a CpuTricks or None (eager CPU
+    calls then run ssd_chunked's plain path). Call it before entering any mitigation (they wrap the scan);
     calling it twice re-installs. restore(model) puts minimamba's own code back.
     """
     mixers = _mixers(model)
+    if compiled is not None and not isinstance(compiled, bool):
+        raise TypeError(f"accelerate: compiled must be True, False or None, got {compiled!r} "
+                        f"({type(compiled).__name__})")
+    if cpu_tricks is not None and not isinstance(cpu_tricks, CpuTricks):
+        raise TypeError(f"accelerate: cpu_tricks must be a kernels.CpuTricks or None, got {cpu_tricks!r} "
+                        f"({type(cpu_tricks).__name__})")
     if compiled is None:
         compiled = next(model.parameters()).device.type == "cuda"
     for m in mixers:
@@ -779,16 +818,12 @@ def accelerate(model, *, compiled: bool | None = None, cpu_tricks: CpuTricks | N
                                "call kernels.accelerate(model) before entering a mitigation, not inside one")
     for m in mixers:
         m.scan, m.conv = FastScan(compiled, cpu_tricks), CausalConvSilu.apply
-    model.__dict__.pop("forward", None)
-    if cpu_tricks is not None and cpu_tricks.model_segment is not None:
-        model.forward = ForwardInPieces(model, cpu_tricks.model_segment)  # an instance attribute: restore() drops it
-    if cpu_tricks is not None and cpu_tricks.keep_freed_memory and next(model.parameters()).device.type == "cpu":
-        keep_freed_memory()
     return model
 
 
 def restore(model):
-    """Undo accelerate(): every layer gets minimamba's DefaultScan and causal_conv_silu back."""
+    """Undo accelerate() and forward_in_pieces(): every layer gets minimamba's DefaultScan and
+    causal_conv_silu back, and model.forward is Mamba2LM.forward again."""
     for m in _mixers(model):
         if not isinstance(m.scan, (minimamba.DefaultScan, FastScan)):
             raise RuntimeError(f"layer {m.layer_idx} runs {type(m.scan).__name__}: exit the mitigation first")

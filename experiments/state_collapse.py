@@ -427,7 +427,8 @@ def make_probes(cfg: DemoConfig, corpus: Corpus) -> dict[str, torch.Tensor]:
 def load_for_eval(model_dir: str | Path, device: str) -> Mamba2LM:
     """A trained model on `device` (a --device name), in eval mode, with kernels.accelerate's fast
     paths (which mitigations then wrap)."""
-    return kernels.accelerate(Mamba2LM.from_pretrained(model_dir).to(resolve_device(device)).eval())
+    model = kernels.accelerate(Mamba2LM.from_pretrained(model_dir).to(resolve_device(device)).eval())
+    return kernels.forward_in_pieces(model, 1024)  # long no-grad evaluations in pieces: bounded memory
 
 
 def run_point(cfg: DemoConfig, point: Point) -> dict:

@@ -90,11 +90,11 @@ def test_mitigations_give_the_same_results_with_and_without_kernels(method):
 @pytest.mark.parametrize("method", [None, "rri", "delta", "state_norm", "window"])
 @pytest.mark.parametrize("return_state", [True, False])
 def test_long_no_grad_calls_in_pieces_equal_one_call(method, return_state):
-    """CpuTricks.model_segment: a no-grad CPU call longer than a piece runs as pieces of whole chunks
+    """kernels.forward_in_pieces (an opt-in): a no-grad CPU call longer than a piece runs as pieces of whole chunks
     with the state carried; logits and the final state are those of the plain model in one call, alone
     and inside each mitigation. With autograd the call is not split (the graph is the plain one)."""
     plain, fast = pair()
-    kernels.accelerate(fast, cpu_tricks=kernels.CpuTricks(model_segment=12))  # pieces of 8 tokens (chunk 8)
+    kernels.forward_in_pieces(kernels.accelerate(fast), 12)  # pieces of 8 tokens (chunk 8)
     ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(4))
     blocks = {None: lambda m: contextlib.nullcontext(),
               "rri": lambda m: mit.rri(m, lambda_a=0.95, lambda_B=0.8),
@@ -122,8 +122,8 @@ def test_long_no_grad_calls_in_pieces_equal_one_call(method, return_state):
     assert calls == [45]
     kernels.restore(fast)
     assert "forward" not in fast.__dict__
-    with pytest.raises(ValueError, match="model_segment"):
-        kernels.CpuTricks(model_segment=0)
+    with pytest.raises(ValueError, match="tokens must be a positive int"):
+        kernels.forward_in_pieces(fast, 0)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
@@ -131,7 +131,7 @@ def test_a_copy_of_an_accelerated_model_runs_its_own_weights_in_pieces(how):
     """The installed forward belongs to its model: a copy (deepcopy, or pickle as torch.save would) whose
     weights then change gives the logits of its own weights on a call long enough to run in pieces."""
     plain, fast = pair()
-    kernels.accelerate(fast, cpu_tricks=kernels.CpuTricks(model_segment=8))
+    kernels.forward_in_pieces(kernels.accelerate(fast), 8)
     twin = copy.deepcopy(fast) if how == "deepcopy" else pickle.loads(pickle.dumps(fast))
     ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
