@@ -82,6 +82,7 @@ def test_decode_worker_gives_one_row_per_context():
     assert [r["context"] for r in rows] == [8, 40] and all(r["ms_per_token"] > 0 for r in rows)
 
 
+@pytest.mark.transformers
 def test_toy_training_worker_times_every_impl_on_the_same_weights():
     spec = {"seed": 0, "t_train": 8, "impls": list(bench.TOY_IMPLS), "rounds": 2,
             "shape": {"d_model": 16, "n_layer": 1, "d_state": 8, "headdim": 8, "vocab_size": 256, "tokens_per_step": 32}}

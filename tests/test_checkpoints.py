@@ -14,6 +14,7 @@ from checkpoints import save_pretrained, write_safetensors
 from minimamba import MANIFEST, Mamba2Config, Mamba2LM, read_safetensors
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.transformers
 
 
 def hf_model(n_groups=1, seed=0):
