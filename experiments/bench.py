@@ -590,17 +590,31 @@ def plan(cfg: BenchConfig, cpu: bool = True) -> list[dict]:
     return specs
 
 
-def gpu_plan(cfg: BenchConfig) -> list[dict]:
-    """The GPU section as ONE worker (one process keeps the compiled graphs, so the dynamo counters
-    show how many graphs the lengths needed)."""
-    sh = dataclasses.asdict(dataclasses.replace(cfg.scan, chunk_size=cfg.gpu_chunk_size))
-    impls = ["compiled"]
-    for mod, name in (("fla.ops.simple_gla", "fla"), ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm")):
+# The GPU peers: (row name, module the bench imports, the wheel that provides it). flash-linear-attention's
+# fla.ops moved to the fla-core wheel when the package split (flash-linear-attention itself no longer has it).
+GPU_PEERS = (("fla", "fla.ops.simple_gla", "fla-core (needs einops; triton comes with CUDA torch)"),
+             ("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined", "mamba-ssm (a CUDA build matching torch)"))
+
+
+def gpu_peers() -> list[dict]:
+    """Each GPU peer with its status: "importable", or why not (the import error), and its wheel."""
+    peers = []
+    for name, module, wheel in GPU_PEERS:
         try:
-            __import__(mod)
-            impls.append(name)
-        except Exception:
-            pass
+            __import__(module)
+            status = "importable"
+        except Exception as e:  # ImportError, or a peer that breaks on import (a CUDA/triton mismatch)
+            status = f"missing: {type(e).__name__}: {e}"[:300]
+        peers.append({"impl": name, "module": module, "wheel": wheel, "status": status})
+    return peers
+
+
+def gpu_plan(cfg: BenchConfig, peers: list[dict] | None = None) -> list[dict]:
+    """The GPU section as ONE worker (one process keeps the compiled graphs, so the dynamo counters
+    show how many graphs the lengths needed): our compiled scan and every importable peer."""
+    sh = dataclasses.asdict(dataclasses.replace(cfg.scan, chunk_size=cfg.gpu_chunk_size))
+    peers = gpu_peers() if peers is None else peers
+    impls = ["compiled"] + [p["impl"] for p in peers if p["status"] == "importable"]
     return [{"seed": cfg.seed, "kind": "gpu", "impl": impl, "dtype": dt, "l": l, "shape": sh}
             for dt in ("bfloat16", "float32") for impl in impls for l in cfg.gpu_lengths]
 
