@@ -163,6 +163,8 @@ def forgetting_curve(
     Returns:
         A ForgettingCurve. NonFiniteLogitsError names the length, sample and position of a NaN or inf
         logit; any exception propagates after the lengths already measured were saved to `out`.
+    Long sweeps: experiments.measure_curve.measure_curve takes the same arguments and adds resume after
+    a kill, a progress bar and out-of-memory handling.
     """
     out = check_out(out)
     cfg, tokens, device, run_meta = resolve_sweep(

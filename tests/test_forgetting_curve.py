@@ -290,20 +290,6 @@ def test_coarse_rule_needs_effect_size_and_significance():
         fc.ForgettingCurve(lengths=[8], copy_acc=[[1, 1, 1]], lm_acc=[[0, 0, 0]]).coarse_grained_length()
 
 
-def test_sign_flip_pvalue():
-    assert fc.paired_sign_flip_pvalue(np.ones(10)) == pytest.approx(2 ** -10)
-    assert fc.paired_sign_flip_pvalue(np.zeros(10)) == 1.0
-    assert fc.paired_sign_flip_pvalue(-np.ones(10)) == 1.0
-    # exact value for a small case: d = (3, 1, -1): sign patterns with mean >= 1: (+,+,-),(+,+,+),
-    # (+,-,+) -> means 1, 5/3, 1 and (+,-,-) mean 1/3 -> 3 of 8
-    assert fc.paired_sign_flip_pvalue(np.array([3.0, 1.0, -1.0])) == pytest.approx(3 / 8)
-    # Monte Carlo branch (n > 16): all-positive diffs -> about 1 / (1 + R)
-    p = fc.paired_sign_flip_pvalue(np.ones(30), n_resamples=999)
-    assert p == pytest.approx(1 / 1000)
-    d = np.random.default_rng(1).standard_normal(30) + 0.1
-    assert 0 < fc.paired_sign_flip_pvalue(d) < 1
-
-
 # Official linear grid (draw.py: np.linspace(8, 16000, 32, dtype=int)), first 19 points: 8, 523, ...
 LLAMA_LIKE_LENGTHS = np.linspace(8, 16000, 32, dtype=int)[:19]
 
@@ -428,7 +414,8 @@ def test_summary_exposes_verdicts_for_sweep_scripts():
 
 
 # ---------------------------------------------------------------------------------------------
-# The statistics, against closed forms and hand-computed values (no scipy)
+# The statistics behind the rules (forgetting_curve.py's marked section), against closed forms and
+# hand-computed values (no scipy)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x", [0.0, 1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0])
@@ -453,6 +440,20 @@ def test_binomial_cdf_against_exact_sums():
     assert fc.binomial_cdf(-1, 10, 0.5) == 0.0 and fc.binomial_cdf(10, 10, 0.5) == 1.0
     with pytest.raises(ValueError, match="a, b > 0"):
         fc.regularized_incomplete_beta(0.0, 1.0, 0.5)
+
+
+def test_sign_flip_pvalue():
+    assert fc.paired_sign_flip_pvalue(np.ones(10)) == pytest.approx(2 ** -10)
+    assert fc.paired_sign_flip_pvalue(np.zeros(10)) == 1.0
+    assert fc.paired_sign_flip_pvalue(-np.ones(10)) == 1.0
+    # exact value for a small case: d = (3, 1, -1): sign patterns with mean >= 1: (+,+,-),(+,+,+),
+    # (+,-,+) -> means 1, 5/3, 1 and (+,-,-) mean 1/3 -> 3 of 8
+    assert fc.paired_sign_flip_pvalue(np.array([3.0, 1.0, -1.0])) == pytest.approx(3 / 8)
+    # Monte Carlo branch (n > 16): all-positive diffs -> about 1 / (1 + R)
+    p = fc.paired_sign_flip_pvalue(np.ones(30), n_resamples=999)
+    assert p == pytest.approx(1 / 1000)
+    d = np.random.default_rng(1).standard_normal(30) + 0.1
+    assert 0 < fc.paired_sign_flip_pvalue(d) < 1
 
 
 def test_paired_t_test_against_hand_computed_values():
