@@ -212,10 +212,10 @@ def load_for_resume(out: Path) -> fc.ForgettingCurve:
     prev = fc.ForgettingCurve.load(out)                     # a corrupt file: ValueError naming it
     missing = [k for k in ("model_config", "meta", "probe_len") if k not in prev.meta.get("fingerprint", {})]
     if missing:
-        raise ValueError(f"cannot resume from {out}: its fingerprint lacks {missing} (written by an older "
-                         "version), so nothing says it measured this model, with these settings, on this "
-                         "data. Re-plot it with --from_json; to measure afresh, move it away or choose "
-                         "another out=")
+        raise ValueError(f"cannot resume from {out}: its fingerprint lacks {missing} (written by "
+                         "forgetting_curve(out=...) or an older version), so nothing says it measured this "
+                         "model, with these settings, on this data. Re-plot it with --from_json; to measure "
+                         "afresh, move it away or choose another out=")
     return prev
 
 
