@@ -19,7 +19,7 @@ Commands (run from the repository root)
     # the default sweep (more state sizes and training lengths; meant for a GPU or a long CPU run)
     python -m experiments.forgetting_curves --seeds 0,1,2
     # one curve of any checkpoint: the evaluator's own command line
-    python forgetting_curve.py --checkpoint DIR --lengths 16,64,256 --out_dir runs/fc
+    python -m experiments.measure_curve --checkpoint DIR --lengths 16,64,256 --out_dir runs/fc
 
 Papers
     Forgetting Curve (arXiv 2410.04727): copy vs LM accuracy over dependency lengths L;
@@ -38,8 +38,8 @@ Protocol (numbered as the code below)
        --task mix: train.py's "mix" task (fixed 8-byte episodes).
        --task lm: the corpus only (a plain language model).
     2. For every model (Mamba: every mitigation) and both data modes - random bytes and held-out
-       stdlib text - measure forgetting_curve.forgetting_curve (n samples per L, BOS = the corpus'
-       document separator byte, the state carried across chunks for Mamba).
+       stdlib text - measure the forgetting curve with experiments.measure_curve (resumable; n samples
+       per L, BOS = the corpus' document separator byte, the state carried across chunks for Mamba).
     3. Read the fine- and coarse-grained memory lengths of each curve with forgetting_curve.py's rules
        (ForgettingCurve.summary: per-length pass / inconclusive / fail verdicts), per seed; over
        seeds their mean and 95% t interval; one figure per data mode.
@@ -71,6 +71,7 @@ import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
+from experiments.measure_curve import measure_curve
 from experiments.state_collapse import MitigationSettings, load_for_eval, mitigation_context
 from experiments.sweep import (Point, check_seeds_and_workers, final_train_loss, finished_run, fmt_ci, grid_points,
                                mean_ci, parse_states, point_key, point_train_config, recipe, run_sweep,
@@ -201,13 +202,13 @@ def run_point(cfg: FCurvesConfig, point: Point) -> dict:
         for mode in cfg.modes:
             desc, ctx = mitigation_context(mit, model, c["t_train"], settings)
             with ctx:
-                curve = fc.forgetting_curve(model, lengths=lengths, tokens=heldout if mode == "text" else None,
-                                            vocab_size=VOCAB_SIZE, n_samples=cfg.n_samples, bos_id=DOC_SEP,
-                                            eos_id=DOC_SEP, seed=c["seed"], batch_size=2 * cfg.n_samples,
-                                            chunk_size=cfg.chunk_size if mamba else None,
-                                            out=Path(cfg.out_dir) / "curves" / f"{point.key}_{mit}_{mode}.json",
-                                            resume=True, progress=False,
-                                            meta={"model": model_label(c), "mitigation": desc, "mode": mode})
+                curve = measure_curve(model, lengths=lengths, tokens=heldout if mode == "text" else None,
+                                      vocab_size=VOCAB_SIZE, n_samples=cfg.n_samples, bos_id=DOC_SEP,
+                                      eos_id=DOC_SEP, seed=c["seed"], batch_size=2 * cfg.n_samples,
+                                      chunk_size=cfg.chunk_size if mamba else None,
+                                      out=Path(cfg.out_dir) / "curves" / f"{point.key}_{mit}_{mode}.json",
+                                      resume=True, progress=False,
+                                      meta={"model": model_label(c), "mitigation": desc, "mode": mode})
             result["curves"][f"{mit}|{mode}"] = {"mitigation": desc, "lengths": curve.lengths.tolist(),
                                                  "copy_acc": curve.copy_acc.tolist(), "lm_acc": curve.lm_acc.tolist(),
                                                  "errors": {str(k): v for k, v in curve.errors.items()}}
