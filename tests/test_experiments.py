@@ -97,7 +97,7 @@ def test_default_corpus_is_the_stdlib():
 # ------------------------------------------------------------------------------------------------
 
 SCRIPTS = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*.py")
-                 if "def main(" in p.read_text()) + ["forgetting_curve"]
+                 if "def main(" in p.read_text())
 
 
 def test_every_script_is_listed():
