@@ -44,6 +44,9 @@ States: state_norm and sliding_window carry their own state objects (NormState, 
 record the block that made them (method, parameters, layer); a scan continues only a state its own
 kind of block made and refuses any other (another window, a plain tensor, another batch or device)
 with an error that names both sides.
+
+Copies: copy.deepcopy(model), pickle or torch.save inside a block copy the model without the block's
+scans (the block's exit restores only the model it was entered on; a copy would keep the method for good).
 """
 
 from __future__ import annotations
@@ -90,6 +93,26 @@ def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     if hasattr(scan, "log_decay"):
         return scan.log_decay(dt, A)
     return dt.to(WINDOW_DECAY_DTYPE) * _per_token_A(A, dt).to(WINDOW_DECAY_DTYPE)
+
+
+class _Installable:
+    """Base of this file's scans: `inner` is the scan below. Once a `with` block has installed one in a
+    model (in_block), a copy of that model (copy.deepcopy, pickle, torch.save) gets the scan below in
+    its place: the block's exit restores only the model it was entered on, so a copy that kept the
+    method would keep it for good. A scan installed by hand is copied like any other object."""
+
+    inner = None
+    in_block = False
+
+    def __reduce_ex__(self, protocol):
+        if self.in_block:
+            return _same, (self.inner,)
+        return super().__reduce_ex__(protocol)
+
+
+def _same(scan):
+    """What a copy of a model gets for a scan installed by a block (see _Installable): the scan below."""
+    return scan
 
 
 def _checked(name: str, value, kind: type, ok, expected: str):
@@ -157,7 +180,7 @@ def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=Tr
 # --------------------------------------------------------------------------------------------------
 
 
-class _InputTransform:
+class _InputTransform(_Installable):
     """A scan that changes the inputs (dt, A, B) and runs the scan below it, `inner`, on them. The state
     is the inner scan's and passes through, as does return_state."""
 
@@ -304,7 +327,7 @@ class NormState:
         return NormState(None if self.h is None else self.h.detach(), self.position, self.made_by)
 
 
-class StateNormScan:
+class StateNormScan(_Installable):
     """[SC] state normalization: after the update of every `every`-th token of the stream (absolute
     positions k, 2k, 3k, ...), clamp the state: h_t <- h_t * min(1, tau / ||h_t||_F).
 
@@ -443,7 +466,7 @@ class WindowState:
                            d(self.cache_B), d(self.log_decay), self.seen, self.made_by)
 
 
-class SlidingWindowScan:
+class SlidingWindowScan(_Installable):
     """[SC] sliding window by state difference: y_t = (h_t - alpha_{t-r+1..t} h_{t-r}) C_t + D x_t.
 
     Chunked path, for a piece of L new tokens after T already read (m = min(T, r) of them cached):
@@ -608,7 +631,9 @@ class _SwappedScans:
             raise RuntimeError("this block is already open: leave it before entering it again")
         old = [m.scan for m in self.mixers]
         new = [self.make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
-        for m, scan in zip(self.mixers, new):
+        for m, scan, below in zip(self.mixers, new, old):
+            if scan is not below and isinstance(scan, _Installable):
+                scan.in_block = True  # left out of copies of the model (see _Installable)
             m.scan = scan
         self.installed = list(zip(new, old))
         return self.model
@@ -723,7 +748,7 @@ def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
 
 
-class _RetentionRecorder:
+class _RetentionRecorder(_Installable):
     """Wraps a layer's scan for trace_states: sums log alpha over the stream, except the first token."""
 
     def __init__(self, inner):
