@@ -150,7 +150,7 @@ def test_sliding_window_streaming_and_step_equal_one_shot(data):
         start = end
     assert_close(torch.cat(ys, 1), want, f"streamed vs one-shot (r={window}, cuts={cuts})", **TOL[torch.float64])
     # the carried state holds at most `window` cached tokens, and h_T is the full-context state
-    assert state.cache_x.shape[1] == min(l, window)
+    assert state.cache_x.shape[1] <= window, f"{state.cache_x.shape[1]} tokens cached for a window of {window}"
     _, h_full = oracle(x, dt, A, B, C)
     assert_close(state.h, h_full, "carried h_T vs oracle final state", **TOL[torch.float64])
     # its window state h_T - alpha h_{T-r} is the state of a zero-state run over the last r tokens
@@ -845,7 +845,7 @@ def test_return_state_goes_through_transforms_and_stateful_scans_return_theirs()
             return super().chunked(*args, return_state=return_state)
 
     y, _ = mit.DeltaScaleScan(mit.RRIScan(Recording(), 0.9), 0.5).chunked(x, dt, A, B, C, None, None, 4, return_state=False)
-    assert flags == [False]
+    assert flags and not any(flags), f"return_state seen below the transforms: {flags}"
     for scan in (mit.SlidingWindowScan(Recording(), 3), mit.StateNormScan(Recording(), torch.ones(4), 2)):
         _, state = mit.RRIScan(scan, 0.9).chunked(x, dt, A, B, C, None, None, 4, return_state=False)
         assert isinstance(state, (mit.WindowState, mit.NormState)) and state.h is not None
