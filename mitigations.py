@@ -2,14 +2,15 @@
 
 State collapse (SC): a Mamba-2 trained on sequences of length T_train breaks down beyond it, because
 it never learned to forget; the retention of old tokens stays near 1, a few state channels explode.
-This file gives the paper's training-free mitigations, each as
-
-    (a) a pure function at the scan level (x, dt, A, B, C as in minimamba.ssd), and
-    (b) a context manager that applies it to a Mamba2LM by swapping each mixer's `scan` object
-        (the extension point of minimamba.py; nothing in minimamba.py is edited), so that the chunked
-        forward, streaming forward with a carried state, step() and generate() all run the method.
-Both are one scan object written against minimamba.DefaultScan's two methods, chunked() and step():
-(a) wraps a minimamba.DefaultScan(), (b) whatever scan each layer has.
+This file gives the paper's training-free mitigations. Each is one scan object written against
+minimamba.DefaultScan's two methods, chunked() (a piece of a sequence) and step() (one token), that
+wraps the scan below it, and is used in two ways:
+    (a) at the scan level, a function of (x, dt, A, B, C) like minimamba.ssd: rri_ssd,
+        delta_scaled_ssd, state_norm_ssd, sliding_window_ssd (the method on a minimamba.DefaultScan());
+    (b) on a Mamba2LM, a `with` block that puts the method above each layer's `mixer.scan` (the
+        extension point of minimamba.py; nothing in minimamba.py is edited), so that the chunked
+        forward, the streaming forward with a carried state, step() and generate() all run it:
+        rri(), delta_scaling(), state_norm(), sliding_window().
 
 Papers:
     [SC]  Chen et al., "Stuffed Mamba: State Collapse and State Capacity of RNN-Based Long-Context
@@ -18,13 +19,15 @@ Papers:
     [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (the scan these functions build on).
 
 Reading order:
-    1. helpers                    per-head views of group tensors, input checks
-    2. RRI and Delta scaling      input transforms: the decay and the insertion change, the scan does not
-    3. state normalization        the clamp h <- h * min(1, tau / ||h||_F) every k tokens, calibration
-    4. sliding window             h_t - alpha_{t-r+1..t} h_{t-r}: exact per layer, streaming in O(r)
-    5. model level                the scan objects and the context managers rri(), delta_scaling(),
-                                  state_norm(), sliding_window()
-    6. diagnostics                state statistics every k tokens, first-token retention, state size N_S
+    0. the scan interface         a method wraps the scan below it: input transforms, stateful scans
+    1. RRI                        [SC] method 1: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T
+    2. Delta scaling              [LM], the baseline in [SC]: dt_t -> factor * dt_t
+    3. state normalization        [SC] method 2: h <- h * min(1, tau / ||h||_F) every k tokens; calibration
+    4. sliding window             [SC] method 3: h_t - alpha_{t-r+1..t} h_{t-r}, exact per layer, O(r)
+    5. diagnostics                trace_states: state statistics and first-token retention every k
+                                  tokens; the state size N_S
+    6. the `with` blocks          swap each layer's scan; on exit take out only the block's own
+    7. refusals                   argument checks; a state continues only in the block that made it
 
 Glossary (letters in shapes and einsum strings; [SC] section 2 symbols in brackets):
     b batch   l length   h heads [H]   p headdim [P]   n d_state [N]   g groups [G]   r window
@@ -44,6 +47,9 @@ States: state_norm and sliding_window carry their own state objects (NormState, 
 record the block that made them (method, parameters, layer); a scan continues only a state its own
 kind of block made and refuses any other (another window, a plain tensor, another batch or device)
 with an error that names both sides.
+
+Copies: copy.deepcopy(model), pickle or torch.save inside a block copy the model without the block's
+scans (the block's exit restores only the model it was entered on; a copy would keep the method for good).
 """
 
 from __future__ import annotations
@@ -66,111 +72,41 @@ DEFAULT_CHUNK_SIZE = 64
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Helpers
+# 0. The scan interface: a method wraps the scan below it
 # --------------------------------------------------------------------------------------------------
+# A mixer computes y = SSM(x, dt, A, B, C) + D x with scan.chunked(x, dt, A, B, C, D, state, chunk_size)
+# or scan.step(x, dt, A, B, C, D, state), each returning (y, state). A method runs the scan below it,
+# `inner`, either as an input transform (RRI, Delta scaling: new dt, A, B; the inner scan's state passes
+# through) or as a stateful scan (state normalization, sliding window: a state object of its own).
 
 
-def _per_token_A(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """A (h,) or already per-token with dt's shape -> per-token, dt's shape (b, [l,] h)."""
-    return A.expand(dt.shape) if A.dim() == 1 else A
+class _Wrapper:
+    """Base of this file's scans: `inner` is the scan below (the model's, or another method's)."""
+
+    inner = None
+    in_block = False  # set by the `with` block that installs it (section 6)
+
+    def log_decay(self, dt, A):
+        """log alpha_t = dt_t A_t in float64, as the scan below sees it (a transform adds its change)."""
+        return _log_decay(self.inner, dt, A)
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy / pickle of a model inside a block: the copy gets the scan below (section 6)
+        if self.in_block:
+            return _same, (self.inner,)
+        return super().__reduce_ex__(protocol)
 
 
-def _float_at_least_32(t: torch.Tensor) -> torch.Tensor:
-    """State math runs in float32 at least; float64 stays float64 (minimamba's rule)."""
-    return t.to(_compute_dtype(t.dtype))
+class _InputTransform(_Wrapper):
+    """A scan that changes the inputs (dt, A, B) and runs the scan below it on them. The state is the
+    inner scan's and passes through, as does return_state."""
 
-
-def _read_out(state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """state (b, h, p, n), C (b, g, n) -> state C (b, h, p)."""
-    return torch.einsum("bhpn,bhn->bhp", state, _heads_from_groups(C.to(state.dtype), state.shape[1]))
-
-
-def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """log alpha_t = dt_t A_t as the scan below `scan` will see it (after any input transform)."""
-    if hasattr(scan, "log_decay"):
-        return scan.log_decay(dt, A)
-    return dt.to(WINDOW_DECAY_DTYPE) * _per_token_A(A, dt).to(WINDOW_DECAY_DTYPE)
-
-
-def _checked(name: str, value, kind: type, ok, expected: str):
-    """value as a Python `kind` (int or float) if it is one and ok(value), else a TypeError or ValueError
-    that says what was expected and what was received. A bool is not a number here (True would pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
-    try:
-        converted = kind(value)
-    except OverflowError:  # an int too large for a float
-        converted = math.inf
-    if not ok(converted):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return converted
-
-
-def _described(t) -> str:
-    """'shape (2, 3)' for a tensor, else the type's name: what an error message says was received."""
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
-
-
-def _in_layer(layer) -> str:
-    """' in layer i' for a state's record of the block that made it ('' when no layer is given)."""
-    if layer is None:
-        return ""
-    return f" in layer {_checked('layer', layer, int, lambda v: v >= 0, 'a layer index >= 0')}"
-
-
-def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=True):
-    """Validate one call of a scan of this file: the inputs' shapes (minimamba.check_scan_inputs), and
-    that `state` is one its block continues. scan.made_by names the sliding_window / state_norm in the
-    block (None if there is none): without one, a state is None or the model's tensor (which the
-    model's scan checks); with one, None or a state the same block made (method, parameters, layer),
-    of the inputs' (b, h, p, n) and on their device."""
-    b, _, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, None, None, step=x.dim() == 3)
-    if x.dim() == 4:  # the chunked form
-        _checked("chunk_size", chunk_size, int, lambda v: v >= 1, "a positive int (tokens per SSD chunk)")
-    if not isinstance(return_state, bool):
-        raise TypeError(f"return_state must be a bool, got {return_state!r} ({type(return_state).__name__})")
-    if isinstance(scan, StateNormScan) and scan.taus.shape[0] != h:
-        raise ValueError(f"taus has {scan.taus.shape[0]} thresholds, the inputs have h = {h} heads")
-    ours = isinstance(state, (NormState, WindowState))
-    if state is None or (scan.made_by is None and not ours):
-        return
-    if scan.made_by is None:
-        raise TypeError(f"this state was made by {state.made_by}; this block is {scan.name}, which continues "
-                        "the model's (b, h, p, n) tensor: continue the state inside a block like the one that made it")
-    if not ours:
-        raise TypeError(f"this block is {scan.made_by}, which continues only a state made by the same block, "
-                        f"got a {type(state).__name__} (a tensor state comes from the model's scan, rri or "
-                        "delta_scaling): start the block from state None")
-    if state.made_by != scan.made_by:
-        raise ValueError(f"this state was made by {state.made_by}; this block is {scan.made_by}")
-    if state.h is not None and tuple(state.h.shape) != (b, h, p, n):
-        raise ValueError(f"this state is (b, h, p, n) = {tuple(state.h.shape)}, the inputs need {(b, h, p, n)}")
-    if state.h is not None and state.h.device != x.device:
-        raise ValueError(f"this state is on {state.h.device}, the inputs on {x.device}")
-    cache_B = getattr(state, "cache_B", None)
-    if cache_B is not None and cache_B.shape[-2] != g:
-        raise ValueError(f"this state's cached B has g = {cache_B.shape[-2]} groups, the inputs' B has {g}")
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Forget More and Remember Less (RRI) and LongMamba's Delta scaling: transforms of the inputs
-# --------------------------------------------------------------------------------------------------
-
-
-class _InputTransform:
-    """A scan that changes the inputs (dt, A, B) and runs the scan below it, `inner`, on them. The state
-    is the inner scan's and passes through, as does return_state."""
-
-    inner = None  # the scan below
     name = ""  # the block as a user writes it, for error messages
 
     @property
     def made_by(self):
         """The sliding_window / state_norm below this transform (what its states record), None if none."""
         return getattr(self.inner, "made_by", None)
-
-    def _transform(self, dt, A, B):
-        raise NotImplementedError
 
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
         _check_call(self, x, dt, A, B, C, D, state, chunk_size, return_state)
@@ -181,6 +117,30 @@ class _InputTransform:
         _check_call(self, x, dt, A, B, C, D, state)
         dt, A, B = self._transform(dt, A, B)
         return self.inner.step(x, dt, A, B, C, D, state)
+
+
+def _log_decay(scan, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """log alpha_t = dt_t A_t as the scan below `scan` will see it (after any input transform)."""
+    if hasattr(scan, "log_decay"):
+        return scan.log_decay(dt, A)
+    return dt.to(WINDOW_DECAY_DTYPE) * _per_token_A(A, dt).to(WINDOW_DECAY_DTYPE)
+
+
+def _per_token_A(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """A (h,) or already per-token with dt's shape -> per-token, dt's shape (b, [l,] h)."""
+    return A.expand(dt.shape) if A.dim() == 1 else A
+
+
+def _read_out(state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """state (b, h, p, n), C (b, g, n) -> state C (b, h, p)."""
+    return torch.einsum("bhpn,bhn->bhp", state, _heads_from_groups(C.to(state.dtype), state.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. RRI: "Forget More and Remember Less" ([SC] v1 "Mitigating SC", method 1)
+# --------------------------------------------------------------------------------------------------
+#     h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T,       y_t = h_t C_t + D x_t
+# lambda_a < 1: an extra forget rate, the same for every token; lambda_B < 1: a weaker write.
 
 
 class RRIScan(_InputTransform):
@@ -208,7 +168,7 @@ class RRIScan(_InputTransform):
 
     def _transform(self, dt, A, B):
         if self.lambda_a != 1.0:
-            # A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a).
+            # 1. A'_t = A + log(lambda_a) / dt_t   ->   dt_t A'_t = dt_t A + log(lambda_a).
             # dt_t is floored where log(lambda_a) / dt_t would pass half the dtype's largest number (dt = 0
             # exactly after a softplus underflow would give 0 * inf = nan): a token with dt below the
             # floor gets part of the extra forgetting, none at dt = 0.
@@ -216,11 +176,32 @@ class RRIScan(_InputTransform):
             floor = max(info.tiny, -2 * math.log(self.lambda_a) / info.max)
             A = _per_token_A(A, dt) + math.log(self.lambda_a) / dt.clamp_min(floor)
         if self.lambda_B != 1.0:
-            B = B * self.lambda_B
+            B = B * self.lambda_B  # 2. B'_t = lambda_B B_t
         return dt, A, B
 
     def log_decay(self, dt, A):
         return _log_decay(self.inner, dt, A) + math.log(self.lambda_a)
+
+
+def rri_ssd(x, dt, A, B, C, *, lambda_a, lambda_B, chunk_size, D=None, initial_state=None):
+    """The SSD scan with RRI: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T; shapes as ssd."""
+    return RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+
+
+def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
+    """`with rri(model, lambda_a=0.9999, lambda_B=0.75): ...` - RRI in every layer ([SC]: 370M values).
+
+    Rule of thumb ([SC]): 1 / (1 - lambda_a) tokens is the horizon the extra forgetting imposes.
+    """
+    spec = RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
+    return _SwappedScans(model, lambda inner, i: RRIScan(inner, spec.lambda_a, spec.lambda_B))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Delta scaling ([LM]; the baseline that [SC] compares RRI against)
+# --------------------------------------------------------------------------------------------------
+#     dt'_t = factor * dt_t:   h_t = exp(factor dt_t A) h_{t-1} + factor dt_t x_t B_t^T
+# The decay AND the insertion change together (RRI separates them).
 
 
 class DeltaScaleScan(_InputTransform):
@@ -244,19 +225,24 @@ class DeltaScaleScan(_InputTransform):
         return _log_decay(self.inner, dt * self.factor, A)
 
 
-def rri_ssd(x, dt, A, B, C, *, lambda_a, lambda_B, chunk_size, D=None, initial_state=None):
-    """The SSD scan with RRI: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T; shapes as ssd."""
-    return RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
-
-
 def delta_scaled_ssd(x, dt, A, B, C, *, factor, chunk_size, D=None, initial_state=None):
     """The SSD scan with dt multiplied by `factor` (LongMamba); shapes as ssd."""
     return DeltaScaleScan(minimamba.DefaultScan(), factor).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
+def delta_scaling(model, factor: float):
+    """`with delta_scaling(model, 0.5): ...` - every layer's dt multiplied by factor (LongMamba)."""
+    spec = DeltaScaleScan(None, factor)
+    return _SwappedScans(model, lambda inner, i: DeltaScaleScan(inner, spec.factor))
+
+
 # --------------------------------------------------------------------------------------------------
-# 3. State normalization
+# 3. State normalization ([SC] v1 "Mitigating SC", method 2), with its calibration
 # --------------------------------------------------------------------------------------------------
+#     after every k-th token:   h_t <- h_t * min(1, tau_{layer,head} / ||h_t||_F)
+#     tau_{layer,head} = the largest ||h||_F seen on in-distribution input no longer than T_train
+# The clamp is not linear in h, so it cannot be folded into one parallel scan: the chunked path splits
+# each piece at the clamp positions.
 
 
 def clamp_state(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,29 +253,10 @@ def clamp_state(h: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch
     Deviation from the official code: it multiplies by ||h|| / tau (inflating the state); the paper
     divides, as here. A zero state has tau / 0 = inf, scale 1: it is left alone.
     """
-    if h.dim() != 4 or tuple(tau.shape) != (h.shape[1],):
-        raise ValueError(f"clamp_state needs h (b, h, p, n) and tau (h,), got {tuple(h.shape)} and {tuple(tau.shape)}")
+    _check_clamp_args(h, tau)
     norm = torch.linalg.vector_norm(h, dim=(-2, -1))  # (b, h)
     scale = torch.clamp(tau.to(norm.dtype) / norm, max=1.0)  # (b, h)
     return h * scale[..., None, None], scale
-
-
-def _thresholds(taus, shape: tuple | None = None) -> torch.Tensor:
-    """taus as a real tensor of thresholds > 0 (inf = never clamp): (n_layer, h) = shape, or any (h,)."""
-    expected = f"a {f'(n_layer, h) = {shape}' if shape else '(h,)'} tensor of thresholds > 0 (inf = off)"
-    try:
-        t = torch.as_tensor(taus)
-    except (TypeError, ValueError, RuntimeError):
-        t = None
-    if t is None or t.dtype == torch.bool or t.is_complex():
-        got = f"{taus!r} ({type(taus).__name__})" if t is None else f"a {t.dtype} tensor"
-        raise TypeError(f"taus must be {expected}, got {got}")
-    if (tuple(t.shape) != shape) if shape else t.dim() != 1:
-        raise ValueError(f"taus must be {expected}, got shape {tuple(t.shape)}")
-    t = t if t.is_floating_point() else t.float()  # kept in its precision (float64 stays)
-    if not bool((t > 0).all()):  # also refuses nan
-        raise ValueError(f"taus must be {expected}, got {t[~(t > 0)].tolist()} among them")
-    return t
 
 
 @dataclass
@@ -304,7 +271,7 @@ class NormState:
         return NormState(None if self.h is None else self.h.detach(), self.position, self.made_by)
 
 
-class StateNormScan:
+class StateNormScan(_Wrapper):
     """[SC] state normalization: after the update of every `every`-th token of the stream (absolute
     positions k, 2k, 3k, ...), clamp the state: h_t <- h_t * min(1, tau / ||h_t||_F).
 
@@ -325,15 +292,10 @@ class StateNormScan:
     def __init__(self, inner, taus: torch.Tensor, every: int, layer: int | None = None):
         self.taus = _thresholds(taus)
         self.every = _checked("every", every, int, lambda v: v >= 1, "a positive int (tokens between clamps)")
-        if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
-            raise ValueError("state_norm must sit directly on the model's scan: enter state_norm() "
-                             f"before rri()/delta_scaling(), not on top of {type(inner).__name__}")
+        _check_directly_on_the_model_scan("state_norm", inner)
         self.inner, self.off = inner, bool(torch.isinf(self.taus).all())
         fingerprint = hash(tuple(self.taus.tolist())) & 0xFFFFFFFF
         self.made_by = f"state_norm(every={self.every}, taus=#{fingerprint:08x})" + _in_layer(layer)
-
-    def log_decay(self, dt, A):
-        return _log_decay(self.inner, dt, A)
 
     def _clamp(self, h, y_last, C_last):
         h_new, scale = clamp_state(h, self.taus.to(h.device))
@@ -387,8 +349,26 @@ def state_norm_ssd(x, dt, A, B, C, *, taus, every, chunk_size, D=None, initial_s
     return y, state.h
 
 
+def state_norm(model, taus: torch.Tensor, every: int = 128):
+    """`with state_norm(model, taus, every=128): ...` - clamp ||h||_F <= taus[layer, head] after every
+    `every`-th token (the official code's k = 128). taus (n_layer, h), e.g. from calibrate_state_norm."""
+    mixers = _mixers(model)
+    taus = _thresholds(taus, (len(mixers), model.config.nheads))
+    spec = StateNormScan(None, taus[0], every)
+    return _SwappedScans(model, lambda inner, i: StateNormScan(inner, taus[i], spec.every, layer=i))
+
+
+def calibrate_state_norm(model, input_ids: torch.Tensor, *, every: int = 128) -> torch.Tensor:
+    """Thresholds for state_norm: tau[layer, head] = the largest ||h||_F seen on input_ids, checked
+    every `every` tokens with the state carried. Use in-distribution text no longer than the training
+    length (the norms the model was trained to produce). Returns (n_layer, h) float32.
+    """
+    trace = trace_states(model, input_ids, every=every, top_k=1)
+    return trace.norm.amax(dim=0).float()
+
+
 # --------------------------------------------------------------------------------------------------
-# 4. Sliding window by state difference
+# 4. Sliding window by state difference ([SC] v1 "Mitigating SC", method 3)
 # --------------------------------------------------------------------------------------------------
 # The state is a weighted sum of insertions ([SC] eq. 2), so the state of only the last r tokens is
 #     h_t^(r) = sum_{i=t-r+1..t} alpha_{i+1..t} dt_i x_i B_i^T = h_t - alpha_{t-r+1..t} h_{t-r},
@@ -443,7 +423,7 @@ class WindowState:
                            d(self.cache_B), d(self.log_decay), self.seen, self.made_by)
 
 
-class SlidingWindowScan:
+class SlidingWindowScan(_Wrapper):
     """[SC] sliding window by state difference: y_t = (h_t - alpha_{t-r+1..t} h_{t-r}) C_t + D x_t.
 
     Chunked path, for a piece of L new tokens after T already read (m = min(T, r) of them cached):
@@ -464,21 +444,15 @@ class SlidingWindowScan:
     def __init__(self, inner, window: int, layer: int | None = None):
         self.window = _checked("window", window, int, lambda v: v >= 1, "a positive int (tokens)")
         self.made_by = f"sliding_window(window={self.window})" + _in_layer(layer)
-        if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
-            raise ValueError("sliding_window needs the model's (linear) scan directly below it: enter "
-                             "sliding_window() before rri()/delta_scaling(), and not together with "
-                             f"state_norm() or another sliding_window(); found {type(inner).__name__}")
+        _check_directly_on_the_model_scan("sliding_window", inner)
         self.inner = inner
-
-    def log_decay(self, dt, A):
-        return _log_decay(self.inner, dt, A)
 
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
         _check_call(self, x, dt, A, B, C, D, state, chunk_size, return_state)
         st = state if state is not None else WindowState(made_by=self.made_by)
         r = self.window
         b, L = x.shape[:2]
-        xf = _float_at_least_32(x)  # the difference is taken before any rounding to a low precision
+        xf = x.to(_compute_dtype(x.dtype))  # the difference is taken before any rounding to a low precision
         # 1. term 1: the full-context output h_t C_t + D x_t, and h_{T+L}
         y, h = self.inner.chunked(xf, dt, A, B, C, D, st.h, chunk_size)  # (b, L, h, p)
         # the extended sequence: cached tokens, then the new ones (m + L tokens)
@@ -514,7 +488,7 @@ class SlidingWindowScan:
     def step(self, x, dt, A, B, C, D, state):
         _check_call(self, x, dt, A, B, C, D, state)
         st = state if state is not None else WindowState(made_by=self.made_by)
-        xf = _float_at_least_32(x)
+        xf = x.to(_compute_dtype(x.dtype))
         # h_t and the full-context output h_t C_t + D x_t
         y, h = self.inner.step(xf, dt, A, B, C, D, st.h)  # (b, h, p)
         A_tok = _per_token_A(A, dt)
@@ -575,14 +549,163 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     return y.to(x.dtype)
 
 
+def sliding_window(model, window: int):
+    """`with sliding_window(model, window=512): ...` - every layer reads only its last `window` tokens'
+    state (exact per layer given its inputs; an approximation of a window for the whole stack)."""
+    spec = SlidingWindowScan(None, window)
+    return _SwappedScans(model, lambda inner, i: SlidingWindowScan(inner, spec.window, layer=i))
+
+
 # --------------------------------------------------------------------------------------------------
-# 5. Model level: swap each mixer's scan object for the duration of a `with` block
+# 5. Diagnostics ([SC] "Diagnosis of SC"): state statistics, first-token retention, state size
+# --------------------------------------------------------------------------------------------------
+
+
+def state_size(config) -> int:
+    """[SC] state size N_S = n_layer * [H*P*N + (d_conv - 1) * (d_inner + 2*G*N)]: SSM + conv state.
+
+    Reproduces [SC] Table 2 (130M: 4.848M, 370M: 12.915M, 780M: 19.354M elements).
+    """
+    c = config
+    ssm = c.nheads * c.headdim * c.d_state  # H * P * N
+    conv = (c.d_conv - 1) * (c.d_inner + 2 * c.ngroups * c.d_state)  # what the conv remembers
+    return c.n_layer * (ssm + conv)
+
+
+def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]:
+    """Per-head statistics of a state, pooled over the batch and the P*N entries of each head.
+
+    Args: h (b, h, p, n); top_k channels to report.
+    Returns a dict of tensors:
+        mean, var (population variance), rms = sqrt(mean h^2), max_abs, norm (the largest Frobenius
+        norm ||h||_F over the batch): each (h,);
+        top_values (h, top_k): the largest mean-over-batch |h| entries, top_channels (h, top_k) their
+        flat index p_i * N + n_i into the head's (p, n) state.
+    """
+    top_k = _check_statistics_args(h, top_k)
+    b, nh, p, n = h.shape
+    k = min(top_k, p * n)
+    flat = h.double().permute(1, 0, 2, 3).reshape(nh, b * p * n)  # (h, b*p*n)
+    mag = h.double().abs().mean(0).reshape(nh, p * n)  # (h, p*n)
+    top_values, top_channels = mag.topk(k, dim=-1)
+    return {"mean": flat.mean(-1), "var": flat.var(-1, unbiased=False), "rms": flat.pow(2).mean(-1).sqrt(),
+            "max_abs": flat.abs().amax(-1), "norm": torch.linalg.vector_norm(h.double(), dim=(-2, -1)).amax(0),
+            "top_values": top_values, "top_channels": top_channels}
+
+
+def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """How much of the first token's write is left at each position ([SC] alpha_{1:t}, per head):
+
+        retention_t = prod_{j=2..t} alpha_j = exp(sum_{j=2..t} dt_j A_j),   retention_1 = 1.
+    Args: dt (b, l, h); A (h,) or (b, l, h). Returns (b, l, h) float64 (a float64 cumsum: no underflow
+    of a running product before the exp).
+    """
+    _check_retention_args(dt, A)
+    a = dt.double() * _per_token_A(A, dt).double()  # (b, l, h)
+    return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
+
+
+@dataclass
+class StateTrace:
+    """State diagnostics of a long input, as plain data ready to plot: every array is indexed
+    [point, layer, head] (and [..., k] for the top channels); points are at `positions` tokens."""
+
+    positions: list[int]
+    mean: torch.Tensor  # (T, n_layer, h) over batch and the P*N entries
+    var: torch.Tensor
+    rms: torch.Tensor
+    max_abs: torch.Tensor
+    norm: torch.Tensor  # largest ||h||_F over the batch
+    top_values: torch.Tensor  # (T, n_layer, h, k)
+    top_channels: torch.Tensor  # (T, n_layer, h, k) flat index p_i * N + n_i
+    retention: torch.Tensor  # (T, n_layer, h) first-token retention alpha_{1:t}, mean over the batch
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Nested lists and numbers (json.dumps-able)."""
+        out = {"positions": list(self.positions), **self.extra}
+        for name in ("mean", "var", "rms", "max_abs", "norm", "top_values", "top_channels", "retention"):
+            out[name] = getattr(self, name).tolist()
+        return out
+
+
+class _RetentionRecorder(_Wrapper):
+    """Wraps a layer's scan for trace_states: log retention = sum of log alpha_j over the stream, j >= 2."""
+
+    def __init__(self, inner):
+        self.inner, self.log_retention, self.position = inner, None, 0
+
+    def _record(self, dt, A):
+        a = self.log_decay(dt if dt.dim() == 3 else dt[:, None], A if A.dim() != 2 else A[:, None])
+        if self.position == 0:
+            a = a[:, 1:]  # the first token's own decay does not act on its write
+        s = a.sum(dim=1)  # (b, h)
+        self.log_retention = s if self.log_retention is None else self.log_retention + s
+        self.position += dt.shape[1] if dt.dim() == 3 else 1
+
+    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
+        self._record(dt, A)
+        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
+
+    def step(self, x, dt, A, B, C, D, state):
+        self._record(dt, A)
+        return self.inner.step(x, dt, A, B, C, D, state)
+
+
+def _state_tensor(s) -> torch.Tensor:
+    """The (b, h, p, n) state a scan keeps: itself, a NormState's h, or a WindowState's window state."""
+    if isinstance(s, torch.Tensor):
+        return s
+    if hasattr(s, "window_state"):
+        return s.window_state()
+    if hasattr(s, "h"):
+        return s.h
+    raise TypeError(f"cannot read a (b, h, p, n) state from a {type(s).__name__}")
+
+
+@torch.no_grad()
+def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int = 4, on_progress=None) -> StateTrace:
+    """Stream input_ids (b, l) through the model `every` tokens at a time, carrying the state, and
+    record after each piece, per layer and head, the state statistics and first-token retention.
+
+    Runs whatever mitigation is active (call it inside `with rri(...)` etc.). on_progress(done, total)
+    is called after each piece (e.g. to draw a progress bar). Positions: every, 2*every, ..., and l.
+    """
+    every = _check_trace_args(input_ids, every, on_progress)
+    l = input_ids.shape[1]
+    recorders: list[_RetentionRecorder] = []
+
+    def make(inner, i):
+        recorders.append(_RetentionRecorder(inner))
+        return recorders[-1]
+
+    rows, positions, state = [], [], None
+    with _SwappedScans(model, make):
+        for start in range(0, l, every):
+            end = min(start + every, l)
+            _, state = model(input_ids[:, start:end], state)
+            per_layer = [state_statistics(_state_tensor(s), top_k) for s in state.ssm]
+            row = {k: torch.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) for r in recorders])  # (n_layer, h)
+            rows.append(row)
+            positions.append(end)
+            if on_progress is not None:
+                on_progress(end, l)
+    stack = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return StateTrace(positions, **stack, extra={"every": every, "top_k": top_k,
+                                                  "state_size": state_size(model.config)})
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. The `with` blocks: swap each mixer's scan object for the duration of the block
 # --------------------------------------------------------------------------------------------------
 # Every Mamba2Mixer calls self.scan.chunked(...) in forward() and self.scan.step(...) in step(), and
 # generate() is forward() then step(); so replacing mixer.scan changes all four paths at once. Each
 # layer's scans form a chain (mixer.scan, its .inner, its .inner.inner, ...; a wrapper of your own should
 # keep the scan it wraps in .inner too). A state made inside a block holds the mitigation's own objects
 # (NormState, WindowState): continue it inside a block like the one that made it, not outside.
+# Copies: a scan a block installed is marked in_block, and a copy of the model (copy.deepcopy, pickle,
+# torch.save) gets the scan below it instead (_Wrapper.__reduce_ex__); one installed by hand is copied.
 
 
 def _mixers(model) -> list:
@@ -608,7 +731,9 @@ class _SwappedScans:
             raise RuntimeError("this block is already open: leave it before entering it again")
         old = [m.scan for m in self.mixers]
         new = [self.make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
-        for m, scan in zip(self.mixers, new):
+        for m, scan, below in zip(self.mixers, new, old):
+            if scan is not below and isinstance(scan, _Wrapper):
+                scan.in_block = True  # left out of copies of the model
             m.scan = scan
         self.installed = list(zip(new, old))
         return self.model
@@ -638,190 +763,125 @@ def _take_out(mixer, ours, below):
         above = above.inner
 
 
-def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
-    """`with rri(model, lambda_a=0.9999, lambda_B=0.75): ...` - RRI in every layer ([SC]: 370M values).
-
-    Rule of thumb ([SC]): 1 / (1 - lambda_a) tokens is the horizon the extra forgetting imposes.
-    """
-    spec = RRIScan(None, lambda_a, lambda_B)  # validate before touching the model
-    return _SwappedScans(model, lambda inner, i: RRIScan(inner, spec.lambda_a, spec.lambda_B))
-
-
-def delta_scaling(model, factor: float):
-    """`with delta_scaling(model, 0.5): ...` - every layer's dt multiplied by factor (LongMamba)."""
-    spec = DeltaScaleScan(None, factor)
-    return _SwappedScans(model, lambda inner, i: DeltaScaleScan(inner, spec.factor))
-
-
-def state_norm(model, taus: torch.Tensor, every: int = 128):
-    """`with state_norm(model, taus, every=128): ...` - clamp ||h||_F <= taus[layer, head] after every
-    `every`-th token (the official code's k = 128). taus (n_layer, h), e.g. from calibrate_state_norm."""
-    mixers = _mixers(model)
-    taus = _thresholds(taus, (len(mixers), model.config.nheads))
-    spec = StateNormScan(None, taus[0], every)
-    return _SwappedScans(model, lambda inner, i: StateNormScan(inner, taus[i], spec.every, layer=i))
-
-
-def sliding_window(model, window: int):
-    """`with sliding_window(model, window=512): ...` - every layer reads only its last `window` tokens'
-    state (exact per layer given its inputs; an approximation of a window for the whole stack)."""
-    spec = SlidingWindowScan(None, window)
-    return _SwappedScans(model, lambda inner, i: SlidingWindowScan(inner, spec.window, layer=i))
+def _same(scan):
+    """What a copy of a model gets in place of a scan a block installed: the scan below it."""
+    return scan
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Diagnostics: state statistics, first-token retention, state size
+# 7. Refusals: argument checks, and a state continues only in the block that made it
 # --------------------------------------------------------------------------------------------------
+# Every message says what was expected and what was received.
 
 
-def state_size(config) -> int:
-    """[SC] state size N_S = n_layer * [H*P*N + (d_conv - 1) * (d_inner + 2*G*N)]: SSM + conv state.
+def _checked(name: str, value, kind: type, ok, expected: str):
+    """value as a Python `kind` (int or float) if it is one and ok(value), else a TypeError or ValueError
+    that says what was expected and what was received. A bool is not a number here (True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    try:
+        converted = kind(value)
+    except OverflowError:  # an int too large for a float
+        converted = math.inf
+    if not ok(converted):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return converted
 
-    Reproduces [SC] Table 2 (130M: 4.848M, 370M: 12.915M, 780M: 19.354M elements).
-    """
-    c = config
-    ssm = c.nheads * c.headdim * c.d_state  # H * P * N
-    conv = (c.d_conv - 1) * (c.d_inner + 2 * c.ngroups * c.d_state)  # what the conv remembers
-    return c.n_layer * (ssm + conv)
+
+def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=True):
+    """Validate one call of a scan of this file: the inputs' shapes (minimamba.check_scan_inputs), and
+    that `state` is one its block continues. scan.made_by names the sliding_window / state_norm in the
+    block (None if there is none): without one, a state is None or the model's tensor (which the
+    model's scan checks); with one, None or a state the same block made (method, parameters, layer),
+    of the inputs' (b, h, p, n) and on their device."""
+    b, _, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D, None, None, step=x.dim() == 3)
+    if x.dim() == 4:  # the chunked form
+        _checked("chunk_size", chunk_size, int, lambda v: v >= 1, "a positive int (tokens per SSD chunk)")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {return_state!r} ({type(return_state).__name__})")
+    if isinstance(scan, StateNormScan) and scan.taus.shape[0] != h:
+        raise ValueError(f"taus has {scan.taus.shape[0]} thresholds, the inputs have h = {h} heads")
+    ours = isinstance(state, (NormState, WindowState))
+    if state is None or (scan.made_by is None and not ours):
+        return
+    if scan.made_by is None:
+        raise TypeError(f"this state was made by {state.made_by}; this block is {scan.name}, which continues "
+                        "the model's (b, h, p, n) tensor: continue the state inside a block like the one that made it")
+    if not ours:
+        raise TypeError(f"this block is {scan.made_by}, which continues only a state made by the same block, "
+                        f"got a {type(state).__name__} (a tensor state comes from the model's scan, rri or "
+                        "delta_scaling): start the block from state None")
+    if state.made_by != scan.made_by:
+        raise ValueError(f"this state was made by {state.made_by}; this block is {scan.made_by}")
+    if state.h is not None and tuple(state.h.shape) != (b, h, p, n):
+        raise ValueError(f"this state is (b, h, p, n) = {tuple(state.h.shape)}, the inputs need {(b, h, p, n)}")
+    if state.h is not None and state.h.device != x.device:
+        raise ValueError(f"this state is on {state.h.device}, the inputs on {x.device}")
+    cache_B = getattr(state, "cache_B", None)
+    if cache_B is not None and cache_B.shape[-2] != g:
+        raise ValueError(f"this state's cached B has g = {cache_B.shape[-2]} groups, the inputs' B has {g}")
 
 
-def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]:
-    """Per-head statistics of a state, pooled over the batch and the P*N entries of each head.
+def _check_directly_on_the_model_scan(method: str, inner):
+    """state_norm and sliding_window need the model's (linear) scan with a tensor state below them."""
+    if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
+        raise ValueError(f"{method} needs the model's (linear) scan directly below it: enter {method}() before "
+                         "rri()/delta_scaling(), and not on top of state_norm() or sliding_window(); found "
+                         f"{type(inner).__name__}")
 
-    Args: h (b, h, p, n); top_k channels to report.
-    Returns a dict of tensors:
-        mean, var (population variance), rms = sqrt(mean h^2), max_abs, norm (the largest Frobenius
-        norm ||h||_F over the batch): each (h,);
-        top_values (h, top_k): the largest mean-over-batch |h| entries, top_channels (h, top_k) their
-        flat index p_i * N + n_i into the head's (p, n) state.
-    """
+
+def _thresholds(taus, shape: tuple | None = None) -> torch.Tensor:
+    """taus as a real tensor of thresholds > 0 (inf = never clamp): (n_layer, h) = shape, or any (h,)."""
+    expected = f"a {f'(n_layer, h) = {shape}' if shape else '(h,)'} tensor of thresholds > 0 (inf = off)"
+    try:
+        t = torch.as_tensor(taus)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dtype == torch.bool or t.is_complex():
+        got = f"{taus!r} ({type(taus).__name__})" if t is None else f"a {t.dtype} tensor"
+        raise TypeError(f"taus must be {expected}, got {got}")
+    if (tuple(t.shape) != shape) if shape else t.dim() != 1:
+        raise ValueError(f"taus must be {expected}, got shape {tuple(t.shape)}")
+    t = t if t.is_floating_point() else t.float()  # kept in its precision (float64 stays)
+    if not bool((t > 0).all()):  # also refuses nan
+        raise ValueError(f"taus must be {expected}, got {t[~(t > 0)].tolist()} among them")
+    return t
+
+
+def _check_clamp_args(h, tau):
+    if h.dim() != 4 or tuple(tau.shape) != (h.shape[1],):
+        raise ValueError(f"clamp_state needs h (b, h, p, n) and tau (h,), got {tuple(h.shape)} and {tuple(tau.shape)}")
+
+
+def _check_statistics_args(h, top_k) -> int:
     if not isinstance(h, torch.Tensor) or h.dim() != 4:
         raise ValueError(f"h must be a (b, h, p, n) tensor, got {_described(h)}")
-    top_k = _checked("top_k", top_k, int, lambda v: v >= 1, "a positive int (channels to report)")
-    b, nh, p, n = h.shape
-    k = min(top_k, p * n)
-    flat = h.double().permute(1, 0, 2, 3).reshape(nh, b * p * n)  # (h, b*p*n)
-    mag = h.double().abs().mean(0).reshape(nh, p * n)  # (h, p*n)
-    top_values, top_channels = mag.topk(k, dim=-1)
-    return {"mean": flat.mean(-1), "var": flat.var(-1, unbiased=False), "rms": flat.pow(2).mean(-1).sqrt(),
-            "max_abs": flat.abs().amax(-1), "norm": torch.linalg.vector_norm(h.double(), dim=(-2, -1)).amax(0),
-            "top_values": top_values, "top_channels": top_channels}
+    return _checked("top_k", top_k, int, lambda v: v >= 1, "a positive int (channels to report)")
 
 
-def first_token_retention(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """How much of the first token's write is left at each position ([SC] alpha_{1:t}, per head):
-
-        retention_t = prod_{j=2..t} alpha_j = exp(sum_{j=2..t} dt_j A_j),   retention_1 = 1.
-    Args: dt (b, l, h); A (h,) or (b, l, h). Returns (b, l, h) float64 (a float64 cumsum: no underflow
-    of a running product before the exp).
-    """
+def _check_retention_args(dt, A):
     if not isinstance(dt, torch.Tensor) or not isinstance(A, torch.Tensor) or dt.dim() != 3 \
             or tuple(A.shape) not in ((dt.shape[-1],), tuple(dt.shape)):
         raise ValueError(f"dt must be a (b, l, h) tensor and A (h,) or dt's shape, got "
                          f"{_described(dt)} and {_described(A)}")
-    a = dt.double() * _per_token_A(A, dt).double()  # (b, l, h)
-    return torch.exp(torch.cumsum(a, dim=1) - a[:, :1])
 
 
-class _RetentionRecorder:
-    """Wraps a layer's scan for trace_states: sums log alpha over the stream, except the first token."""
-
-    def __init__(self, inner):
-        self.inner, self.log_retention, self.position = inner, None, 0
-
-    def _record(self, dt, A):
-        a = _log_decay(self.inner, dt if dt.dim() == 3 else dt[:, None], A if A.dim() != 2 else A[:, None])
-        if self.position == 0:
-            a = a[:, 1:]
-        s = a.sum(dim=1)  # (b, h)
-        self.log_retention = s if self.log_retention is None else self.log_retention + s
-        self.position += dt.shape[1] if dt.dim() == 3 else 1
-
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
-        self._record(dt, A)
-        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
-
-    def step(self, x, dt, A, B, C, D, state):
-        self._record(dt, A)
-        return self.inner.step(x, dt, A, B, C, D, state)
-
-
-def _state_tensor(s) -> torch.Tensor:
-    """The (b, h, p, n) state a scan keeps: itself, a NormState's h, or a WindowState's window state."""
-    if isinstance(s, torch.Tensor):
-        return s
-    if hasattr(s, "window_state"):
-        return s.window_state()
-    if hasattr(s, "h"):
-        return s.h
-    raise TypeError(f"cannot read a (b, h, p, n) state from a {type(s).__name__}")
-
-
-@dataclass
-class StateTrace:
-    """State diagnostics of a long input, as plain data ready to plot: every array is indexed
-    [point, layer, head] (and [..., k] for the top channels); points are at `positions` tokens."""
-
-    positions: list[int]
-    mean: torch.Tensor  # (T, n_layer, h) over batch and the P*N entries
-    var: torch.Tensor
-    rms: torch.Tensor
-    max_abs: torch.Tensor
-    norm: torch.Tensor  # largest ||h||_F over the batch
-    top_values: torch.Tensor  # (T, n_layer, h, k)
-    top_channels: torch.Tensor  # (T, n_layer, h, k) flat index p_i * N + n_i
-    retention: torch.Tensor  # (T, n_layer, h) first-token retention alpha_{1:t}, mean over the batch
-    extra: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        """Nested lists and numbers (json.dumps-able)."""
-        out = {"positions": list(self.positions), **self.extra}
-        for name in ("mean", "var", "rms", "max_abs", "norm", "top_values", "top_channels", "retention"):
-            out[name] = getattr(self, name).tolist()
-        return out
-
-
-@torch.no_grad()
-def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int = 4, on_progress=None) -> StateTrace:
-    """Stream input_ids (b, l) through the model `every` tokens at a time, carrying the state, and
-    record after each piece, per layer and head, the state statistics and first-token retention.
-
-    Runs whatever mitigation is active (call it inside `with rri(...)` etc.). on_progress(done, total)
-    is called after each piece (e.g. to draw a progress bar). Positions: every, 2*every, ..., and l.
-    """
+def _check_trace_args(input_ids, every, on_progress) -> int:
     every = _checked("every", every, int, lambda v: v >= 1, "a positive int (tokens between records)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (b, l) tensor with l >= 1, got {_described(input_ids)}")
     if on_progress is not None and not callable(on_progress):
         raise TypeError(f"on_progress must be a function (done, total) or None, got {on_progress!r}")
-    l = input_ids.shape[1]
-    recorders: list[_RetentionRecorder] = []
-
-    def make(inner, i):
-        recorders.append(_RetentionRecorder(inner))
-        return recorders[-1]
-
-    rows, positions, state = [], [], None
-    with _SwappedScans(model, make):
-        for start in range(0, l, every):
-            end = min(start + every, l)
-            _, state = model(input_ids[:, start:end], state)
-            per_layer = [state_statistics(_state_tensor(s), top_k) for s in state.ssm]
-            row = {k: torch.stack([d[k] for d in per_layer]) for k in per_layer[0]}
-            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) for r in recorders])  # (n_layer, h)
-            rows.append(row)
-            positions.append(end)
-            if on_progress is not None:
-                on_progress(end, l)
-    stack = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    return StateTrace(positions, **stack, extra={"every": every, "top_k": top_k,
-                                                  "state_size": state_size(model.config)})
+    return every
 
 
-def calibrate_state_norm(model, input_ids: torch.Tensor, *, every: int = 128) -> torch.Tensor:
-    """Thresholds for state_norm: tau[layer, head] = the largest ||h||_F seen on input_ids, checked
-    every `every` tokens with the state carried. Use in-distribution text no longer than the training
-    length (the norms the model was trained to produce). Returns (n_layer, h) float32.
-    """
-    trace = trace_states(model, input_ids, every=every, top_k=1)
-    return trace.norm.amax(dim=0).float()
+def _described(t) -> str:
+    """'shape (2, 3)' for a tensor, else the type's name: what an error message says was received."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+
+
+def _in_layer(layer) -> str:
+    """' in layer i' for a state's record of the block that made it ('' when no layer is given)."""
+    if layer is None:
+        return ""
+    return f" in layer {_checked('layer', layer, int, lambda v: v >= 0, 'a layer index >= 0')}"

@@ -6,8 +6,9 @@ draws, so the README and closing notes can quote them.
     python -m experiments.check_equivalence            # ~1 minute on 2 CPU cores
     python -m experiments.check_equivalence --draws 200
 
-The claims themselves are asserted by tests/test_scan.py, test_model.py and test_minimamba_kernels.py; this
-script only measures how far inside their tolerances the paths agree. It needs transformers (the
+The claims themselves are asserted by tests/test_scan.py (the scans), tests/test_model.py (pieces and
+step) and tests/test_checkpoints.py (transformers' logits); this script only measures how far inside
+their tolerances the paths agree. It needs transformers (the
 test extra: pip install -e ".[test]").
 
 Error measure: max |a - b| / max |b| over a whole output tensor, worst over all draws.
