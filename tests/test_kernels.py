@@ -111,7 +111,7 @@ def test_long_no_grad_calls_in_pieces_equal_one_call(method, return_state):
             after, _ = m.step(ids[:, 0], state) if return_state else (None, None)
         results[name] = (logits, state, after)
     # it ran in pieces that cover the call: whole chunks (the last may be shorter), none longer than
-    # model_segment (or one chunk, if model_segment is shorter)
+    # the 12 tokens asked for (or one chunk, if that is shorter)
     q = plain.config.chunk_size
     assert len(pieces) > 1 and sum(pieces) == ids.shape[1], pieces
     assert all(n % q == 0 for n in pieces[:-1]) and max(pieces) <= max(q, 12), pieces
