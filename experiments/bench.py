@@ -95,7 +95,7 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The small model of the targets (issue 7): d_model 256, 4 layers, d_state 64, headdim 32, chunk 64."""
+    """The small model of the speed targets: d_model 256, 4 layers, d_state 64, headdim 32, chunk 64."""
 
     d_model: int = 256  # d
     n_layer: int = 4
@@ -698,7 +698,7 @@ def _find(rows, **kw):
 
 
 def summarize(rows: list[dict], target_len: int = 4096, long_len: int = 16384) -> list[dict]:
-    """The issue's targets, each with its measured figure and whether it is met (None = not measured)."""
+    """The speed targets, each with its measured figure and whether it is met (None = not measured)."""
     out = []
 
     def add(name, value, goal, met):
