@@ -512,10 +512,18 @@ def summary(loss_buckets: list[float], train_length: int) -> dict:
 
 
 def run(cfg: PretrainedConfig) -> dict:
-    """The whole measurement (see the module docstring); returns what results.json holds."""
+    """The whole measurement (see the module docstring); returns what results.json holds. --threads holds
+    for the run only (the caller's setting is put back)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads or threads)
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: PretrainedConfig) -> dict:
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out, device = Path(cfg.out_dir), resolve_device(cfg.device)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out_dir {out} is a file; it names a folder")
