@@ -80,8 +80,9 @@ from experiments.common import (ProgressBar, atomic_write_json, config_from_args
 # ----------------------------------------------------------------------------------------------
 BUCKET = 128  # tokens per loss bucket and between state statistics ([SC]'s official code: k = 128)
 # The official checkpoints' training length, for the marker on the figure, the sliding window and the
-# state-norm calibration. The papers disagree: the Mamba-2 paper's language models (and [BG]) use 2048-token
-# sequences; [SC] states 8K. 2048 is the default; --train_length 8192 draws [SC]'s reading.
+# state-norm calibration. The papers disagree: [BG] (Gu co-wrote Mamba-2) take it as 2048 tokens, the length the
+# Mamba-1 checkpoints were trained at (for comparison with Pythia); [SC] states 8K. 2048 is the default;
+# --train_length 8192 draws [SC]'s reading.
 DEFAULT_TRAIN_LENGTH = 2048
 BYTE_VOCAB = 256  # a model with this vocabulary reads a text file as raw bytes (the project's byte-level models)
 GPT_NEOX_NEWLINE_ID = 187  # "\n" in the GPT-NeoX tokenizer of state-spaces/mamba2-* (used without a tokenizer)
@@ -105,8 +106,8 @@ class PretrainedConfig:
                                f"byte-level model, else {GPT_NEOX_NEWLINE_ID} (GPT-NeoX)")
     length: int = flag(65536, f"scored positions (tokens), a multiple of {BUCKET}")
     train_length: int = flag(DEFAULT_TRAIN_LENGTH, "the training length T the figure marks, the default sliding "
-                             "window and the state-norm calibration length (tokens); 2048 as the Mamba-2 paper and "
-                             "Buitrago Ruiz & Gu; Stuffed Mamba states 8192")
+                             "window and the state-norm calibration length (tokens); 2048 as Buitrago Ruiz & Gu read "
+                             "the official checkpoints, Stuffed Mamba states 8192")
     piece: int = flag(1024, "tokens per forward call of the loss-only streams; memory is O(piece x vocabulary)")
     segment: int = flag(4096, f"tokens between saves of a stream's state (what a killed run redoes at most), a "
                               f"multiple of {BUCKET}")
@@ -682,7 +683,7 @@ def plot(report: dict, stats: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize=6)
     data = report["data"]
     fig.suptitle(f"{report['model']['folder']} on {data['source']}: the marker assumes T = {T} tokens "
-                 f"(Mamba-2 paper / Buitrago Ruiz & Gu: 2048; Stuffed Mamba: 8192)", fontsize=9)
+                 f"(Buitrago Ruiz & Gu: 2048; Stuffed Mamba: 8192)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
