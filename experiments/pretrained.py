@@ -1,7 +1,7 @@
 """The papers' real-scale measurement on an official Mamba-2 checkpoint, in one command, on one GPU or a CPU.
 
 Commands (run from the repository root; nothing downloads: fetch the checkpoint and the tokenizer yourself)
-    # a CPU-sized run: 8K tokens of a text file, no mitigations (about 5 minutes for mamba2-130m on 2 cores)
+    # a CPU-sized run: 8K tokens of a text file, no mitigations (mamba2-130m: about 4 minutes on one CPU core)
     python -m experiments.pretrained --model path/to/mamba2-130m --tokenizer path/to/tokenizer.json \\
         --text book.txt --length 8192 --mitigations none --out_dir runs/pretrained_cpu
     # the paper's measurement: 64K tokens of the newline prompt, every mitigation at its default and tuned
