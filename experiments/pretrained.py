@@ -642,6 +642,7 @@ def run_forgetting_curve(cfg: PretrainedConfig, model, tokens: torch.Tensor | No
 # ----------------------------------------------------------------------------------------------
 # 6. The figure and the command line
 # ----------------------------------------------------------------------------------------------
+RETENTION_FLOOR = 1e-12  # the retention panel's lowest value (a head below it has forgotten the first token)
 METHOD_COLORS = {"rri": "tab:blue", "delta_scaling": "tab:orange", "state_norm": "tab:green",
                  "sliding_window": "tab:red"}
 
@@ -676,6 +677,8 @@ def plot(report: dict, stats: dict, path: Path) -> None:
             ax_.plot(positions, values[:, layer], color=colors[layer], lw=0.8,
                      label=f"layer {layer}" if layer in (0, values.shape[1] - 1) else None)
         ax_.set(xlabel="position (tokens)", title=title + " per layer", yscale="log")
+        if name == "retention":  # the heads that keep (near 1) stay readable; faster ones leave at the bottom
+            ax_.set_ylim(max(float(values.min()), RETENTION_FLOOR), 2.0)
         ax_.legend(fontsize=7)
     for ax_ in axes.flat:
         ax_.axvline(T, color="grey", ls=":", lw=1)
