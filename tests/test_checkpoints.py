@@ -87,6 +87,7 @@ def test_save_pretrained_round_trip(tmp_path, layout):
     loaded = Mamba2LM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 50, (2, 20))
     assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert torch.equal(model(ids)[0], load_pretrained(tmp_path)(ids)[0])  # the fully checked loader agrees
     for field in ("d_model", "n_layer", "d_state", "headdim", "ngroups", "chunk_size", "dt_limit"):
         assert getattr(loaded.config, field) == getattr(model.config, field)
     assert loaded.config.padded_vocab_size == model.config.padded_vocab_size
