@@ -676,7 +676,7 @@ def build_model(cls, config: Mamba2Config, weights: dict, path: Path, dtype=None
         raise ValueError(f"checkpoint {path} does not match its config:{found}")
     model.load_state_dict(weights, strict=False)  # strict: checked above (a tied lm_head is absent)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype=dtype)
     return model
 
 
