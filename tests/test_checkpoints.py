@@ -1,7 +1,8 @@
 """Checkpoints: a random transformers Mamba2ForCausalLM loads into Mamba2LM with the same logits and
 greedy generation; the state-spaces (mamba_ssm) layout loads too; checkpoints.save_pretrained
-round-trips and is readable by transformers; a key or shape that does not fit the config is named.
-(Killed saves, corrupt and hostile files: tests/test_reliability.py.)"""
+round-trips and is readable by transformers; a sharded checkpoint loads with
+checkpoints.load_pretrained; a key or shape that does not fit the config is named.
+(Killed, failed and verified saves, corrupt and hostile files: tests/test_reliability.py.)"""
 
 import json
 import pickle
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import max_rel_err
 
-from checkpoints import save_pretrained, write_safetensors
+from checkpoints import load_pretrained, save_pretrained, write_safetensors
 from minimamba import MANIFEST, Mamba2Config, Mamba2LM, read_safetensors
 
 transformers = pytest.importorskip("transformers")
@@ -87,6 +88,7 @@ def test_save_pretrained_round_trip(tmp_path, layout):
     loaded = Mamba2LM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 50, (2, 20))
     assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert torch.equal(model(ids)[0], load_pretrained(tmp_path)(ids)[0])  # the fully checked loader agrees
     for field in ("d_model", "n_layer", "d_state", "headdim", "ngroups", "chunk_size", "dt_limit"):
         assert getattr(loaded.config, field) == getattr(model.config, field)
     assert loaded.config.padded_vocab_size == model.config.padded_vocab_size
@@ -117,7 +119,9 @@ def test_sharded_safetensors_checkpoint(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / MANIFEST).unlink()  # a hand-made sharded folder, as the official ones are
     ids = torch.randint(0, 50, (1, 10))
-    assert torch.equal(Mamba2LM.from_pretrained(tmp_path)(ids)[0], model(ids)[0])
+    assert torch.equal(load_pretrained(tmp_path)(ids)[0], model(ids)[0])
+    with pytest.raises(ValueError, match="sharded checkpoint: load it with checkpoints.load_pretrained"):
+        Mamba2LM.from_pretrained(tmp_path)  # minimamba.py reads the single-file layouts only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64])
