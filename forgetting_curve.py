@@ -217,8 +217,9 @@ def resolve_special_ids(tokens: torch.Tensor | None, vocab_size: int | None, bos
         present[tokens.clamp(max=size)] = True
         free = (~present[:size]).nonzero().flatten()
         if free.numel() == 0:
-            raise ValueError(f"every id in range({size}) occurs in `tokens`, so no id is free to serve as the "
-                             "BOS separator: pass bos_id= (and eos_id=) explicitly, e.g. the tokenizer's BOS")
+            raise ValueError(f"every id in range({size}) occurs in `tokens`, "
+                             "so no id is free to serve as the BOS separator: "
+                             "pass bos_id= (and eos_id=) explicitly, e.g. the tokenizer's BOS")
         bos_id = int(free[0])
     eos_id = bos_id if eos_id is None else eos_id
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
@@ -699,7 +700,8 @@ class ForgettingCurve:
         if log_x:
             from matplotlib.ticker import FuncFormatter
             ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"))
+            ax.xaxis.set_major_formatter(
+                FuncFormatter(lambda v, _: f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"))
         # region edges halfway between tested lengths (geometric midpoints on a log axis)
         mid = np.sqrt(L[1:] * L[:-1]) if log_x else (L[1:] + L[:-1]) / 2
         left = L[0] / 1.25 if log_x else max(0.0, L[0] - 0.5 * (L[1] - L[0] if L.size > 1 else 1))
@@ -734,7 +736,8 @@ class ForgettingCurve:
         lo_x, hi_x = edges[0], edges[-1]
         if train_length is not None:             # the marker, kept in view
             ax.axvline(train_length, color="k", ls="--", lw=1, label=f"training length {train_length}")
-            lo_x, hi_x = min(lo_x, train_length / 1.25 if log_x else train_length), max(hi_x, train_length * 1.1)
+            lo_x = min(lo_x, train_length / 1.25 if log_x else train_length)
+            hi_x = max(hi_x, train_length * 1.1)
         ax.set_xlim(lo_x, hi_x)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("dependency length L (tokens)")
@@ -785,7 +788,8 @@ def paired_pvalue(diff: np.ndarray, significance: str = DEFAULT_SIGNIFICANCE, *,
     raise ValueError(f"significance must be one of {SIGNIFICANCE_TESTS}, got {significance!r}")
 
 
-def paired_sign_flip_pvalue(diff: np.ndarray, *, n_resamples: int = DEFAULT_N_RESAMPLES, seed: int = 0) -> float:
+def paired_sign_flip_pvalue(diff: np.ndarray, *, n_resamples: int = DEFAULT_N_RESAMPLES,
+                            seed: int = 0) -> float:
     """One-sided paired sign-flip (permutation) test of H1: mean(diff) > 0.
 
     Under H0 (the prefix does not matter) each paired difference d_i = copy_i - lm_i is as likely to
@@ -836,7 +840,8 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
     each converges in O(sqrt(max(a, b))) terms. Real (non-integer) a, b are fine.
     """
     if not (a > 0 and b > 0 and 0.0 <= x <= 1.0):
-        raise ValueError(f"regularized_incomplete_beta needs a, b > 0 and 0 <= x <= 1, got a={a}, b={b}, x={x}")
+        raise ValueError(f"regularized_incomplete_beta needs a, b > 0 and 0 <= x <= 1, "
+                         f"got a={a}, b={b}, x={x}")
     if x == 0.0 or x == 1.0:
         return x
     log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
@@ -953,7 +958,8 @@ def check_random_ids(random_ids: Any, tokens: torch.Tensor | None, vocab_size: i
     """random_ids=(lo, hi) for random tokens: 0 <= lo < hi <= vocab_size."""
     if tokens is not None:
         raise ValueError("random_ids= applies to random tokens only (tokens=None)")
-    if not isinstance(random_ids, (tuple, list)) or len(random_ids) != 2 or not all(_is_int(v) for v in random_ids):
+    if (not isinstance(random_ids, (tuple, list)) or len(random_ids) != 2
+            or not all(_is_int(v) for v in random_ids)):
         raise TypeError(f"random_ids must be a pair of ints (lo, hi), got {random_ids!r}")
     lo, hi = (int(v) for v in random_ids)
     if not 0 <= lo < hi or (vocab_size is not None and hi > vocab_size):
@@ -979,7 +985,8 @@ def _is_int(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    """`value` as an int, or TypeError / ValueError naming the argument (floats are refused, not truncated)."""
+    """`value` as an int, or TypeError / ValueError naming the argument
+    (floats are refused, not truncated)."""
     if value is None and allow_none:
         return None
     if not _is_int(value):
@@ -1003,7 +1010,8 @@ def check_lengths(lengths: Any) -> tuple[int, ...]:
                         f"({type(lengths).__name__})")
     bad = [x for x in lengths if not _is_int(x)]
     if bad:
-        raise TypeError(f"lengths must be integers, got {bad[0]!r} ({type(bad[0]).__name__}) in {list(lengths)}")
+        raise TypeError(f"lengths must be integers, got {bad[0]!r} ({type(bad[0]).__name__}) "
+                        f"in {list(lengths)}")
     out = tuple(int(x) for x in lengths)
     if not out:
         raise ValueError("lengths is empty: give at least one dependency length L >= 1")

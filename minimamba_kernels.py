@@ -18,7 +18,8 @@ plain one does (logits and gradients).
 Paper: [SSD] Dao & Gu, "Transformers are SSMs", arXiv 2405.21060 (Listing 1 is the chunked scan).
 
 Reading order (sections)
-    1. ssd_sequential        the plain recurrence, one token at a time: the oracle every path is tested against
+    1. ssd_sequential        the plain recurrence, one token at a time: the oracle
+                             every path is tested against
     2. ssd_chunked           the chunked SSD restructured for speed and torch.compile (what a GPU runs):
                              every heavy term a batched matmul, C B^T once per group, the chunk-to-chunk
                              pass linear in the number of chunks; ssd_chunked_compiled compiles it, one
@@ -78,7 +79,8 @@ def ssd_sequential(x, dt, A, B, C, *, D=None, initial_state=None):
     return y.to(x.dtype), S
 
 
-def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_state=None, return_final_state=True):
+def ssd_sequential_chunked(x, dt, A, B, C, *, chunk_size=None, D=None, initial_state=None,
+                           return_final_state=True):
     """ssd_sequential with minimamba.ssd's signature (chunk_size is accepted and has no effect)."""
     y, S = ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
     return y, (S if return_final_state else None)
@@ -276,11 +278,12 @@ _warned_eager = False  # the eager fallback of ssd_chunked_compiled has said so 
 
 
 def ssd_chunked_compiled(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_final_state=True):
-    """torch.compile(ssd_chunked, fullgraph=True) with static shapes, on inputs padded to a bucket: the length is
-    padded (dt = 0: padded steps neither decay nor write, so y and the final state are exact) to a power of two
-    chunks, so one graph serves every length of a bucket (per batch size and dtype) and autograd runs through
-    the compiled forward. Why not dynamic=True: in torch 2.13 the CPU backward of the dynamic-shape graph
-    corrupts memory ("double free or corruption"); static bucketed graphs do not, and cost at most 2x padding.
+    """torch.compile(ssd_chunked, fullgraph=True) with static shapes, on inputs padded to a bucket: the
+    length is padded (dt = 0: padded steps neither decay nor write, so y and the final state are exact) to
+    a power of two chunks, so one graph serves every length of a bucket (per batch size and dtype) and
+    autograd runs through the compiled forward. Why not dynamic=True: in torch 2.13 the CPU backward of
+    the dynamic-shape graph corrupts memory ("double free or corruption"); static bucketed graphs do not,
+    and cost at most 2x padding.
 
     Every new variant (bucket x batch x dtype x grad mode x with or without a state ...) is one more graph,
     and torch allows torch._dynamo.config.recompile_limit (8) per function: past it, fullgraph=True raises
@@ -435,9 +438,11 @@ def _ssd_chunked_backward(x, dt, A, B, C, D, S0, q, tricks, entering, dY, dfinal
                 G_c = e^{s_last,c} G_{c+1} + dS_in[c] (G_c = gradient of S_in[c]), dstates_c = G_{c+1},
                 ds_last += e^{s_last} <G_{c+1}, S_in[c]>;  dS0 = G_0
         step 2  states = (X o w)^T B            d(Xw) = B dstates^T:  dX += d(Xw) o w,  dB += (X o w) dstates,
-                                                P_j = w_j sum_p d(Xw)_jp X_jp:  ds_last += sum_j P_j,  ds_j -= P_j
+                                                P_j = w_j sum_p d(Xw)_jp X_jp:  ds_last += sum_j P_j,
+                                                                                ds_j -= P_j
         step 1  Y_diag = (CB o L) X             dX += M^T dY,  dM = dY X^T,  dCB = sum over heads (dM o L),
-                                                dC += dCB B,  dB += dCB^T C,  Q = dM o M:  ds_i += sum_s Q_is - sum_j Q_ji
+                                                dC += dCB B,  dB += dCB^T C,
+                                                Q = dM o M:  ds_i += sum_s Q_is - sum_j Q_ji
     Then a = cumsum^-1(s): da_j = sum_{i >= j} ds_i (a reversed cumsum), and the discretization
     X = x dt, a = dt A gives dx = dX dt + D dY, ddt = <dX, x> + da A, dA = da dt, dD = <dY, x>.
     Shapes: inputs as _ssd_chunked_forward; entering (b, c, h, p, n); dY (b, l, h, p); dfinal (b, h, p, n).
@@ -624,7 +629,8 @@ def _forward_segmented(x, dt, A, B, C, D, S0, q, tricks, keep_entering=True):
     S = S0
     for s, e in segments:
         c0, c1 = s // q, -(-e // q)  # the segment's chunks
-        _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e), B[:, s:e], C[:, s:e], D, S, q, tricks,
+        _, S, _ = _ssd_chunked_forward(x[:, s:e], dt[:, s:e], _piece(A, s, e), B[:, s:e], C[:, s:e],
+                                       D, S, q, tricks,
                                        y_out=y[:, c0 * q:c1 * q],
                                        entering_out=None if entering is None else entering[:, c0:c1])
     return y[:, :l], S, entering
@@ -781,7 +787,8 @@ class FastScan:
 
     def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
         if state is None and not return_state and x.shape[1] <= chunk_size:
-            factored = self.cpu_tricks.factored_range if (self.cpu_tricks and x.device.type == "cpu") else None
+            factored = (self.cpu_tricks.factored_range
+                        if (self.cpu_tricks and x.device.type == "cpu") else None)
             return ssd_quadratic(x, dt, A, B, C, D=D, factored_range=factored), None
         if self.compiled:
             return ssd_chunked_compiled(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=state,

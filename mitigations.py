@@ -185,7 +185,8 @@ class RRIScan(_InputTransform):
 
 def rri_ssd(x, dt, A, B, C, *, lambda_a, lambda_B, chunk_size, D=None, initial_state=None):
     """The SSD scan with RRI: h_t = (lambda_a alpha_t) h_{t-1} + lambda_B dt_t x_t B_t^T; shapes as ssd."""
-    return RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    scan = RRIScan(minimamba.DefaultScan(), lambda_a, lambda_B)
+    return scan.chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
 def rri(model, lambda_a: float = 1.0, lambda_B: float = 1.0):
@@ -227,7 +228,8 @@ class DeltaScaleScan(_InputTransform):
 
 def delta_scaled_ssd(x, dt, A, B, C, *, factor, chunk_size, D=None, initial_state=None):
     """The SSD scan with dt multiplied by `factor` (LongMamba); shapes as ssd."""
-    return DeltaScaleScan(minimamba.DefaultScan(), factor).chunked(x, dt, A, B, C, D, initial_state, chunk_size)
+    scan = DeltaScaleScan(minimamba.DefaultScan(), factor)
+    return scan.chunked(x, dt, A, B, C, D, initial_state, chunk_size)
 
 
 def delta_scaling(model, factor: float):
@@ -499,7 +501,8 @@ class SlidingWindowScan(_Wrapper):
             cache = list(push)
             log_decay = a
         else:
-            cache = [torch.cat([c, p], dim=1) for c, p in zip((st.cache_x, st.cache_dt, st.cache_A, st.cache_B), push)]
+            cache = [torch.cat([c, p], dim=1)
+                     for c, p in zip((st.cache_x, st.cache_dt, st.cache_A, st.cache_B), push)]
             log_decay = st.log_decay + a
         anchor = st.anchor
         if cache[0].shape[1] > self.window:
@@ -533,7 +536,8 @@ def sliding_window_quadratic(x, dt, A, B, C, *, window, D=None):
     Shapes as sliding_window_ssd. Computed in float64 if x is float64, else float32.
     """
     b, l, h, p, g, n = check_scan_inputs(x, dt, A, B, C, D)
-    window = min(SlidingWindowScan(None, window).window, l)  # checked as sliding_window checks it; >= l is all
+    # checked as sliding_window checks it; >= l is all
+    window = min(SlidingWindowScan(None, window).window, l)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     a = (dt.to(ct) * _per_token_A(A, dt).to(ct)).permute(0, 2, 1)  # (b, h, l)
     cs = torch.cumsum(a, dim=-1)
@@ -589,7 +593,8 @@ def state_statistics(h: torch.Tensor, top_k: int = 4) -> dict[str, torch.Tensor]
     mag = h.double().abs().mean(0).reshape(nh, p * n)  # (h, p*n)
     top_values, top_channels = mag.topk(k, dim=-1)
     return {"mean": flat.mean(-1), "var": flat.var(-1, unbiased=False), "rms": flat.pow(2).mean(-1).sqrt(),
-            "max_abs": flat.abs().amax(-1), "norm": torch.linalg.vector_norm(h.double(), dim=(-2, -1)).amax(0),
+            "max_abs": flat.abs().amax(-1),
+            "norm": torch.linalg.vector_norm(h.double(), dim=(-2, -1)).amax(0),
             "top_values": top_values, "top_channels": top_channels}
 
 
@@ -664,7 +669,8 @@ def _state_tensor(s) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int = 4, on_progress=None) -> StateTrace:
+def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int = 4,
+                 on_progress=None) -> StateTrace:
     """Stream input_ids (b, l) through the model `every` tokens at a time, carrying the state, and
     record after each piece, per layer and head, the state statistics and first-token retention.
 
@@ -686,7 +692,8 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
             _, state = model(input_ids[:, start:end], state)
             per_layer = [state_statistics(_state_tensor(s), top_k) for s in state.ssm]
             row = {k: torch.stack([d[k] for d in per_layer]) for k in per_layer[0]}
-            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0) for r in recorders])  # (n_layer, h)
+            row["retention"] = torch.stack([torch.exp(r.log_retention).mean(0)
+                                            for r in recorders])  # (n_layer, h)
             rows.append(row)
             positions.append(end)
             if on_progress is not None:
@@ -730,7 +737,8 @@ class _SwappedScans:
         if self.installed is not None:
             raise RuntimeError("this block is already open: leave it before entering it again")
         old = [m.scan for m in self.mixers]
-        new = [self.make(scan, i) for i, scan in enumerate(old)]  # build all first: an error leaves the model as it was
+        # build all first: an error leaves the model as it was
+        new = [self.make(scan, i) for i, scan in enumerate(old)]
         for m, scan, below in zip(self.mixers, new, old):
             if scan is not below and isinstance(scan, _Wrapper):
                 scan.in_block = True  # left out of copies of the model
@@ -806,7 +814,8 @@ def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=Tr
         return
     if scan.made_by is None:
         raise TypeError(f"this state was made by {state.made_by}; this block is {scan.name}, which continues "
-                        "the model's (b, h, p, n) tensor: continue the state inside a block like the one that made it")
+                        "the model's (b, h, p, n) tensor: continue the state inside a block like the one "
+                        "that made it")
     if not ours:
         raise TypeError(f"this block is {scan.made_by}, which continues only a state made by the same block, "
                         f"got a {type(state).__name__} (a tensor state comes from the model's scan, rri or "
@@ -814,7 +823,8 @@ def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=Tr
     if state.made_by != scan.made_by:
         raise ValueError(f"this state was made by {state.made_by}; this block is {scan.made_by}")
     if state.h is not None and tuple(state.h.shape) != (b, h, p, n):
-        raise ValueError(f"this state is (b, h, p, n) = {tuple(state.h.shape)}, the inputs need {(b, h, p, n)}")
+        raise ValueError(f"this state is (b, h, p, n) = {tuple(state.h.shape)}, "
+                         f"the inputs need {(b, h, p, n)}")
     if state.h is not None and state.h.device != x.device:
         raise ValueError(f"this state is on {state.h.device}, the inputs on {x.device}")
     cache_B = getattr(state, "cache_B", None)
@@ -825,9 +835,9 @@ def _check_call(scan, x, dt, A, B, C, D, state, chunk_size=None, return_state=Tr
 def _check_directly_on_the_model_scan(method: str, inner):
     """state_norm and sliding_window need the model's (linear) scan with a tensor state below them."""
     if isinstance(inner, (StateNormScan, SlidingWindowScan, _InputTransform)):
-        raise ValueError(f"{method} needs the model's (linear) scan directly below it: enter {method}() before "
-                         "rri()/delta_scaling(), and not on top of state_norm() or sliding_window(); found "
-                         f"{type(inner).__name__}")
+        raise ValueError(f"{method} needs the model's (linear) scan directly below it: "
+                         f"enter {method}() before rri()/delta_scaling(), and not on top of state_norm() "
+                         f"or sliding_window(); found {type(inner).__name__}")
 
 
 def _thresholds(taus, shape: tuple | None = None) -> torch.Tensor:
@@ -850,7 +860,8 @@ def _thresholds(taus, shape: tuple | None = None) -> torch.Tensor:
 
 def _check_clamp_args(h, tau):
     if h.dim() != 4 or tuple(tau.shape) != (h.shape[1],):
-        raise ValueError(f"clamp_state needs h (b, h, p, n) and tau (h,), got {tuple(h.shape)} and {tuple(tau.shape)}")
+        raise ValueError(f"clamp_state needs h (b, h, p, n) and tau (h,), "
+                         f"got {tuple(h.shape)} and {tuple(tau.shape)}")
 
 
 def _check_statistics_args(h, top_k) -> int:

@@ -45,9 +45,10 @@ def test_quick_start_is_two_commands_demo_then_tests_and_the_readme_is_short():
 
 
 # Library files written for readers, at a natural width (a line cap on the file pushed code into dense,
-# wide lines; a width limit does the opposite). The other modules join this list when they fit.
+# wide lines; a width limit does the opposite). Every top-level library module is on the list.
 READABLE_WIDTH = 110
-READABLE_FILES = ["minimamba.py", "checkpoints.py"]
+READABLE_FILES = ["minimamba.py", "checkpoints.py", "minimamba_kernels.py", "mitigations.py",
+                  "forgetting_curve.py"]
 
 
 def test_named_files_exist_and_library_lines_fit_the_width():
