@@ -36,7 +36,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy
 import torch
@@ -283,6 +283,69 @@ class ProgressBar:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading result files: every error names the file
+# ----------------------------------------------------------------------------------------------
+
+class BadFileError(ValueError):
+    """A result or record file that cannot be used (unreadable, truncated, not the expected shape);
+    the message names the file."""
+
+
+def read_json(path: str | os.PathLike, what: str = "file", keys: Iterable[str] = (), hint: str = "") -> Any:
+    """The JSON value in `path`, for every reader of the run folders' JSON files (records, points,
+    results). keys: top-level keys it must hold (it must then be an object). A missing file is a
+    FileNotFoundError, anything else a BadFileError; both name the file, `what` it is and the `hint`."""
+    path, hint = Path(path), f"; {hint}" if hint else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadFileError(f"cannot read the {what} {path}: {e}{hint}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): a truncated or "
+                           f"damaged {what}?{hint}") from None
+    keys = list(keys)
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else keys
+    if missing:
+        found = f"its keys are {sorted(data)}" if isinstance(data, dict) else f"it holds a JSON {type(data).__name__}"
+        raise BadFileError(f"{path}: a {what} is a JSON object with the keys {keys}, but {found}{hint}")
+    return data
+
+
+def read_csv(path: str | os.PathLike, parse: dict[str, Callable[[str], Any]] | None = None,
+             what: str = "CSV file") -> list[dict[str, Any]]:
+    """The rows of a CSV file with a header line, as dicts, with the columns in `parse` converted
+    (an empty or missing cell becomes None). Every error names the file (and the line)."""
+    path, parse = Path(path), parse or {}
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            absent = [c for c in parse if c not in (reader.fieldnames or [])]
+            if absent:
+                raise BadFileError(f"{path}: a {what} with the columns {list(parse)}, but its header "
+                                   f"{reader.fieldnames} lacks {absent}")
+            for row in reader:
+                for col, convert in parse.items():
+                    cell = row.get(col)
+                    try:
+                        row[col] = convert(cell) if cell not in (None, "") else None
+                    except ValueError:
+                        raise BadFileError(f"{path}, line {reader.line_num}: column {col!r} holds {cell!r}, not "
+                                           f"a {getattr(convert, '__name__', 'value')}: a truncated or damaged "
+                                           f"{what}?") from None
+                rows.append(row)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BadFileError(f"cannot read the {what} {path}: {e}") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Atomic writes: write to a temporary name in the same folder, fsync, then os.replace
 # ----------------------------------------------------------------------------------------------
 
@@ -327,11 +390,10 @@ class CsvLog:
         self.path, self.fields = Path(path), list(fields)
         rows = []
         if self.path.exists() and keep_until is not None:
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
-        if keep_until is None or not self.path.exists():
-            rows = []
-        buf = [",".join(self.fields)] + [",".join(str(r.get(k, "")) for k in self.fields) for r in rows]
+            rows = [r for r in read_csv(self.path, {"step": int}, "metrics log")
+                    if r["step"] is not None and r["step"] <= keep_until]
+        buf = [",".join(self.fields)] + [",".join("" if r.get(k) is None else str(r[k]) for k in self.fields)
+                                         for r in rows]
         atomic_write_text(self.path, "\n".join(buf) + "\n")
         self._f = open(self.path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=self.fields)

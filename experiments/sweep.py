@@ -33,7 +33,6 @@ Glossary
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import math
@@ -51,7 +50,8 @@ import numpy as np
 import torch
 
 import forgetting_curve as fc
-from experiments.common import ProgressBar, atomic_write_json, config_from_dict, flag, write_run_config
+from experiments.common import (BadFileError, ProgressBar, atomic_write_json, config_from_dict, flag, read_csv, read_json,
+                                write_run_config)
 from experiments.train import TrainConfig, latest_checkpoint, checkpoint_step, train
 
 POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished (point, seed) each
@@ -111,17 +111,26 @@ class PointStore:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir) / POINTS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(run_dir) / POINTS_DIR  # created by the first put (reading writes nothing)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
+
+    def read(self, path: Path) -> dict:
+        """A stored point file, checked for its shape; an error names the file."""
+        stored = read_json(path, "point file", keys=("params", "result"),
+                           hint="delete it to compute the point again")
+        if not isinstance(stored["params"], dict) or not isinstance(stored["result"], dict):
+            raise BadFileError(f"{path}: a point file holds a JSON object under 'params' and under 'result', got "
+                               f"{type(stored['params']).__name__} and {type(stored['result']).__name__}; delete "
+                               f"it to compute the point again")
+        return stored
 
     def get(self, point: Point) -> dict | None:
         p = self.path(point.key)
         if not p.is_file():
             return None
-        stored = json.loads(p.read_text())
+        stored = self.read(p)
         if stored["params"] != json.loads(json.dumps(point.params)):
             changed = sorted(k for k in set(stored["params"]) | set(point.params)
                              if stored["params"].get(k) != json.loads(json.dumps(point.params.get(k))))
@@ -135,7 +144,7 @@ class PointStore:
 
     def all(self) -> dict[str, dict]:
         """key -> stored record, for every finished point on disk."""
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))}
+        return {p.stem: self.read(p) for p in sorted(self.dir.glob("*.json"))}
 
 
 def workers_flag() -> int:
@@ -416,8 +425,7 @@ def final_train_loss(out_dir: str | Path, last: int = 5) -> float:
     p = Path(out_dir) / "metrics.csv"
     if not p.is_file():
         return float("nan")
-    with open(p, newline="") as f:
-        vals = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+    vals = [r["loss"] for r in read_csv(p, {"loss": float}, "metrics log") if r["loss"] is not None]
     return float(np.mean(vals[-last:])) if vals else float("nan")
 
 
@@ -436,19 +444,33 @@ def recipe(cfg, grid_fields: Iterable[str] = ()) -> dict:
 RUN_RECORDS = ("config.json", "manifest.json")  # a run folder's record; a committed results folder's
 
 
-def read_run_record(run_dir: str | Path) -> dict:
-    """The record of a run folder (config.json) or of a committed results folder (manifest.json):
-    both hold the resolved config under "config"."""
+def run_record_path(run_dir: str | Path) -> Path:
+    """The record file of a run folder (config.json) or of a committed results folder (manifest.json)."""
     for name in RUN_RECORDS:
         if (Path(run_dir) / name).is_file():
-            return json.loads((Path(run_dir) / name).read_text())
+            return Path(run_dir) / name
     raise FileNotFoundError(f"{run_dir} holds neither {' nor '.join(RUN_RECORDS)}: --replot needs a finished run "
                             f"folder or a results folder")
 
 
+def read_run_record(run_dir: str | Path) -> dict:
+    """The record of a run folder or of a committed results folder: both hold the resolved config
+    under "config"."""
+    record = read_json(run_record_path(run_dir), "run record", keys=("config",))
+    if not isinstance(record["config"], dict):
+        raise BadFileError(f"{run_record_path(run_dir)}: 'config' holds a {type(record['config']).__name__}, not the "
+                           f"resolved config (an object)")
+    return record
+
+
 def load_run_config(run_dir: str | Path, cls):
     """The resolved config a run folder (or a results folder) records, as a `cls` (for --replot)."""
-    return config_from_dict(cls, read_run_record(run_dir)["config"])
+    try:
+        return config_from_dict(cls, read_run_record(run_dir)["config"])
+    except (TypeError, ValueError) as e:
+        if isinstance(e, BadFileError):
+            raise
+        raise BadFileError(f"{run_record_path(run_dir)}: its config is not a valid {cls.__name__}: {e}") from None
 
 
 def parse_states(states: Iterable[str]) -> list[tuple[int, int]]:

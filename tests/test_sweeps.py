@@ -12,6 +12,7 @@ Claims tested (issues 6 and 11):
 """
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -509,3 +510,49 @@ def test_publish_then_replot_from_committed_results_only(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing; finish the run"):
         figures.publish(tmp_path / "half", "state_capacity", results)
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()} == before, "figures/ was written"
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders that never reuse or overwrite work made under other settings (issue 19)
+# ---------------------------------------------------------------------------------------------
+
+def _capacity_cfg(out_dir, **kw):
+    base = dict(out_dir=str(out_dir), states=("16x16", "32x16"), train_lens=(8, 16), seeds=(0,), eval_length=256,
+                workers=1)
+    return state_capacity.CapacityConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "not valid JSON"),  # a torn write
+    (lambda p: p.write_text("[1, 2]"), "JSON list"),
+    (lambda p: p.write_text('{"params": {}}'), "lacks|keys are"),
+    (lambda p: p.write_text('{"params": 3, "result": {}}'), "under 'params'"),
+])
+def test_a_damaged_point_file_is_an_error_naming_it(tmp_path, monkeypatch, damage, expect):
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    cfg = _capacity_cfg(tmp_path)
+    state_capacity.run(cfg)
+    point = tmp_path / "points" / f"{state_capacity.capacity_points(cfg)[1].key}.json"
+    damage(point)
+    for read in (lambda: state_capacity.replot(tmp_path, tmp_path / "re"),  # --replot and a resumed sweep
+                 lambda: run_points(tmp_path, state_capacity.capacity_points(cfg), _square, {}, workers=1)):
+        with pytest.raises(ValueError, match=rf"(?s){re.escape(str(point))}.*({expect}).*delete it"):
+            read()
+
+
+def test_a_damaged_run_record_or_metrics_log_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path))
+    record = tmp_path / "config.json"
+    record.write_text(record.read_text()[:-30])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))} is not valid JSON"):
+        state_capacity.replot(tmp_path)
+    record.write_text(json.dumps({"config": {"no_such_field": 1}, "invocations": []}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))}: its config is not a valid CapacityConfig"):
+        state_capacity.replot(tmp_path)
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss\n1,2.5\n2,2.")
+    assert sweep.final_train_loss(tmp_path) == pytest.approx(2.25)
+    metrics.write_text("step,loss\n1,2.5\n2,2.4e")  # torn in the middle of a number
+    with pytest.raises(ValueError, match=rf"{re.escape(str(metrics))}, line 3: column 'loss' holds '2.4e'"):
+        sweep.final_train_loss(tmp_path)
