@@ -50,9 +50,10 @@ import numpy as np
 import torch
 
 import forgetting_curve as fc
-from experiments.common import (BadFileError, ProgressBar, atomic_write_json, config_from_dict, flag, read_csv, read_json,
+from experiments.common import (BadFileError, ProgressBar, atomic_write_json, check_seeds, claim_run_folder,
+                                config_from_dict, ensure_folder, flag, read_csv, read_json, refuse_other_settings,
                                 write_run_config)
-from experiments.train import TrainConfig, latest_checkpoint, checkpoint_step, train
+from experiments.train import TrainConfig, latest_checkpoint, train
 
 POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished (point, seed) each
 KEY_SAFE = re.compile(r"[^A-Za-z0-9_.=-]")  # characters allowed in a point's file name
@@ -157,8 +158,7 @@ def check_seeds_and_workers(cfg) -> None:
     """The __post_init__ check every sweep config shares."""
     if not cfg.seeds or cfg.workers < 1:
         raise ValueError(f"need at least one seed and --workers >= 1, got --seeds {cfg.seeds}, --workers {cfg.workers}")
-    if len(set(cfg.seeds)) != len(cfg.seeds):  # a repeated seed would be one run counted twice in k of N
-        raise ValueError(f"--seeds must not repeat a seed, got {cfg.seeds}")
+    check_seeds(cfg.seeds)
 
 
 def threads_per_worker(workers: int) -> int:
@@ -184,7 +184,7 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
     threads_per_worker(workers) torch threads; workers = 1 runs them here, in order.
     """
     store = PointStore(run_dir)
-    results = {p.key: r for p in points if (r := store.get(p)) is not None}
+    results = stored_points(run_dir, points)
     todo = [p for p in points if p.key not in results]
     n_proc = min(workers, len(todo))
     torch.set_num_threads(threads_per_worker(max(1, n_proc)))
@@ -210,16 +210,41 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
     return {p.key: results[p.key] for p in points}, [p.key for p in todo]
 
 
+def stored_points(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
+    """key -> result of the points already stored in run_dir (read only; one stored with other params
+    is an error, PointStore.get)."""
+    store = PointStore(run_dir)
+    return {p.key: r for p in points if (r := store.get(p)) is not None}
+
+
+def sweep_settings(points: list[Point]) -> dict:
+    """What every point of a sweep depends on besides its own coordinates (the recipe grid_points put
+    into each point's params): what a sweep folder records and compares when it is continued. The
+    grid axes and the seeds are not in it, so a sweep can be widened in the same folder."""
+    if not points:
+        raise ValueError("a sweep needs at least one point")
+    return {k: v for k, v in points[0].params.items() if k not in points[0].coords}
+
+
 def run_sweep(cfg, points: list[Point], compute: Callable, desc: str, **facts: Any) -> dict[str, dict]:
-    """What every sweep's run() does: config.json in cfg.out_dir, then run_points with cfg.workers,
-    then the invocation's record (wall time, points computed). Returns key -> result."""
+    """What every sweep's run() does: claim cfg.out_dir as a '<desc> sweep' folder, run_points with
+    cfg.workers, then the invocation's record (wall time, points computed). Returns key -> result.
+
+    The claim (common.claim_run_folder) refuses, before anything is written, a folder that holds
+    another kind of run, a sweep made with other settings (sweep_settings) or points stored with
+    other ones; it holds the folder's lock while the sweep runs (a second sweep there is refused).
+    """
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg), **facts)
-    results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
-                     record={"points_computed": computed}, **facts)
+    out, kind, settings = Path(cfg.out_dir), f"{desc} sweep", sweep_settings(points)
+
+    def check(record: dict) -> None:
+        refuse_other_settings(out, record, settings)
+        stored_points(out, points)
+
+    with claim_run_folder(out, kind, dataclasses.asdict(cfg), settings, resume=True, check=check, **facts):
+        results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
+        write_run_config(out, dataclasses.asdict(cfg), kind=kind, wall_s=time.perf_counter() - t0,
+                         record={"points_computed": computed}, **facts)
     return results
 
 
@@ -228,9 +253,8 @@ def finished_run(run_dir: str | Path, out: str | Path | None, cls,
     """What every --replot starts from: (the run's config as a `cls`, every point's stored result,
     the output folder: out, created, or run_dir). points(cfg) lists the run's points."""
     cfg = load_run_config(run_dir, cls)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return cfg, stored_results(run_dir, points(cfg)), out
+    results = stored_results(run_dir, points(cfg))
+    return cfg, results, ensure_folder(out or run_dir, "the output folder")
 
 
 def stored_results(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
@@ -411,13 +435,11 @@ def point_train_config(out_dir: str | Path, *, t_train: int, tokens_per_step: in
 
 
 def train_point_model(tcfg: TrainConfig, batch_fn=None) -> Path:
-    """Train (resuming a killed run from its last checkpoint) or reuse a finished run; returns the
-    model folder of its last checkpoint."""
-    ckpt = latest_checkpoint(tcfg.out_dir)
-    if ckpt is None or checkpoint_step(ckpt) < tcfg.steps:
-        train(tcfg, batch_fn)
-        ckpt = latest_checkpoint(tcfg.out_dir)
-    return ckpt / "model"
+    """Train a point's model, resume a killed one from its last checkpoint, or reuse a finished one;
+    returns the model folder of its last checkpoint. Always through train() (tcfg.resume is set), so
+    a model folder made with other settings or data is refused, never reused."""
+    train(tcfg, batch_fn)
+    return latest_checkpoint(tcfg.out_dir) / "model"
 
 
 def final_train_loss(out_dir: str | Path, last: int = 5) -> float:

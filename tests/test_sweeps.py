@@ -556,3 +556,84 @@ def test_a_damaged_run_record_or_metrics_log_is_an_error_naming_it(tmp_path, mon
     metrics.write_text("step,loss\n1,2.5\n2,2.4e")  # torn in the middle of a number
     with pytest.raises(ValueError, match=rf"{re.escape(str(metrics))}, line 3: column 'loss' holds '2.4e'"):
         sweep.final_train_loss(tmp_path)
+
+
+def test_a_sweep_resumed_with_other_settings_is_refused_before_it_writes(tmp_path, monkeypatch):
+    cfg = _capacity_cfg(tmp_path)
+    # killed before any point was stored (its models may be trained): no point file to compare with
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=0))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(cfg)
+    record = (tmp_path / "config.json").read_bytes()
+    calls = []
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls))
+    with pytest.raises(ValueError, match=r"(?s)other settings.*lr: 0.003 \(recorded\) vs 0.05 \(now\)"):
+        state_capacity.run(dataclasses.replace(cfg, lr=0.05))
+    assert calls == [] and (tmp_path / "config.json").read_bytes() == record, "the refused sweep ran or wrote"
+    # finished: a rerun with other settings is still refused before config.json is touched
+    state_capacity.run(cfg)
+    record = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"(?s)other settings.*steps"):
+        state_capacity.run(dataclasses.replace(cfg, steps=cfg.steps + 1))
+    assert (tmp_path / "config.json").read_bytes() == record
+    # more seeds, more grid points, other machine fields: the same sweep, widened
+    state_capacity.run(dataclasses.replace(cfg, seeds=(0, 1), train_lens=(8, 16, 32), device="cpu"))
+    assert len(list((tmp_path / "points").glob("*.json"))) == 12
+
+
+def test_train_and_sweeps_never_take_over_each_others_folders(tmp_path, monkeypatch):
+    import experiments.data as data
+    from experiments import train as T
+    from experiments.common import RunFolderError
+    monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path / "sweep"))
+    T.train(T.TrainConfig(d_model=16, n_layer=1, d_state=8, headdim=8, chunk_size=8, seq_len=8, batch_size=2, steps=1,
+                          eval_every=0, progress=False, out_dir=str(tmp_path / "train")))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match=r"sweep holds a capacity sweep .*not a train.py run"):
+        T.train(T.TrainConfig(out_dir=str(tmp_path / "sweep"), steps=1, resume=True, progress=False))
+    with pytest.raises(SystemExit, match=r"holds a capacity sweep"):
+        T.main(["--out_dir", str(tmp_path / "sweep"), "--steps", "1", "--resume", "--progress", "false"])
+    with pytest.raises(RunFolderError, match=r"train holds a train.py run .*not a capacity sweep"):
+        state_capacity.run(_capacity_cfg(tmp_path / "train"))
+    with pytest.raises(RunFolderError, match=r"holds a capacity sweep .*not a passkey sweep"):
+        passkey.run(passkey.PasskeyConfig(out_dir=str(tmp_path / "sweep"), workers=1))
+    with pytest.raises(RunFolderError, match=r"config.json is a file, not a folder"):
+        state_capacity.run(_capacity_cfg(tmp_path / "sweep" / "config.json" / "x"))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("seeds", ["-1", str(2**70), "0,3,0"])
+def test_bad_seeds_are_refused_before_anything_is_created(tmp_path, seeds):
+    with pytest.raises(ValueError, match=r"--seeds must"):
+        state_capacity.main(["--seeds", seeds, "--out_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_publish_or_replot_writes_nothing_and_names_the_file(tmp_path, monkeypatch):
+    from experiments import figures
+    results, figs = tmp_path / "results", tmp_path / "figs"
+    results.mkdir()
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(_capacity_cfg(tmp_path / "half"))
+    with pytest.raises(FileNotFoundError, match="missing; finish the run"):
+        figures.main(["--publish", str(tmp_path / "half"), "--experiment", "state_capacity", "--results_dir",
+                      str(results), "--figures_dir", str(figs)])
+    assert list(results.iterdir()) == [] and not figs.exists(), "a refused publish left files behind"
+    bench_run = tmp_path / "bench"
+    bench_run.mkdir()
+    (bench_run / "results.json").write_text('{"meta": {"wall_s": 1.0}, "rows": [{"kind": "mo')  # torn
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bench_run / 'results.json'))} is not valid JSON"):
+        figures.publish(bench_run, "bench", results)
+    assert list(results.iterdir()) == []
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path / "full"))
+    with pytest.raises(ValueError, match=r"results.json is a file, not a folder"):
+        figures.publish(tmp_path / "full", "state_capacity", bench_run / "results.json" / "res")
+    published = figures.publish(tmp_path / "full", "state_capacity", results)
+    point = sorted((published / "points").iterdir())[0]
+    point.write_text(point.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(point))} is not valid JSON"):
+        figures.main(["--results_dir", str(results), "--figures_dir", str(figs), "--only", "state_capacity"])
