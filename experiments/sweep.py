@@ -41,6 +41,7 @@ import os
 import re
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,30 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+PARENT_POLL_S = 0.5  # how often a worker checks that the sweep that started it is still alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Worker side: end this process as soon as its parent (the sweep) is gone. When a process
+    dies its children are handed to another parent, so os.getppid() changes; a daemon thread polls
+    it (portable to every POSIX system, and it needs no pipe: a SIGKILLed sweep runs no clean-up).
+    Without it, a killed sweep left its workers waiting for work forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no clean-up to run: the point in flight is lost, its model resumes from a checkpoint
+
+    if os.getppid() != parent_pid:  # already gone before this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def _start_worker(threads: int, parent_pid: int) -> None:
+    """Initializer of each worker process: its torch threads, and the watch on its parent."""
+    torch.set_num_threads(threads)
+    _watch_parent(parent_pid)
+
+
 def _compute_and_store(compute: Callable, cfg, point: Point, run_dir: str) -> dict:
     """Worker body: compute one point and store it (so a killed parent keeps what finished)."""
     t0 = time.perf_counter()
@@ -181,7 +206,8 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
 
     compute(cfg, point) -> a JSON-ready dict; it must be a module-level function (worker processes
     import it by name). workers > 1: the missing points run in that many spawned processes, each with
-    threads_per_worker(workers) torch threads; workers = 1 runs them here, in order.
+    threads_per_worker(workers) torch threads, each ending when this process dies (_watch_parent);
+    workers = 1 runs them here, in order.
     """
     store = PointStore(run_dir)
     results = stored_points(run_dir, points)
@@ -196,8 +222,8 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
             bar.update(1, done=p.key)
     else:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP/torch state
-        with concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=torch.set_num_threads,
-                                                    initargs=(threads_per_worker(n_proc),)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=_start_worker,
+                                                    initargs=(threads_per_worker(n_proc), os.getpid())) as pool:
             futures = {pool.submit(_compute_and_store, compute, cfg, p, str(run_dir)): p for p in todo}
             try:
                 for f in concurrent.futures.as_completed(futures):

@@ -10,10 +10,17 @@ Claims tested (issues 6 and 11):
   --replot rebuilds the summary from the points alone;
 - T_forget / T_recall read the censored cases correctly; the Transformer baseline is causal.
 """
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -637,3 +644,91 @@ def test_a_refused_publish_or_replot_writes_nothing_and_names_the_file(tmp_path,
     point.write_text(point.read_text()[:-20])
     with pytest.raises(ValueError, match=rf"{re.escape(str(point))} is not valid JSON"):
         figures.main(["--results_dir", str(results), "--figures_dir", str(figs), "--only", "state_capacity"])
+
+
+_NAP_SWEEP = """
+import dataclasses, os, sys, time
+from pathlib import Path
+from experiments import sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class NapConfig:
+    out_dir: str
+    pid_dir: str
+    workers: int = 2
+    nap_s: float = 300.0
+
+
+def nap(cfg, point):
+    (Path(cfg.pid_dir) / str(os.getpid())).touch()
+    time.sleep(cfg.nap_s)
+    return {"slept": cfg.nap_s}
+
+
+def points(cfg):
+    return sweep.grid_points([{"x": 0}, {"x": 1}], (0,), {"nap_s": cfg.nap_s})
+
+
+if __name__ == "__main__":
+    cfg = NapConfig(sys.argv[1], sys.argv[2])
+    sweep.run_sweep(cfg, points(cfg), nap, "nap")
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc").is_dir():
+        return True
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _quick(cfg, point):
+    return {"slept": 0.0}
+
+
+def test_a_sweep_folder_is_locked_and_its_workers_end_with_it(tmp_path):
+    import importlib.util
+    from experiments.common import REPO
+    script, run_dir, pid_dir = tmp_path / "nap_sweep.py", tmp_path / "run", tmp_path / "pids"
+    script.write_text(_NAP_SWEEP)
+    pid_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, str(script), str(run_dir), str(pid_dir)], env=env, cwd=tmp_path)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pid_dir.iterdir())) < 2:  # both points in flight, one per worker process
+            assert parent.poll() is None and time.monotonic() < deadline, "the sweep's workers did not start"
+            time.sleep(0.2)
+        workers = [int(p.name) for p in pid_dir.iterdir()]
+        # a second sweep on the same folder is refused, naming the process that holds it
+        spec = importlib.util.spec_from_file_location("nap_sweep", script)
+        nap_sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nap_sweep)
+        cfg = nap_sweep.NapConfig(str(run_dir), str(pid_dir), workers=1)
+        with pytest.raises(ValueError, match=rf"run is in use by process {parent.pid} \(it holds .*\.lock\)"):
+            sweep.run_sweep(cfg, nap_sweep.points(cfg), _quick, "nap")
+        # the sweep is killed without any chance to clean up: its workers end within seconds
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "workers outlived their killed sweep"
+        # the OS dropped the dead sweep's lock: the folder can be continued at once
+        assert sweep.run_sweep(cfg, nap_sweep.points(cfg), _quick, "nap") == {
+            p.key: {"slept": 0.0} for p in nap_sweep.points(cfg)}
+    finally:
+        for pid in [parent.pid] + [w for w in workers if _running(w)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
