@@ -3,16 +3,21 @@ the progress bar and atomic writes.
 
 Nothing here knows about Mamba. The experiment scripts use it as
     cfg = parse_config(MyConfig, argv, description, quick=QUICK)     # flags named after the fields
-    write_run_config(out_dir, dataclasses.asdict(cfg), wall_s=...)   # config.json of the run folder
+    with claim_run_folder(out_dir, "my run", dataclasses.asdict(cfg), settings, resume=...):
+        ...                                                          # checked, locked, record written
+        write_run_config(out_dir, dataclasses.asdict(cfg), kind="my run", wall_s=...)
     bar = ProgressBar(total, desc="train")
 
 Reading order
     1. The command-line convention: flag() declares a config field with its --help text;
        config_parser()/parse_config() turn a frozen dataclass into flags --field_name (snake_case);
        add_flag() adds a flag that is not a config field, under the same rules.
-    2. The run-folder writer: write_run_config (config.json: resolved config, command, git commit,
-       versions, hardware, one record per invocation), run_metadata, git_commit.
-    3. ProgressBar, CsvLog, atomic_write_* (a reader sees the old file or the whole new one).
+    2. The run-folder writer: write_run_config (config.json: run kind, settings, resolved config,
+       command, git commit, versions, hardware, one record per invocation), run_metadata, git_commit.
+       2b. Run folders: claim_run_folder (check read-only, lock, write the record first),
+       check_run_folder, RunLock, check_seeds, ensure_folder.
+    3. ProgressBar, CsvLog, read_json / read_csv (every error names the file), atomic_write_* (a
+       reader sees the old file or the whole new one).
 
 The convention (tests/test_experiments.py walks every script's parser and checks it)
     - every flag is --snake_case, named after the config field it sets;
@@ -398,16 +403,14 @@ def claim_run_folder(out_dir: str | os.PathLike, kind: str, config: dict, settin
     """
     out = Path(out_dir)
     check = check or (lambda record: refuse_other_settings(out, record, settings))
-
-    def verify() -> None:
-        record = check_run_folder(out, kind, resume=resume)
-        if record is not None:
-            check(record)
-
-    verify()  # 1.
+    record = check_run_folder(out, kind, resume=resume)  # 1.
+    if record is not None:
+        check(record)
     lock = RunLock(ensure_folder(out))  # 2.
     try:
-        verify()  # 3.
+        now = check_run_folder(out, kind, resume=resume)  # 3. (check again only what changed meanwhile)
+        if now is not None and now != record:
+            check(now)
         write_run_config(out, config, kind=kind, settings=settings, **extra)
     except BaseException:
         lock.release()

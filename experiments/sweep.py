@@ -10,12 +10,15 @@ Papers
 Reading order
     1. Points and seeds   Point (one (grid point, seed) pair), PointStore (one JSON per point, written
                           atomically; a rerun reuses it), run_points (the missing points, in --workers
-                          processes: a killed sweep loses only the points in flight), run_sweep (a
-                          sweep's run: config.json, the points, the invocation's record), stored_results
+                          processes that end with the sweep: a killed sweep loses only the points in
+                          flight), run_sweep (a sweep's run: claim the folder - refused before anything
+                          is written under other settings - the points, the invocation's record),
+                          stored_results
     2. Statistics         mean_ci (mean and 95% t interval over seeds), proportion (k/N with a
                           Wilson 95% interval), linear_fit (least squares with the slope's 95% t
                           interval), exp_fit, r_squared
-    3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable)
+    3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable;
+                          a model made with other settings is refused, never reused)
     4. Run folders        recipe (what a point depends on), read_run_record, load_run_config, parse_states
 
 Statistics (formulas, with the hand-computed values tests/test_sweeps.py checks)

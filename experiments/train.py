@@ -42,7 +42,10 @@ Glossary
     w  per-target loss weight; the loss is sum(w * ce) / sum(w) over the global batch
 
 Outputs (all in --out_dir)
-    config.json        resolved config, model facts, command, git commit, versions, hardware (per run)
+    config.json        the run record, written before anything else: run_kind "train.py run", the
+                       settings a --resume must match (the recipe and the sha256 of the data read),
+                       resolved config, model facts, command, git commit, versions, hardware (per run)
+    .lock              held while a process trains in the folder (its pid inside)
     metrics.csv        one row per logged step: loss, lr, grad norm, tokens/s, held-out loss
     checkpoints/step_XXXXXXXX/   model/ (Mamba2LM or TinyTransformer save_pretrained: from_pretrained
                        loads it), trainer.pt (optimizer, step, config, RNG states: tensors and plain
@@ -51,9 +54,12 @@ Outputs (all in --out_dir)
                        checkpoint is built under checkpoints/.tmp-* and renamed into place; the
                        temporary folders of killed writes are removed at the next start and save.
 
-Faults and what happens (the messages name the file, the step and the fix)
-    --resume with other settings than the checkpoint's   error naming each field (checkpoint vs
-        now); --override_config takes the new values, except model sizes (never)
+Faults and what happens (the messages name the file, the step and the fix; a refused run writes nothing)
+    --out_dir holding anything but a train.py run (a saved model, a sweep, other files), or a run
+        without --resume -> RunFolderError (exit code 1); a folder in use -> the same, naming the pid
+    --resume with other settings than the record's or the checkpoint's, or other data contents ->
+        error naming each field (recorded/checkpoint vs now); --override_config takes the new
+        values, except model sizes (never)
     a newest checkpoint that cannot be read (a file failing its hash, or trainer.pt holding a
         non-tensor object) -> said on stderr, moved to checkpoints/.unusable-step_XXXXXXXX, the
         previous one used; none usable -> CheckpointError (exit code 1)
@@ -507,12 +513,13 @@ def check_run_record(out_dir: Path, record: dict, cfg: TrainConfig, data_sha256:
 
 def claim_train_folder(cfg: TrainConfig, data_sha256: str | None, is_main: bool,
                        world: int) -> contextlib.AbstractContextManager:
-    """Check cfg.out_dir on every rank (read only), then on rank 0 claim it: lock it and write its
-    record (common.claim_run_folder). Returns the lock to hold while training (a no-op on other ranks)."""
+    """Check cfg.out_dir on every rank, then on rank 0 claim it: check, lock it and write its record
+    (common.claim_run_folder). Returns the lock to hold while training (a no-op on other ranks)."""
     out = Path(cfg.out_dir)
-    record = check_run_folder(out, RUN_KIND, resume=cfg.resume)
-    if record is not None:
-        check_run_record(out, record, cfg, data_sha256)
+    if not is_main:  # read only
+        record = check_run_folder(out, RUN_KIND, resume=cfg.resume)
+        if record is not None:
+            check_run_record(out, record, cfg, data_sha256)
     if world > 1:
         dist.barrier()  # every rank has checked before rank 0 writes
     if not is_main:

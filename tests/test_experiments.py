@@ -497,6 +497,17 @@ def test_a_sweep_point_never_reuses_a_model_trained_with_other_settings(corpus_d
         train_point_model(dataclasses.replace(tcfg, lr=0.05))  # ... and never under others
 
 
+def test_a_train_folder_in_use_is_refused_and_released_after(corpus_dir, tmp_path):
+    from experiments.common import RunLock
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2)
+    T.train(cfg)
+    with RunLock(tmp_path / "run"):  # as another process training there would hold it
+        with pytest.raises(RunFolderError, match=rf"run is in use by process {os.getpid()}"):
+            T.train(dataclasses.replace(cfg, resume=True))
+    T.train(dataclasses.replace(cfg, resume=True))  # free again, and train() released its own lock
+    T.train(dataclasses.replace(cfg, resume=True))
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
 def test_seeds_outside_32_bits_are_refused(seed):
     with pytest.raises(ValueError, match=r"--seed must be integers from 0 to 2\*\*32 - 1"):
