@@ -490,7 +490,8 @@ def test_resume_checks_the_contents_of_the_data_not_only_its_path(corpus_dir, tm
 def test_a_sweep_point_never_reuses_a_model_trained_with_other_settings(corpus_dir, tmp_path):
     from experiments.sweep import point_train_config, train_point_model
     tcfg = point_train_config(tmp_path / "models" / "p", t_train=16, tokens_per_step=64, steps=2, seed=0,
-                              device="cpu", d_model=32, n_layer=1, d_state=16, headdim=16, lr=3e-3, data=str(corpus_dir))
+                              device="cpu", d_model=32, n_layer=1, d_state=16, headdim=16, lr=3e-3,
+                              data=str(corpus_dir))
     model_dir = train_point_model(tcfg)
     assert train_point_model(tcfg) == model_dir  # a finished model is reused under the same settings ...
     with pytest.raises(T.ConfigMismatch, match=r"lr: 0.003 \(recorded\) vs 0.05 \(now\)"):
