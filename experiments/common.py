@@ -3,16 +3,21 @@ the progress bar and atomic writes.
 
 Nothing here knows about Mamba. The experiment scripts use it as
     cfg = parse_config(MyConfig, argv, description, quick=QUICK)     # flags named after the fields
-    write_run_config(out_dir, dataclasses.asdict(cfg), wall_s=...)   # config.json of the run folder
+    with claim_run_folder(out_dir, "my run", dataclasses.asdict(cfg), settings, resume=...):
+        ...                                                          # checked, locked, record written
+        write_run_config(out_dir, dataclasses.asdict(cfg), kind="my run", wall_s=...)
     bar = ProgressBar(total, desc="train")
 
 Reading order
     1. The command-line convention: flag() declares a config field with its --help text;
        config_parser()/parse_config() turn a frozen dataclass into flags --field_name (snake_case);
        add_flag() adds a flag that is not a config field, under the same rules.
-    2. The run-folder writer: write_run_config (config.json: resolved config, command, git commit,
-       versions, hardware, one record per invocation), run_metadata, git_commit.
-    3. ProgressBar, CsvLog, atomic_write_* (a reader sees the old file or the whole new one).
+    2. The run-folder writer: write_run_config (config.json: run kind, settings, resolved config,
+       command, git commit, versions, hardware, one record per invocation), run_metadata, git_commit.
+       2b. Run folders: claim_run_folder (check read-only, lock, write the record first),
+       check_run_folder, RunLock, check_seeds, ensure_folder.
+    3. ProgressBar, CsvLog, read_json / read_csv (every error names the file), atomic_write_* (a
+       reader sees the old file or the whole new one).
 
 The convention (tests/test_experiments.py walks every script's parser and checks it)
     - every flag is --snake_case, named after the config field it sets;
@@ -36,7 +41,12 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+try:
+    import fcntl  # run-folder locks (POSIX)
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy
 import torch
@@ -194,24 +204,218 @@ def run_metadata() -> dict[str, str]:
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def write_run_config(out_dir: str | os.PathLike, config: dict, *, wall_s: float | None = None,
-                     record: dict | None = None, **extra: Any) -> dict:
+def write_run_config(out_dir: str | os.PathLike, config: dict, *, kind: str | None = None,
+                     settings: dict | None = None, wall_s: float | None = None, record: dict | None = None,
+                     **extra: Any) -> dict:
     """config.json of a run folder (the one writer every script uses); returns what it wrote.
 
-    {"config": the resolved config, **extra (derived facts: parameter counts, state size ...),
-     "invocations": one record per call that passed wall_s: command, git commit, versions and
-     hardware, wall time, and `record` (e.g. the points computed)}.
-    Earlier invocations are kept, so a resumed or re-plotted run keeps its history.
+    {"run_kind": what made the folder (e.g. "experiments.train run"), "settings": what the run's
+     results depend on (compared when it is continued), "config": the resolved config, **extra
+     (derived facts: parameter counts, state size ...), "invocations": one record per call that passed
+     wall_s: command, git commit, versions and hardware, wall time, and `record` (e.g. the points
+     computed)}.
+    Earlier invocations are kept, so a resumed or re-plotted run keeps its history; kind and settings
+    are kept when not given. It refuses to replace a config.json that is not a run record (a saved
+    model's) or that records another kind of run.
     """
-    path = Path(out_dir) / "config.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    path = Path(out_dir) / RUN_RECORD
+    old = read_json(path, "run record") if path.is_file() else {}
+    if path.is_file() and not is_run_record(old):
+        raise RunFolderError(f"{path} is not a run record (no 'config' and 'invocations'): {out_dir} holds a saved "
+                             f"model or another program's files; write the run into another --out_dir")
+    if old.get("run_kind") is not None and old["run_kind"] != kind:
+        raise RunFolderError(f"{path} records a {old.get('run_kind')}, not a {kind or 'run of this script'}: "
+                             f"write the run into another --out_dir")
     runs = old.get("invocations", [])
     if wall_s is not None:
         runs = runs + [{"command": command_line(), "git_commit": git_commit(), "wall_s": round(wall_s, 1),
                         **(record or {}), **run_metadata()}]
-    data = {"config": config, **extra, "invocations": runs}
+    head = {"run_kind": kind, "settings": settings if settings is not None else old.get("settings")}
+    data = {**{k: v for k, v in head.items() if v is not None}, "config": config, **extra, "invocations": runs}
     atomic_write_json(path, data)
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# 2b. Run folders: one record written first, checked before anything is written, one lock
+# ----------------------------------------------------------------------------------------------
+#
+# A run folder belongs to one kind of run (a train.py run, a sweep of one experiment), made with
+# one set of settings. claim_run_folder is the one way in:
+#   1. check (read only): the folder is new or empty, or it is a run folder of this kind whose
+#      record holds the same settings and the caller is continuing it (--resume; sweeps always
+#      continue). Anything else is refused here, so a refused command writes nothing.
+#   2. lock: <folder>/.lock (fcntl.flock, the holder's pid inside); a second process is refused with
+#      that pid. The OS drops the lock when the holder dies, so a killed run leaves no stale lock.
+#   3. check again under the lock (another process may have written in between), then write the
+#      record (config.json) before any other file.
+
+RUN_RECORD = "config.json"
+LOCK_FILE = ".lock"
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: numpy's seed range, well inside torch.manual_seed's
+
+
+class RunFolderError(ValueError):
+    """A run folder this command may not use (another kind of run, other settings, in use, not a
+    folder); nothing was written."""
+
+
+def is_run_record(record: Any) -> bool:
+    """Whether a parsed config.json is a run record (rather than, e.g., a saved model's config)."""
+    return isinstance(record, dict) and "config" in record and "invocations" in record
+
+
+def check_seeds(seeds: Iterable[int], name: str = "--seeds") -> None:
+    """Seeds are distinct integers in [0, 2**32 - 1] (checked before anything is created)."""
+    seeds = list(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"{name} must be integers from 0 to 2**32 - 1 = {MAX_SEED}, got {bad}")
+    if len(set(seeds)) != len(seeds):  # a repeated seed would be one run counted twice in k of N
+        raise ValueError(f"{name} must not repeat a seed, got {tuple(seeds)}")
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The first of path and its parents that exists but is not a folder (None if there is none)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def ensure_folder(path: str | os.PathLike, what: str = "--out_dir") -> Path:
+    """Create a folder (and its parents); an error names the path and what is in its way."""
+    path = Path(path)
+    blocker = _not_a_folder(path)
+    if blocker is not None:
+        raise RunFolderError(f"{what} {path}: {blocker} is a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"{what} {path}: cannot create the folder: {e.strerror or e}") from None
+    return path
+
+
+def _leftover(name: str) -> bool:
+    """Files that do not make a folder non-empty: its lock, and temporary files of killed atomic writes."""
+    return name == LOCK_FILE or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def check_run_folder(out_dir: str | os.PathLike, kind: str, *, resume: bool) -> dict | None:
+    """Whether a run of `kind` may use out_dir (read only: nothing is written).
+
+    Returns None for a new run (no folder, or an empty one) and the folder's record when the run
+    continues it (a run folder of the same kind, and resume). Raises RunFolderError otherwise: the
+    path is below a file; the folder holds files but no run record (a saved model, a results
+    folder, anything else); it holds another kind of run; it holds this kind and resume is not set.
+    The caller compares the record's settings with its own.
+    """
+    out = Path(out_dir)
+    blocker = _not_a_folder(out)
+    if blocker is not None:
+        raise RunFolderError(f"--out_dir {out}: {blocker} is a file, not a folder; choose another --out_dir")
+    if not out.is_dir() or all(_leftover(p.name) for p in out.iterdir()):
+        return None
+    path = out / RUN_RECORD
+    if not path.is_file():
+        shown = sorted(p.name for p in out.iterdir() if not _leftover(p.name))
+        raise RunFolderError(f"--out_dir {out} is not empty ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''})"
+                             f" and holds no run record ({RUN_RECORD}): it is not a run folder, and this run would "
+                             f"mix its files with those; choose a new or empty --out_dir")
+    record = read_json(path, "run record")
+    if not is_run_record(record):
+        raise RunFolderError(f"{path} is not a run record (no 'config' and 'invocations'): {out} holds a saved model "
+                             f"or another program's files, which this run would overwrite; choose a new --out_dir")
+    if "run_kind" not in record:
+        raise RunFolderError(f"{path} was written before run folders recorded their kind and settings, so whether "
+                             f"this run may continue it cannot be checked; continue it with the commit that made it "
+                             f"(git_commit in its invocations) or choose a new --out_dir")
+    if record["run_kind"] != kind:
+        raise RunFolderError(f"{out} holds a {record['run_kind']} (see {path}), not a {kind}; choose another "
+                             f"--out_dir")
+    if not resume:
+        raise RunFolderError(f"{out} already holds a {kind} (see {path}): pass --resume to continue it, or choose a "
+                             f"new --out_dir (or delete this one) to start over")
+    return record
+
+
+def settings_differences(recorded: dict, now: dict, label: str = "recorded") -> list[str]:
+    """'name: <recorded> (recorded) vs <now> (now)' for every setting that differs (as JSON: a tuple
+    equals its list); a setting one side lacks shows as <absent>."""
+    now = json.loads(json.dumps(now, default=str))
+    absent = "<absent>"
+    return [f"{k}: {recorded.get(k, absent)!r} ({label}) vs {now.get(k, absent)!r} (now)"
+            for k in sorted(set(recorded) | set(now)) if recorded.get(k, absent) != now.get(k, absent)]
+
+
+def refuse_other_settings(out_dir: str | os.PathLike, record: dict, settings: dict) -> None:
+    """RunFolderError naming every setting that differs from the ones the run folder recorded."""
+    changed = settings_differences(record.get("settings") or {}, settings)
+    if changed:
+        raise RunFolderError(f"{out_dir} was made with other settings (see {Path(out_dir) / RUN_RECORD}); continuing "
+                             f"it would mix results of both:\n  " + "\n  ".join(changed) + "\nGive the recorded "
+                             f"values, or choose a new --out_dir for the new ones.")
+
+
+class RunLock:
+    """An exclusive lock on a run folder: fcntl.flock on <folder>/.lock, which holds the holder's pid.
+
+    Released by release() (or `with`), and by the OS when the holding process ends, however it ends.
+    Deviation: where fcntl does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise RunFolderError(f"{folder} is in use by process {holder} (it holds {self.path}): two runs in one "
+                                 f"folder would overwrite each other's files; wait for it to finish, stop it, or "
+                                 f"choose another --out_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_run_folder(out_dir: str | os.PathLike, kind: str, config: dict, settings: dict, *, resume: bool,
+                     check: Callable[[dict], None] | None = None, **extra: Any) -> RunLock:
+    """The one way into a run folder (steps 1-3 above); returns the held lock (release it when done).
+
+    settings: what the run's results depend on, recorded and compared when the folder is continued;
+    check(record): the caller's own comparison of a continued folder's record (default: every
+    setting must be equal, refuse_other_settings). config and extra go into the record as well.
+    """
+    out = Path(out_dir)
+    check = check or (lambda record: refuse_other_settings(out, record, settings))
+    record = check_run_folder(out, kind, resume=resume)  # 1.
+    if record is not None:
+        check(record)
+    lock = RunLock(ensure_folder(out))  # 2.
+    try:
+        now = check_run_folder(out, kind, resume=resume)  # 3. (check again only what changed meanwhile)
+        if now is not None and now != record:
+            check(now)
+        write_run_config(out, config, kind=kind, settings=settings, **extra)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +487,69 @@ class ProgressBar:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading result files: every error names the file
+# ----------------------------------------------------------------------------------------------
+
+class BadFileError(ValueError):
+    """A result or record file that cannot be used (unreadable, truncated, not the expected shape);
+    the message names the file."""
+
+
+def read_json(path: str | os.PathLike, what: str = "file", keys: Iterable[str] = (), hint: str = "") -> Any:
+    """The JSON value in `path`, for every reader of the run folders' JSON files (records, points,
+    results). keys: top-level keys it must hold (it must then be an object). A missing file is a
+    FileNotFoundError, anything else a BadFileError; both name the file, `what` it is and the `hint`."""
+    path, hint = Path(path), f"; {hint}" if hint else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadFileError(f"cannot read the {what} {path}: {e}{hint}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): a truncated or "
+                           f"damaged {what}?{hint}") from None
+    keys = list(keys)
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else keys
+    if missing:
+        found = f"its keys are {sorted(data)}" if isinstance(data, dict) else f"it holds a JSON {type(data).__name__}"
+        raise BadFileError(f"{path}: a {what} is a JSON object with the keys {keys}, but {found}{hint}")
+    return data
+
+
+def read_csv(path: str | os.PathLike, parse: dict[str, Callable[[str], Any]] | None = None,
+             what: str = "CSV file") -> list[dict[str, Any]]:
+    """The rows of a CSV file with a header line, as dicts, with the columns in `parse` converted
+    (an empty or missing cell becomes None). Every error names the file (and the line)."""
+    path, parse = Path(path), parse or {}
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            absent = [c for c in parse if c not in (reader.fieldnames or [])]
+            if absent:
+                raise BadFileError(f"{path}: a {what} with the columns {list(parse)}, but its header "
+                                   f"{reader.fieldnames} lacks {absent}")
+            for row in reader:
+                for col, convert in parse.items():
+                    cell = row.get(col)
+                    try:
+                        row[col] = convert(cell) if cell not in (None, "") else None
+                    except ValueError:
+                        raise BadFileError(f"{path}, line {reader.line_num}: column {col!r} holds {cell!r}, not "
+                                           f"a {getattr(convert, '__name__', 'value')}: a truncated or damaged "
+                                           f"{what}?") from None
+                rows.append(row)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BadFileError(f"cannot read the {what} {path}: {e}") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Atomic writes: write to a temporary name in the same folder, fsync, then os.replace
 # ----------------------------------------------------------------------------------------------
 
@@ -327,11 +594,10 @@ class CsvLog:
         self.path, self.fields = Path(path), list(fields)
         rows = []
         if self.path.exists() and keep_until is not None:
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
-        if keep_until is None or not self.path.exists():
-            rows = []
-        buf = [",".join(self.fields)] + [",".join(str(r.get(k, "")) for k in self.fields) for r in rows]
+            rows = [r for r in read_csv(self.path, {"step": int}, "metrics log")
+                    if r["step"] is not None and r["step"] <= keep_until]
+        buf = [",".join(self.fields)] + [",".join("" if r.get(k) is None else str(r[k]) for k in self.fields)
+                                         for r in rows]
         atomic_write_text(self.path, "\n".join(buf) + "\n")
         self._f = open(self.path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=self.fields)

@@ -241,6 +241,18 @@ def copymix_batch(corpus: Corpus, step: int, *, steps: int, seed: int, batch_siz
     return rows, mask
 
 
+def corpus_sha256(corpus: Corpus) -> str:
+    """sha256 of the bytes a corpus holds: the train stream, then the held-out stream (so the files'
+    contents, their order and the split). A run records it; --resume compares it (0.1 s for the 30 MB
+    standard library)."""
+    h = hashlib.sha256()
+    for stream in (corpus.train, corpus.heldout):
+        data = np.ascontiguousarray(stream, dtype=np.uint8)
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(memoryview(data))
+    return h.hexdigest()
+
+
 def newline_probe(length: int, n: int = 1) -> torch.Tensor:
     """The paper's reproducible probe: a prompt of only newlines. LongTensor (n, length + 1)."""
     return torch.full((n, length + 1), NEWLINE, dtype=torch.long)

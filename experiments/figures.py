@@ -25,7 +25,6 @@ Reading order: EXPERIMENTS (what each experiment is made of) -> publish -> replo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from experiments import bench, forgetting_curves, passkey, state_capacity, state_collapse
-from experiments.common import REPO, add_flag, atomic_write_json, git_commit
+from experiments.common import (REPO, BadFileError, add_flag, atomic_write_json, check_seeds, ensure_folder, git_commit,
+                                read_json)
 from experiments.sweep import PointStore, load_run_config, read_run_record
 
 RESULTS_DIR = REPO / "experiments" / "results"
@@ -58,7 +58,7 @@ class Experiment:
 
 def _replot_bench(results_dir: Path, figures_dir: Path) -> list[Path]:
     """bench.py's plot of a committed results.json (the CPU run: figures/bench_cpu.png)."""
-    rows = json.loads((results_dir / "results.json").read_text())["rows"]
+    rows = read_json(results_dir / "results.json", "bench results file", keys=("rows",))["rows"]
     bench.plot(rows, figures_dir / "bench_cpu.png")
     return [figures_dir / "bench_cpu.png"]
 
@@ -81,21 +81,24 @@ EXPERIMENTS = {e.name: e for e in (
 
 def publish(run_dir: str | Path, name: str, results_root: str | Path = RESULTS_DIR) -> Path:
     """Copy a finished run's small files into results_root/name/ (replacing what was there) with a
-    manifest; returns the folder. Refused unless the run holds every point its config asks for."""
+    manifest; returns the folder. Refused unless the run holds every point its config asks for.
+
+    Steps: 1. read and check everything (a refused publish writes nothing)
+           2. write the copies and the manifest into a temporary folder beside the destination
+              (removed if the writing fails)   3. swap it into place.
+    """
     exp, run_dir = EXPERIMENTS[name], Path(run_dir)
-    if exp.config_cls is None:  # bench: its results.json carries its own record
-        record = json.loads((run_dir / "results.json").read_text())["meta"]
-    else:
-        record = read_run_record(run_dir)
-    dest = Path(results_root) / name
-    tmp = Path(results_root) / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "points").mkdir(parents=True)
-    if exp.config_cls is None:
-        shutil.copyfile(run_dir / "results.json", tmp / "results.json")
+    files: dict[str, Path] = {}  # name in the results folder -> the run's file
+    if exp.config_cls is None:  # bench: its results.json carries its own record  # 1.
+        record = read_json(run_dir / "results.json", "bench results file", keys=("meta", "rows"))["meta"]
+        if not isinstance(record, dict):
+            raise BadFileError(f"{run_dir / 'results.json'}: 'meta' holds a {type(record).__name__}, not bench.py's "
+                               f"record (an object)")
+        files["results.json"] = run_dir / "results.json"
         manifest = {"experiment": name, "config": record.get("config"), "invocations": [record],
                     "wall_s_total": record.get("wall_s")}
     else:
+        record = read_run_record(run_dir)
         if "checkpoint" in record:
             raise ValueError(f"{run_dir} is a --checkpoint analysis, not a run of the {name} experiment")
         cfg = load_run_config(run_dir, exp.config_cls)
@@ -103,18 +106,29 @@ def publish(run_dir: str | Path, name: str, results_root: str | Path = RESULTS_D
         for p in exp.points(cfg):
             if store.get(p) is None:
                 raise FileNotFoundError(f"{run_dir}: point {p.key} is missing; finish the run before publishing it")
-            shutil.copyfile(store.path(p.key), tmp / "points" / f"{p.key}.json")
+            files[f"points/{p.key}.json"] = store.path(p.key)
             keys.append(p.key)
-        manifest = {"experiment": name, "config": record["config"], "seeds": list(cfg.seeds), "points": keys,
-                    "invocations": record.get("invocations", []),
-                    "wall_s_total": round(sum(i.get("wall_s", 0) for i in record.get("invocations", [])), 1)}
+        runs = record.get("invocations", [])
+        manifest = {"experiment": name, "config": record["config"], "seeds": list(cfg.seeds),
+                    "points": keys, "invocations": runs,
+                    "wall_s_total": round(sum(i.get("wall_s", 0) for i in runs), 1)}
     manifest.update(published_from=str(run_dir), published_at_commit=git_commit(),
                     published_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    atomic_write_json(tmp / MANIFEST, manifest)
+    dest = ensure_folder(results_root, "--results_dir") / name
+    tmp = Path(results_root) / f".{name}.tmp-{os.getpid()}"
+    try:  # 2.
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "points").mkdir(parents=True)
+        for target, source in files.items():
+            shutil.copyfile(source, tmp / target)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     if size > LARGE_RESULTS_BYTES:
         print(f"note: {name}'s results take {size / 2**20:.1f} MiB; they are meant to stay small", file=sys.stderr)
-    shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)  # 3.
     os.replace(tmp, dest)
     return dest
 
@@ -133,8 +147,12 @@ def replot_all(names: list[str], results_root: str | Path = RESULTS_DIR,
         if not (src / MANIFEST).is_file():
             done[name] = f"skipped: no committed results in {src} (publish a finished run first)"
             continue
-        Path(figures_dir).mkdir(parents=True, exist_ok=True)
-        EXPERIMENTS[name].replot(src, Path(figures_dir))
+        ensure_folder(figures_dir, "--figures_dir")
+        try:
+            EXPERIMENTS[name].replot(src, Path(figures_dir))
+        except (KeyError, TypeError, IndexError) as e:  # a file that parses but lacks what the plot reads
+            raise BadFileError(f"{src}: the committed {name} results cannot be re-plotted ({type(e).__name__}: {e}): "
+                               f"a damaged file, or one from another version? Publish the run again") from e
         done[name] = "replotted"
     return done
 
@@ -177,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     if unknown:
         raise SystemExit(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     names = list(args.only)
+    if args.recompute:
+        check_seeds(args.seeds)
     if args.publish:
         print(f"published {publish(args.publish, args.experiment, args.results_dir)}", file=sys.stderr)
         names = [args.experiment]

@@ -10,12 +10,15 @@ Papers
 Reading order
     1. Points and seeds   Point (one (grid point, seed) pair), PointStore (one JSON per point, written
                           atomically; a rerun reuses it), run_points (the missing points, in --workers
-                          processes: a killed sweep loses only the points in flight), run_sweep (a
-                          sweep's run: config.json, the points, the invocation's record), stored_results
+                          processes that end with the sweep: a killed sweep loses only the points in
+                          flight), run_sweep (a sweep's run: claim the folder - refused before anything
+                          is written under other settings - the points, the invocation's record),
+                          stored_results
     2. Statistics         mean_ci (mean and 95% t interval over seeds), proportion (k/N with a
                           Wilson 95% interval), linear_fit (least squares with the slope's 95% t
                           interval), exp_fit, r_squared
-    3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable)
+    3. Training a point   point_train_config, train_point_model (experiments/train.py, resumable;
+                          a model made with other settings is refused, never reused)
     4. Run folders        recipe (what a point depends on), read_run_record, load_run_config, parse_states
 
 Statistics (formulas, with the hand-computed values tests/test_sweeps.py checks)
@@ -33,7 +36,6 @@ Glossary
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import math
@@ -42,6 +44,7 @@ import os
 import re
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +54,10 @@ import numpy as np
 import torch
 
 import forgetting_curve as fc
-from experiments.common import ProgressBar, atomic_write_json, config_from_dict, flag, write_run_config
-from experiments.train import TrainConfig, latest_checkpoint, checkpoint_step, train
+from experiments.common import (BadFileError, ProgressBar, atomic_write_json, check_seeds, claim_run_folder,
+                                config_from_dict, ensure_folder, flag, read_csv, read_json, refuse_other_settings,
+                                write_run_config)
+from experiments.train import TrainConfig, latest_checkpoint, train
 
 POINTS_DIR = "points"  # run_dir/points/<key>.json: one finished (point, seed) each
 KEY_SAFE = re.compile(r"[^A-Za-z0-9_.=-]")  # characters allowed in a point's file name
@@ -111,17 +116,26 @@ class PointStore:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir) / POINTS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(run_dir) / POINTS_DIR  # created by the first put (reading writes nothing)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
+
+    def read(self, path: Path) -> dict:
+        """A stored point file, checked for its shape; an error names the file."""
+        stored = read_json(path, "point file", keys=("params", "result"),
+                           hint="delete it to compute the point again")
+        if not isinstance(stored["params"], dict) or not isinstance(stored["result"], dict):
+            raise BadFileError(f"{path}: a point file holds a JSON object under 'params' and under 'result', got "
+                               f"{type(stored['params']).__name__} and {type(stored['result']).__name__}; delete "
+                               f"it to compute the point again")
+        return stored
 
     def get(self, point: Point) -> dict | None:
         p = self.path(point.key)
         if not p.is_file():
             return None
-        stored = json.loads(p.read_text())
+        stored = self.read(p)
         if stored["params"] != json.loads(json.dumps(point.params)):
             changed = sorted(k for k in set(stored["params"]) | set(point.params)
                              if stored["params"].get(k) != json.loads(json.dumps(point.params.get(k))))
@@ -135,7 +149,7 @@ class PointStore:
 
     def all(self) -> dict[str, dict]:
         """key -> stored record, for every finished point on disk."""
-        return {p.stem: json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))}
+        return {p.stem: self.read(p) for p in sorted(self.dir.glob("*.json"))}
 
 
 def workers_flag() -> int:
@@ -148,13 +162,36 @@ def check_seeds_and_workers(cfg) -> None:
     """The __post_init__ check every sweep config shares."""
     if not cfg.seeds or cfg.workers < 1:
         raise ValueError(f"need at least one seed and --workers >= 1, got --seeds {cfg.seeds}, --workers {cfg.workers}")
-    if len(set(cfg.seeds)) != len(cfg.seeds):  # a repeated seed would be one run counted twice in k of N
-        raise ValueError(f"--seeds must not repeat a seed, got {cfg.seeds}")
+    check_seeds(cfg.seeds)
 
 
 def threads_per_worker(workers: int) -> int:
     """Torch threads for each of `workers` processes: the cores shared out, at least 1."""
     return max(1, (os.cpu_count() or 1) // workers)
+
+
+PARENT_POLL_S = 0.5  # how often a worker checks that the sweep that started it is still alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Worker side: end this process as soon as its parent (the sweep) is gone. When a process
+    dies its children are handed to another parent, so os.getppid() changes; a daemon thread polls
+    it (portable to every POSIX system, and it needs no pipe: a SIGKILLed sweep runs no clean-up).
+    Without it, a killed sweep left its workers waiting for work forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # no clean-up to run: the point in flight is lost, its model resumes from a checkpoint
+
+    if os.getppid() != parent_pid:  # already gone before this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def _start_worker(threads: int, parent_pid: int) -> None:
+    """Initializer of each worker process: its torch threads, and the watch on its parent."""
+    torch.set_num_threads(threads)
+    _watch_parent(parent_pid)
 
 
 def _compute_and_store(compute: Callable, cfg, point: Point, run_dir: str) -> dict:
@@ -172,10 +209,11 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
 
     compute(cfg, point) -> a JSON-ready dict; it must be a module-level function (worker processes
     import it by name). workers > 1: the missing points run in that many spawned processes, each with
-    threads_per_worker(workers) torch threads; workers = 1 runs them here, in order.
+    threads_per_worker(workers) torch threads, each ending when this process dies (_watch_parent);
+    workers = 1 runs them here, in order.
     """
     store = PointStore(run_dir)
-    results = {p.key: r for p in points if (r := store.get(p)) is not None}
+    results = stored_points(run_dir, points)
     todo = [p for p in points if p.key not in results]
     n_proc = min(workers, len(todo))
     torch.set_num_threads(threads_per_worker(max(1, n_proc)))
@@ -187,8 +225,8 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
             bar.update(1, done=p.key)
     else:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP/torch state
-        with concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=torch.set_num_threads,
-                                                    initargs=(threads_per_worker(n_proc),)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=_start_worker,
+                                                    initargs=(threads_per_worker(n_proc), os.getpid())) as pool:
             futures = {pool.submit(_compute_and_store, compute, cfg, p, str(run_dir)): p for p in todo}
             try:
                 for f in concurrent.futures.as_completed(futures):
@@ -201,16 +239,41 @@ def run_points(run_dir: str | Path, points: list[Point], compute: Callable, cfg,
     return {p.key: results[p.key] for p in points}, [p.key for p in todo]
 
 
+def stored_points(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
+    """key -> result of the points already stored in run_dir (read only; one stored with other params
+    is an error, PointStore.get)."""
+    store = PointStore(run_dir)
+    return {p.key: r for p in points if (r := store.get(p)) is not None}
+
+
+def sweep_settings(points: list[Point]) -> dict:
+    """What every point of a sweep depends on besides its own coordinates (the recipe grid_points put
+    into each point's params): what a sweep folder records and compares when it is continued. The
+    grid axes and the seeds are not in it, so a sweep can be widened in the same folder."""
+    if not points:
+        raise ValueError("a sweep needs at least one point")
+    return {k: v for k, v in points[0].params.items() if k not in points[0].coords}
+
+
 def run_sweep(cfg, points: list[Point], compute: Callable, desc: str, **facts: Any) -> dict[str, dict]:
-    """What every sweep's run() does: config.json in cfg.out_dir, then run_points with cfg.workers,
-    then the invocation's record (wall time, points computed). Returns key -> result."""
+    """What every sweep's run() does: claim cfg.out_dir as a '<desc> sweep' folder, run_points with
+    cfg.workers, then the invocation's record (wall time, points computed). Returns key -> result.
+
+    The claim (common.claim_run_folder) refuses, before anything is written, a folder that holds
+    another kind of run, a sweep made with other settings (sweep_settings) or points stored with
+    other ones; it holds the folder's lock while the sweep runs (a second sweep there is refused).
+    """
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, dataclasses.asdict(cfg), **facts)
-    results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
-                     record={"points_computed": computed}, **facts)
+    out, kind, settings = Path(cfg.out_dir), f"{desc} sweep", sweep_settings(points)
+
+    def check(record: dict) -> None:
+        refuse_other_settings(out, record, settings)
+        stored_points(out, points)
+
+    with claim_run_folder(out, kind, dataclasses.asdict(cfg), settings, resume=True, check=check, **facts):
+        results, computed = run_points(out, points, compute, cfg, cfg.workers, desc)
+        write_run_config(out, dataclasses.asdict(cfg), kind=kind, wall_s=time.perf_counter() - t0,
+                         record={"points_computed": computed}, **facts)
     return results
 
 
@@ -219,9 +282,8 @@ def finished_run(run_dir: str | Path, out: str | Path | None, cls,
     """What every --replot starts from: (the run's config as a `cls`, every point's stored result,
     the output folder: out, created, or run_dir). points(cfg) lists the run's points."""
     cfg = load_run_config(run_dir, cls)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return cfg, stored_results(run_dir, points(cfg)), out
+    results = stored_results(run_dir, points(cfg))
+    return cfg, results, ensure_folder(out or run_dir, "the output folder")
 
 
 def stored_results(run_dir: str | Path, points: list[Point]) -> dict[str, dict]:
@@ -402,13 +464,11 @@ def point_train_config(out_dir: str | Path, *, t_train: int, tokens_per_step: in
 
 
 def train_point_model(tcfg: TrainConfig, batch_fn=None) -> Path:
-    """Train (resuming a killed run from its last checkpoint) or reuse a finished run; returns the
-    model folder of its last checkpoint."""
-    ckpt = latest_checkpoint(tcfg.out_dir)
-    if ckpt is None or checkpoint_step(ckpt) < tcfg.steps:
-        train(tcfg, batch_fn)
-        ckpt = latest_checkpoint(tcfg.out_dir)
-    return ckpt / "model"
+    """Train a point's model, resume a killed one from its last checkpoint, or reuse a finished one;
+    returns the model folder of its last checkpoint. Always through train() (tcfg.resume is set), so
+    a model folder made with other settings or data is refused, never reused."""
+    train(tcfg, batch_fn)
+    return latest_checkpoint(tcfg.out_dir) / "model"
 
 
 def final_train_loss(out_dir: str | Path, last: int = 5) -> float:
@@ -416,8 +476,7 @@ def final_train_loss(out_dir: str | Path, last: int = 5) -> float:
     p = Path(out_dir) / "metrics.csv"
     if not p.is_file():
         return float("nan")
-    with open(p, newline="") as f:
-        vals = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+    vals = [r["loss"] for r in read_csv(p, {"loss": float}, "metrics log") if r["loss"] is not None]
     return float(np.mean(vals[-last:])) if vals else float("nan")
 
 
@@ -436,19 +495,33 @@ def recipe(cfg, grid_fields: Iterable[str] = ()) -> dict:
 RUN_RECORDS = ("config.json", "manifest.json")  # a run folder's record; a committed results folder's
 
 
-def read_run_record(run_dir: str | Path) -> dict:
-    """The record of a run folder (config.json) or of a committed results folder (manifest.json):
-    both hold the resolved config under "config"."""
+def run_record_path(run_dir: str | Path) -> Path:
+    """The record file of a run folder (config.json) or of a committed results folder (manifest.json)."""
     for name in RUN_RECORDS:
         if (Path(run_dir) / name).is_file():
-            return json.loads((Path(run_dir) / name).read_text())
+            return Path(run_dir) / name
     raise FileNotFoundError(f"{run_dir} holds neither {' nor '.join(RUN_RECORDS)}: --replot needs a finished run "
                             f"folder or a results folder")
 
 
+def read_run_record(run_dir: str | Path) -> dict:
+    """The record of a run folder or of a committed results folder: both hold the resolved config
+    under "config"."""
+    record = read_json(run_record_path(run_dir), "run record", keys=("config",))
+    if not isinstance(record["config"], dict):
+        raise BadFileError(f"{run_record_path(run_dir)}: 'config' holds a {type(record['config']).__name__}, not the "
+                           f"resolved config (an object)")
+    return record
+
+
 def load_run_config(run_dir: str | Path, cls):
     """The resolved config a run folder (or a results folder) records, as a `cls` (for --replot)."""
-    return config_from_dict(cls, read_run_record(run_dir)["config"])
+    try:
+        return config_from_dict(cls, read_run_record(run_dir)["config"])
+    except (TypeError, ValueError) as e:
+        if isinstance(e, BadFileError):
+            raise
+        raise BadFileError(f"{run_record_path(run_dir)}: its config is not a valid {cls.__name__}: {e}") from None
 
 
 def parse_states(states: Iterable[str]) -> list[tuple[int, int]]:

@@ -42,7 +42,10 @@ Glossary
     w  per-target loss weight; the loss is sum(w * ce) / sum(w) over the global batch
 
 Outputs (all in --out_dir)
-    config.json        resolved config, model facts, command, git commit, versions, hardware (per run)
+    config.json        the run record, written before anything else: run_kind "train.py run", the
+                       settings a --resume must match (the recipe and the sha256 of the data read),
+                       resolved config, model facts, command, git commit, versions, hardware (per run)
+    .lock              held while a process trains in the folder (its pid inside)
     metrics.csv        one row per logged step: loss, lr, grad norm, tokens/s, held-out loss
     checkpoints/step_XXXXXXXX/   model/ (Mamba2LM or TinyTransformer save_pretrained: from_pretrained
                        loads it), trainer.pt (optimizer, step, config, RNG states: tensors and plain
@@ -51,9 +54,12 @@ Outputs (all in --out_dir)
                        checkpoint is built under checkpoints/.tmp-* and renamed into place; the
                        temporary folders of killed writes are removed at the next start and save.
 
-Faults and what happens (the messages name the file, the step and the fix)
-    --resume with other settings than the checkpoint's   error naming each field (checkpoint vs
-        now); --override_config takes the new values, except model sizes (never)
+Faults and what happens (the messages name the file, the step and the fix; a refused run writes nothing)
+    --out_dir holding anything but a train.py run (a saved model, a sweep, other files), or a run
+        without --resume -> RunFolderError (exit code 1); a folder in use -> the same, naming the pid
+    --resume with other settings than the record's or the checkpoint's, or other data contents ->
+        error naming each field (recorded/checkpoint vs now); --override_config takes the new
+        values, except model sizes (never)
     a newest checkpoint that cannot be read (a file failing its hash, or trainer.pt holding a
         non-tensor object) -> said on stderr, moved to checkpoints/.unusable-step_XXXXXXXX, the
         previous one used; none usable -> CheckpointError (exit code 1)
@@ -83,9 +89,10 @@ import minimamba_kernels as kernels
 from checkpoints import save_pretrained, sha256_of
 from minimamba import Mamba2Config, Mamba2LM
 
-from experiments.common import (CsvLog, ProgressBar, config_parser, flag, fsync_dir, parse_config, resolve_device,
-                                write_run_config)
-from experiments.data import VOCAB_SIZE, Corpus, copy_batch, copymix_batch
+from experiments.common import (RUN_RECORD, BadFileError, CsvLog, ProgressBar, RunFolderError, check_run_folder,
+                                check_seeds, claim_run_folder, config_parser, flag, fsync_dir, parse_config,
+                                resolve_device, write_run_config)
+from experiments.data import VOCAB_SIZE, Corpus, copy_batch, copymix_batch, corpus_sha256
 from experiments.tiny_transformer import TinyTransformer, TransformerConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +115,8 @@ MODEL_FIELDS = ("arch", "d_model", "n_layer", "d_state", "headdim", "expand", "n
 FREE_FIELDS = ("out_dir", "log_every", "eval_every", "eval_windows", "ckpt_every", "keep_ckpts", "resume",
                "override_config", "stop_at", "device", "threads", "progress")  # bookkeeping: may change
 # every other field is the recipe: a difference is an error unless --override_config
+RUN_KIND = "train.py run"  # the run_kind in config.json of a train.py run folder
+DATA_KEY = "data_sha256"  # the run record's setting for the contents of the data read (data.corpus_sha256)
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ class TrainConfig:
                              f"{self.min_lr_ratio}, {self.warmup_steps}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size {self.batch_size} must be divisible by --grad_accum {self.grad_accum}")
+        check_seeds((self.seed,), "--seed")
 
     def model_config(self) -> Mamba2Config | TransformerConfig:
         if self.arch == "transformer":
@@ -446,33 +456,76 @@ def read_trainer_state(ckpt: Path) -> dict:
     return state
 
 
-def config_differences(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(model fields, recipe fields) that differ between a checkpoint's config and cfg, each as
-    'name: <checkpoint> (checkpoint) vs <now> (now)'. A field the checkpoint lacks counts as its
-    default. Bookkeeping fields (FREE_FIELDS) are not compared."""
+def config_differences(saved: dict, cfg: TrainConfig, label: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """(model fields, recipe fields) that differ between a saved config (a checkpoint's, or the run
+    record's settings) and cfg, each as 'name: <saved> (<label>) vs <now> (now)'. A field the saved
+    config lacks counts as its default. Bookkeeping fields (FREE_FIELDS) are not compared."""
     model, recipe = [], []
     for f in dataclasses.fields(TrainConfig):
         if f.name in FREE_FIELDS:
             continue
         old, new = saved.get(f.name, f.default), getattr(cfg, f.name)
         if old != new:
-            (model if f.name in MODEL_FIELDS else recipe).append(f"{f.name}: {old!r} (checkpoint) vs {new!r} (now)")
+            (model if f.name in MODEL_FIELDS else recipe).append(f"{f.name}: {old!r} ({label}) vs {new!r} (now)")
     return model, recipe
 
 
-def check_resume_config(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
-    """Raise ConfigMismatch naming every field that differs, unless only recipe fields differ and
+def refuse_differences(where: str, whose: str, model: list[str], recipe: list[str], cfg: TrainConfig) -> None:
+    """Raise ConfigMismatch naming every difference, unless only recipe fields differ and
     cfg.override_config is set (then they are listed on stderr and the new values win)."""
-    model, recipe = config_differences(saved, cfg)
     if model:
-        raise ConfigMismatch(f"--resume from {ckpt}: the model differs from the checkpoint's, which no flag can "
-                             f"override (start a new --out_dir):\n  " + "\n  ".join(model + recipe))
+        raise ConfigMismatch(f"{where}: the model differs from {whose}, which no flag can override (start a new "
+                             f"--out_dir):\n  " + "\n  ".join(model + recipe))
     if recipe and not cfg.override_config:
-        raise ConfigMismatch(f"--resume from {ckpt}: these settings differ from the checkpoint's:\n  "
-                             + "\n  ".join(recipe) + "\nPass --override_config to continue with the new values, "
-                             "or give the checkpoint's values.")
+        raise ConfigMismatch(f"{where}: these settings differ from {whose}:\n  " + "\n  ".join(recipe)
+                             + f"\nPass --override_config to continue with the new values, or give {whose} values.")
     if recipe:
-        print(f"--override_config: continuing {ckpt} with\n  " + "\n  ".join(recipe), file=sys.stderr)
+        print(f"--override_config: {where}: continuing with\n  " + "\n  ".join(recipe), file=sys.stderr)
+
+
+def check_resume_config(ckpt: Path, saved: dict, cfg: TrainConfig) -> None:
+    """The checkpoint's config against cfg (refuse_differences)."""
+    refuse_differences(f"--resume from {ckpt}", "the checkpoint's", *config_differences(saved, cfg), cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: its record (config.json) is checked against cfg and the data before anything is
+# written (common.claim_run_folder), with the checkpoint's rules
+# ----------------------------------------------------------------------------------------------
+
+def run_settings(cfg: TrainConfig, data_sha256: str | None) -> dict:
+    """What a train.py run folder records and compares when it is continued: every field but the
+    bookkeeping ones (FREE_FIELDS), and the sha256 of the data actually read (data.corpus_sha256:
+    --resume notices changed file contents, not only a changed --data path). None: no corpus read."""
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE_FIELDS}, DATA_KEY: data_sha256}
+
+
+def check_run_record(out_dir: Path, record: dict, cfg: TrainConfig, data_sha256: str | None) -> None:
+    """A continued run folder's recorded settings against cfg and the data read now: a model field
+    never differs, a recipe field or the data only with --override_config (ConfigMismatch)."""
+    saved = record.get("settings") or {}
+    model, recipe = config_differences(saved, cfg, label="recorded")
+    if saved.get(DATA_KEY) != data_sha256:
+        recipe.append(f"{DATA_KEY}: {saved.get(DATA_KEY)!r} (recorded) vs {data_sha256!r} (now): the contents of "
+                      f"--data {cfg.data or '(the standard library)'} are not the ones the run was trained on")
+    refuse_differences(f"--resume in {out_dir} (record {Path(out_dir) / RUN_RECORD})", "the run's", model, recipe, cfg)
+
+
+def claim_train_folder(cfg: TrainConfig, data_sha256: str | None, is_main: bool,
+                       world: int) -> contextlib.AbstractContextManager:
+    """Check cfg.out_dir on every rank, then on rank 0 claim it: check, lock it and write its record
+    (common.claim_run_folder). Returns the lock to hold while training (a no-op on other ranks)."""
+    out = Path(cfg.out_dir)
+    if not is_main:  # read only
+        record = check_run_folder(out, RUN_KIND, resume=cfg.resume)
+        if record is not None:
+            check_run_record(out, record, cfg, data_sha256)
+    if world > 1:
+        dist.barrier()  # every rank has checked before rank 0 writes
+    if not is_main:
+        return contextlib.nullcontext()
+    return claim_run_folder(out, RUN_KIND, dataclasses.asdict(cfg), run_settings(cfg, data_sha256), resume=cfg.resume,
+                            check=lambda rec: check_run_record(out, rec, cfg, data_sha256))
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer=None, cfg: TrainConfig | None = None) -> dict:
@@ -549,6 +602,10 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> dict:
     """Run (or resume) training; returns {"step", "loss_history", "checkpoint"}.
 
+    cfg.out_dir is claimed before anything is written (claim_train_folder): a folder holding anything
+    but a train.py run is refused, a run folder without --resume is refused, and --resume with other
+    settings or other data is refused as for a checkpoint; the folder stays locked until train returns.
+
     batch_fn(step) -> the GLOBAL batch of that step: rows (b, N*T+1), optionally with a bool mask or
     float weights (b, N*T) for the targets rows[:, 1:] (the loss is sum(w * ce) / sum(w) over the
     global batch). It must be a pure function of step (resume and DDP rely on it) and goes with
@@ -558,6 +615,12 @@ def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> d
     whatever the number of processes: rank r of k takes rows [r*b/k, (r+1)*b/k), then splits them
     into grad_accum micro-batches.
     """
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however training ends
+        return _train(cfg, batch_fn, held)
+
+
+def _train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None, held: contextlib.ExitStack) -> dict:
+    """The body of train(); `held` keeps the run folder's lock."""
     if (batch_fn is None) == (cfg.task == "custom"):
         raise ValueError(f"train(): pass batch_fn exactly when --task is custom (task {cfg.task!r}, "
                          f"batch_fn {'given' if batch_fn else 'None'})")
@@ -576,6 +639,7 @@ def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> d
     torch.manual_seed(cfg.seed)
     corpus = Corpus.load(cfg.data or None) if (batch_fn is None or cfg.eval_every > 0) else None
     batch_fn = batch_fn or (lambda step: task_batch(corpus, cfg, step))
+    held.enter_context(claim_train_folder(cfg, None if corpus is None else corpus_sha256(corpus), is_main, world))
     model = build_model(cfg).to(device)
     if cfg.arch == "mamba2" and cfg.accelerate:
         kernels.accelerate(model)
@@ -601,7 +665,7 @@ def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> d
                                                      "heldout_bytes": len(corpus.heldout)})
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_run_config(out, dataclasses.asdict(cfg), **facts)
+        write_run_config(out, dataclasses.asdict(cfg), kind=RUN_KIND, **facts)
         log = CsvLog(out / "metrics.csv", METRIC_FIELDS, keep_until=start_step if cfg.resume else None)
 
     b_rank = cfg.batch_size // world  # rows on this rank
@@ -693,7 +757,7 @@ def train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None = None) -> d
         if is_main:
             log.close()
     if is_main:
-        write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t_start,
+        write_run_config(out, dataclasses.asdict(cfg), kind=RUN_KIND, wall_s=time.perf_counter() - t_start,
                          record={"steps": [start_step, start_step + len(losses)]}, **facts)
     if world > 1 and dist.is_initialized():
         dist.barrier()
@@ -705,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(TrainConfig, argv, DESCRIPTION)
     try:
         result = train(cfg)
-    except (CheckpointError, ConfigMismatch, TrainingDiverged) as e:
+    except (CheckpointError, ConfigMismatch, TrainingDiverged, RunFolderError, BadFileError) as e:
         sys.exit(f"experiments.train: error: {e}")  # exit code 1
     finally:
         if dist.is_initialized():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from experiments import train as T
-from experiments.common import parse_config
+from experiments.common import RunFolderError, parse_config
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
 from experiments import state_collapse as SC
 
@@ -349,7 +350,7 @@ def test_resume_refuses_a_planted_pickle(corpus_dir, tmp_path):
     marker = tmp_path / "code_ran"
     _plant(ckpt, state, marker)
     with pytest.raises(T.CheckpointError, match="refused to unpickle .*trainer.pt"):
-        T.train(dataclasses.replace(cfg, resume=True, steps=8))
+        T.train(dataclasses.replace(cfg, resume=True))
     assert not marker.exists(), "loading the checkpoint ran code from it"
     argv = ["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
             "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--lr", "0.01", "--eval_every", "0",
@@ -370,7 +371,7 @@ def test_resume_names_every_changed_field(corpus_dir, tmp_path):
         T.train(dataclasses.replace(cfg, resume=True, **changed))
     message = str(info.value)
     for name, new in changed.items():
-        assert f"{name}: {getattr(cfg, name)!r} (checkpoint) vs {new!r} (now)" in message, message
+        assert f"{name}: {getattr(cfg, name)!r} (recorded) vs {new!r} (now)" in message, message
     assert "--override_config" in message
     # bookkeeping fields may change freely; --override_config takes a new recipe
     res = T.train(dataclasses.replace(cfg, resume=True, override_config=True, log_every=2, **changed))
@@ -378,7 +379,7 @@ def test_resume_names_every_changed_field(corpus_dir, tmp_path):
     state = T.read_trainer_state(T.latest_checkpoint(tmp_path / "run"))
     assert state["config"]["lr"] == 0.02, "the checkpoint after an override records the new recipe"
     # model sizes never change, not even with --override_config
-    with pytest.raises(T.ConfigMismatch, match=r"(?s)no flag can override.*d_model: 32 \(checkpoint\) vs 64 \(now\)"):
+    with pytest.raises(T.ConfigMismatch, match=r"(?s)no flag can override.*d_model: 32 \(recorded\) vs 64 \(now\)"):
         T.train(dataclasses.replace(cfg, resume=True, override_config=True, d_model=64, **changed))
 
 
@@ -418,12 +419,100 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(corpus_dir, tmp_
 
 
 def test_stale_temporary_checkpoint_folders_are_removed(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2)
+    T.train(cfg)
     stale = tmp_path / "run" / "checkpoints" / ".tmp-step_00000099-12345"
     stale.mkdir(parents=True)
     (stale / "trainer.pt").write_bytes(bytes(1 << 16))
-    T.train(tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2))
+    T.train(dataclasses.replace(cfg, resume=True))
     assert not stale.exists()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+# ------------------------------------------------------------------------------------------------
+# run folders (issue 19): one record written first, checked before anything is written
+# ------------------------------------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_never_takes_over_a_folder_it_did_not_make(corpus_dir, tmp_path):
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2)
+    T.train(cfg)
+    before = _snapshot(tmp_path / "run")
+    # rerun without --resume: refused, nothing touched (it used to start over silently)
+    with pytest.raises(RunFolderError, match=r"already holds a train.py run .*pass --resume to continue it"):
+        T.train(cfg)
+    assert _snapshot(tmp_path / "run") == before
+    # a saved model folder (its config.json is the model's): refused, with or without --resume
+    model_dir = T.latest_checkpoint(tmp_path / "run") / "model"
+    saved = _snapshot(model_dir)
+    for resume in (False, True):
+        with pytest.raises(RunFolderError, match=r"config.json is not a run record .*saved model"):
+            T.train(dataclasses.replace(cfg, out_dir=str(model_dir), resume=resume))
+    assert _snapshot(model_dir) == saved
+    # a folder of somebody's files; a path below a file
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"notes is not empty \(todo.txt\) and holds no run record"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "notes"), resume=True))
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+    with pytest.raises(RunFolderError, match=r"todo.txt is a file, not a folder"):
+        T.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "notes" / "todo.txt" / "run")))
+    # the command line exits non-zero with the message
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--d_model", "32", "--n_layer", "1", "--d_state", "16", "--headdim", "16", "--chunk_size", "16",
+                "--data", str(corpus_dir), "--seq_len", "16", "--batch_size", "4", "--steps", "2", "--eval_every", "0",
+                "--progress", "false", "--out_dir", str(tmp_path / "run")])
+    assert "pass --resume" in str(exit_info.value.code)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_resume_checks_the_contents_of_the_data_not_only_its_path(corpus_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus_dir, data)
+    cfg = tiny_config(data, tmp_path / "run", stop_at=6)
+    T.train(cfg)
+    before = _snapshot(tmp_path / "run")
+    doc = data / "doc03.py"
+    stat = doc.stat()
+    doc.write_text(doc.read_text().replace("return", "yield ", 1))  # same size, same mtime: only the bytes differ
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(T.ConfigMismatch, match=r"data_sha256: '[0-9a-f]{64}' \(recorded\) vs '[0-9a-f]{64}' \(now\): "
+                                               r"the contents of --data .*data are not the ones"):
+        T.train(dataclasses.replace(cfg, resume=True, stop_at=0))
+    assert _snapshot(tmp_path / "run") == before, "a refused resume wrote into the run folder"
+    res = T.train(dataclasses.replace(cfg, resume=True, stop_at=0, override_config=True))  # said, then taken
+    assert res["step"] == 12 and len(res["loss_history"]) == 6
+
+
+def test_a_sweep_point_never_reuses_a_model_trained_with_other_settings(corpus_dir, tmp_path):
+    from experiments.sweep import point_train_config, train_point_model
+    tcfg = point_train_config(tmp_path / "models" / "p", t_train=16, tokens_per_step=64, steps=2, seed=0,
+                              device="cpu", d_model=32, n_layer=1, d_state=16, headdim=16, lr=3e-3,
+                              data=str(corpus_dir))
+    model_dir = train_point_model(tcfg)
+    assert train_point_model(tcfg) == model_dir  # a finished model is reused under the same settings ...
+    with pytest.raises(T.ConfigMismatch, match=r"lr: 0.003 \(recorded\) vs 0.05 \(now\)"):
+        train_point_model(dataclasses.replace(tcfg, lr=0.05))  # ... and never under others
+
+
+def test_a_train_folder_in_use_is_refused_and_released_after(corpus_dir, tmp_path):
+    from experiments.common import RunLock
+    cfg = tiny_config(corpus_dir, tmp_path / "run", steps=2, ckpt_every=2)
+    T.train(cfg)
+    with RunLock(tmp_path / "run"):  # as another process training there would hold it
+        with pytest.raises(RunFolderError, match=rf"run is in use by process {os.getpid()}"):
+            T.train(dataclasses.replace(cfg, resume=True))
+    T.train(dataclasses.replace(cfg, resume=True))  # free again, and train() released its own lock
+    T.train(dataclasses.replace(cfg, resume=True))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_seeds_outside_32_bits_are_refused(seed):
+    with pytest.raises(ValueError, match=r"--seed must be integers from 0 to 2\*\*32 - 1"):
+        T.TrainConfig(seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,5 +666,5 @@ def test_state_collapse_demo_per_seed_in_workers_resumes_and_replots(tmp_path):
     SC.replot(tmp_path / "demo", tmp_path / "figs")
     assert json.loads((tmp_path / "figs" / "state_collapse_summary.json").read_text()) == json.loads(json.dumps(summary))
     assert (tmp_path / "figs" / "state_collapse_loss.png").is_file()
-    with pytest.raises(ValueError, match="other settings .*steps"):  # a changed recipe is refused
+    with pytest.raises(ValueError, match=r"(?s)other settings.*steps: 2 \(recorded\) vs 3 \(now\)"):  # a changed recipe
         SC.run_demo(dataclasses.replace(cfg, steps=3, workers=1))

@@ -10,9 +10,17 @@ Claims tested (issues 6 and 11):
   --replot rebuilds the summary from the points alone;
 - T_forget / T_recall read the censored cases correctly; the Transformer baseline is causal.
 """
+import contextlib
 import dataclasses
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -509,3 +517,218 @@ def test_publish_then_replot_from_committed_results_only(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing; finish the run"):
         figures.publish(tmp_path / "half", "state_capacity", results)
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").iterdir()} == before, "figures/ was written"
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders that never reuse or overwrite work made under other settings (issue 19)
+# ---------------------------------------------------------------------------------------------
+
+def _capacity_cfg(out_dir, **kw):
+    base = dict(out_dir=str(out_dir), states=("16x16", "32x16"), train_lens=(8, 16), seeds=(0,), eval_length=256,
+                workers=1)
+    return state_capacity.CapacityConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "not valid JSON"),  # a torn write
+    (lambda p: p.write_text("[1, 2]"), "JSON list"),
+    (lambda p: p.write_text('{"params": {}}'), "lacks|keys are"),
+    (lambda p: p.write_text('{"params": 3, "result": {}}'), "under 'params'"),
+])
+def test_a_damaged_point_file_is_an_error_naming_it(tmp_path, monkeypatch, damage, expect):
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    cfg = _capacity_cfg(tmp_path)
+    state_capacity.run(cfg)
+    point = tmp_path / "points" / f"{state_capacity.capacity_points(cfg)[1].key}.json"
+    damage(point)
+    for read in (lambda: state_capacity.replot(tmp_path, tmp_path / "re"),  # --replot and a resumed sweep
+                 lambda: run_points(tmp_path, state_capacity.capacity_points(cfg), _square, {}, workers=1)):
+        with pytest.raises(ValueError, match=rf"(?s){re.escape(str(point))}.*({expect}).*delete it"):
+            read()
+
+
+def test_a_damaged_run_record_or_metrics_log_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path))
+    record = tmp_path / "config.json"
+    record.write_text(record.read_text()[:-30])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))} is not valid JSON"):
+        state_capacity.replot(tmp_path)
+    record.write_text(json.dumps({"config": {"no_such_field": 1}, "invocations": []}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))}: its config is not a valid CapacityConfig"):
+        state_capacity.replot(tmp_path)
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss\n1,2.5\n2,2.")
+    assert sweep.final_train_loss(tmp_path) == pytest.approx(2.25)
+    metrics.write_text("step,loss\n1,2.5\n2,2.4e")  # torn in the middle of a number
+    with pytest.raises(ValueError, match=rf"{re.escape(str(metrics))}, line 3: column 'loss' holds '2.4e'"):
+        sweep.final_train_loss(tmp_path)
+
+
+def test_a_sweep_resumed_with_other_settings_is_refused_before_it_writes(tmp_path, monkeypatch):
+    cfg = _capacity_cfg(tmp_path)
+    # killed before any point was stored (its models may be trained): no point file to compare with
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=0))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(cfg)
+    record = (tmp_path / "config.json").read_bytes()
+    calls = []
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point(calls))
+    with pytest.raises(ValueError, match=r"(?s)other settings.*lr: 0.003 \(recorded\) vs 0.05 \(now\)"):
+        state_capacity.run(dataclasses.replace(cfg, lr=0.05))
+    assert calls == [] and (tmp_path / "config.json").read_bytes() == record, "the refused sweep ran or wrote"
+    # finished: a rerun with other settings is still refused before config.json is touched
+    state_capacity.run(cfg)
+    record = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"(?s)other settings.*steps"):
+        state_capacity.run(dataclasses.replace(cfg, steps=cfg.steps + 1))
+    assert (tmp_path / "config.json").read_bytes() == record
+    # more seeds, more grid points, other machine fields: the same sweep, widened
+    state_capacity.run(dataclasses.replace(cfg, seeds=(0, 1), train_lens=(8, 16, 32), device="cpu"))
+    assert len(list((tmp_path / "points").glob("*.json"))) == 12
+
+
+def test_train_and_sweeps_never_take_over_each_others_folders(tmp_path, monkeypatch):
+    import experiments.data as data
+    from experiments import train as T
+    from experiments.common import RunFolderError
+    monkeypatch.setattr(data.Corpus, "load", classmethod(lambda cls, *a, **k: _TinyCorpus()))
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path / "sweep"))
+    T.train(T.TrainConfig(d_model=16, n_layer=1, d_state=8, headdim=8, chunk_size=8, seq_len=8, batch_size=2, steps=1,
+                          eval_every=0, progress=False, out_dir=str(tmp_path / "train")))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RunFolderError, match=r"sweep holds a capacity sweep .*not a train.py run"):
+        T.train(T.TrainConfig(out_dir=str(tmp_path / "sweep"), steps=1, resume=True, progress=False))
+    with pytest.raises(SystemExit, match=r"holds a capacity sweep"):
+        T.main(["--out_dir", str(tmp_path / "sweep"), "--steps", "1", "--resume", "--progress", "false"])
+    with pytest.raises(RunFolderError, match=r"train holds a train.py run .*not a capacity sweep"):
+        state_capacity.run(_capacity_cfg(tmp_path / "train"))
+    with pytest.raises(RunFolderError, match=r"holds a capacity sweep .*not a passkey sweep"):
+        passkey.run(passkey.PasskeyConfig(out_dir=str(tmp_path / "sweep"), workers=1))
+    with pytest.raises(RunFolderError, match=r"config.json is a file, not a folder"):
+        state_capacity.run(_capacity_cfg(tmp_path / "sweep" / "config.json" / "x"))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("seeds", ["-1", str(2**70), "0,3,0"])
+def test_bad_seeds_are_refused_before_anything_is_created(tmp_path, seeds):
+    with pytest.raises(ValueError, match=r"--seeds must"):
+        state_capacity.main(["--seeds", seeds, "--out_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_publish_or_replot_writes_nothing_and_names_the_file(tmp_path, monkeypatch):
+    from experiments import figures
+    results, figs = tmp_path / "results", tmp_path / "figs"
+    results.mkdir()
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([], fail_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        state_capacity.run(_capacity_cfg(tmp_path / "half"))
+    with pytest.raises(FileNotFoundError, match="missing; finish the run"):
+        figures.main(["--publish", str(tmp_path / "half"), "--experiment", "state_capacity", "--results_dir",
+                      str(results), "--figures_dir", str(figs)])
+    assert list(results.iterdir()) == [] and not figs.exists(), "a refused publish left files behind"
+    bench_run = tmp_path / "bench"
+    bench_run.mkdir()
+    (bench_run / "results.json").write_text('{"meta": {"wall_s": 1.0}, "rows": [{"kind": "mo')  # torn
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bench_run / 'results.json'))} is not valid JSON"):
+        figures.publish(bench_run, "bench", results)
+    assert list(results.iterdir()) == []
+    monkeypatch.setattr(state_capacity, "run_point", _fake_capacity_point([]))
+    state_capacity.run(_capacity_cfg(tmp_path / "full"))
+    with pytest.raises(ValueError, match=r"results.json is a file, not a folder"):
+        figures.publish(tmp_path / "full", "state_capacity", bench_run / "results.json" / "res")
+    published = figures.publish(tmp_path / "full", "state_capacity", results)
+    point = sorted((published / "points").iterdir())[0]
+    point.write_text(point.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(point))} is not valid JSON"):
+        figures.main(["--results_dir", str(results), "--figures_dir", str(figs), "--only", "state_capacity"])
+
+
+_NAP_SWEEP = """
+import dataclasses, os, sys, time
+from pathlib import Path
+from experiments import sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class NapConfig:
+    out_dir: str
+    pid_dir: str
+    workers: int = 2
+    nap_s: float = 300.0
+
+
+def nap(cfg, point):
+    (Path(cfg.pid_dir) / str(os.getpid())).touch()
+    time.sleep(cfg.nap_s)
+    return {"slept": cfg.nap_s}
+
+
+def points(cfg):
+    return sweep.grid_points([{"x": 0}, {"x": 1}], (0,), {"nap_s": cfg.nap_s})
+
+
+if __name__ == "__main__":
+    cfg = NapConfig(sys.argv[1], sys.argv[2])
+    sweep.run_sweep(cfg, points(cfg), nap, "nap")
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc").is_dir():
+        return True
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _quick(cfg, point):
+    return {"slept": 0.0}
+
+
+def test_a_sweep_folder_is_locked_and_its_workers_end_with_it(tmp_path):
+    import importlib.util
+    from experiments.common import REPO
+    script, run_dir, pid_dir = tmp_path / "nap_sweep.py", tmp_path / "run", tmp_path / "pids"
+    script.write_text(_NAP_SWEEP)
+    pid_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, str(script), str(run_dir), str(pid_dir)], env=env, cwd=tmp_path)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pid_dir.iterdir())) < 2:  # both points in flight, one per worker process
+            assert parent.poll() is None and time.monotonic() < deadline, "the sweep's workers did not start"
+            time.sleep(0.2)
+        workers = [int(p.name) for p in pid_dir.iterdir()]
+        # a second sweep on the same folder is refused, naming the process that holds it
+        spec = importlib.util.spec_from_file_location("nap_sweep", script)
+        nap_sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(nap_sweep)
+        cfg = nap_sweep.NapConfig(str(run_dir), str(pid_dir), workers=1)
+        with pytest.raises(ValueError, match=rf"run is in use by process {parent.pid} \(it holds .*\.lock\)"):
+            sweep.run_sweep(cfg, nap_sweep.points(cfg), _quick, "nap")
+        # the sweep is killed without any chance to clean up: its workers end within seconds
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "workers outlived their killed sweep"
+        # the OS dropped the dead sweep's lock: the folder can be continued at once
+        assert sweep.run_sweep(cfg, nap_sweep.points(cfg), _quick, "nap") == {
+            p.key: {"slept": 0.0} for p in nap_sweep.points(cfg)}
+    finally:
+        for pid in [parent.pid] + [w for w in workers if _running(w)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
