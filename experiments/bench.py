@@ -71,7 +71,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments.common import ProgressBar, add_flag, atomic_write_json, atomic_write_text, run_metadata  # noqa: E402
+from experiments.common import (ProgressBar, add_flag, atomic_write_json, atomic_write_text,  # noqa: E402
+                                git_commit, run_metadata)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Settings: every default in one place
@@ -798,7 +799,7 @@ def run_all(cfg: BenchConfig, out: Path, threads: int | None, gpu: bool, cpu: bo
             figures_dir: Path | None, glibc_no_mmap: bool = False) -> list[dict]:
     import torch
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**run_metadata(), "cpu_model": _cpu_model(), "torch_threads_requested": threads or "default",
+    meta = {**run_metadata(), "commit": git_commit(), "cpu_model": _cpu_model(), "torch_threads_requested": threads or "default",
             "glibc_no_mmap": glibc_no_mmap,
             "command": " ".join([Path(sys.executable).name] + sys.argv), "config": dataclasses.asdict(cfg)}
     try:
