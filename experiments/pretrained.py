@@ -628,12 +628,12 @@ def _layer_summary(stats: dict) -> dict:
 
 def run_forgetting_curve(cfg: PretrainedConfig, model, tokens: torch.Tensor | None, out: Path) -> dict:
     """[FC] on the same loaded model: on the text's tokens, or random tokens (the newline prompt is no text)."""
-    from forgetting_curve import forgetting_curve
+    from experiments.measure_curve import measure_curve  # forgetting_curve(), resumable
     path = out / "forgetting_curve.json"
-    curve = forgetting_curve(model, lengths=cfg.fc_lengths, tokens=tokens, vocab_size=model.config.vocab_size,
-                             n_samples=cfg.fc_samples, out=path, resume=path.is_file(),
-                             meta={"checkpoint": cfg.model, "text": cfg.text or "random tokens",
-                                   "train_length": cfg.train_length})
+    curve = measure_curve(model, out=path, resume=path.is_file(), lengths=cfg.fc_lengths, tokens=tokens,
+                          vocab_size=model.config.vocab_size, n_samples=cfg.fc_samples,
+                          meta={"checkpoint": cfg.model, "text": cfg.text or "random tokens",
+                                "train_length": cfg.train_length})
     curve.plot(out / "forgetting_curve.png", train_length=cfg.train_length,
                title=f"Forgetting curve: {cfg.model}")
     return {"file": path.name, "figure": "forgetting_curve.png", **curve.summary()}
