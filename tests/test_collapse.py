@@ -1,0 +1,235 @@
+"""The state-collapse measurements on hand-made models whose answer is known, the repeat-span recipe,
+and the training-side initial states.
+
+Hand-made models: an "induction" byte predictor that votes for the byte that followed each earlier
+occurrence of the current byte. Restricted to its last W positions it is an exact-window model (so
+its loss under any window r >= W equals its full-state loss, and E = 0 exactly); over all history it
+keeps everything (stale votes dilute the repeats, so E > 0 on the repeat-span process).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import measure as ME
+from experiments import recipe as R
+
+# ----------------------------------------------------------------------------------------------
+# hand-made models
+# ----------------------------------------------------------------------------------------------
+EPS = 0.05  # share of the uniform distribution in the induction model's prediction
+
+
+def induction_losses(ids: torch.Tensor, memory: int | None, window: int | None) -> torch.Tensor:
+    """Per-position loss (b, l) of the induction model that remembers `memory` positions (None: all),
+    read through a window r (None: no window). The model sees min(memory, window) positions back."""
+    x, y = ids[:, :-1], ids[:, 1:]
+    b, l = x.shape
+    reach = min(m for m in (memory, window, l + 1) if m is not None)
+    t = torch.arange(l)
+    j = torch.arange(l)
+    # (t, j): a pair (x_j, x_{j+1}) is usable if j < t and x_{j+1} lies in the last `reach` positions
+    visible = (j[None, :] < t[:, None]) & (t[:, None] - j[None, :] <= reach)
+    match = (x[:, None, :] == x[:, :, None]) & visible[None]  # (b, t, j): x_j == x_t
+    hit = (match & (y[:, None, :] == y[:, :, None])).sum(-1).double()  # (b, t) votes for the true next byte
+    total = match.sum(-1).double()
+    p = torch.where(total > 0, (1 - EPS) * hit / total.clamp_min(1) + EPS / 256, torch.full_like(hit, 1 / 256))
+    return -torch.log(p)
+
+
+def exact_window(w: int) -> ME.LossFn:
+    return lambda ids, window: induction_losses(ids, w, window)
+
+
+def keeps_everything() -> ME.LossFn:
+    return lambda ids, window: induction_losses(ids, None, window)
+
+
+def random_base(n: int = 200_000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=n).astype(np.uint8)
+
+
+def probe(t_train: int, mult: int, b: int = 8, seed: int = 1) -> torch.Tensor:
+    cfg = R.RecipeConfig(max_lag=t_train, span_len=8, p_repeat=0.5)
+    return R.repeat_span_rows(random_base(), cfg, b, mult * t_train + 1, np.random.default_rng(seed)).ids
+
+
+T = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# E(k)
+# ----------------------------------------------------------------------------------------------
+
+def test_excess_of_an_exact_window_model_is_zero():
+    ids = probe(T, 32, b=4)
+    f = exact_window(T)
+    for e in ME.excess(f(ids, None), f(ids, T), T):
+        assert (e.excess.value, e.excess.lo, e.excess.hi) == (0.0, 0.0, 0.0), e
+
+
+def test_excess_of_a_model_that_keeps_everything_is_positive():
+    ids = probe(T, 32, b=8)
+    f = keeps_everything()
+    es = ME.excess(f(ids, None), f(ids, T), T)
+    assert [e.k for e in es] == [2, 4, 8, 16]
+    for e in es:
+        assert e.excess.lo > 0.05, e  # every k: the interval excludes 0 by a margin
+    assert es[-1].excess.value > es[0].excess.value  # more stale history, more excess
+
+
+def test_excess_refuses_a_probe_shorter_than_32_t():
+    ids = probe(T, 16, b=2)
+    f = exact_window(T)
+    with pytest.raises(ValueError, match="32 x T_train"):
+        ME.excess(f(ids, None), f(ids, T), T)
+
+
+# ----------------------------------------------------------------------------------------------
+# horizon
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("w", [T // 2, T, 2 * T])
+def test_horizon_of_a_known_window(w):
+    ids = probe(T, 8, b=4)
+    h = ME.horizon(exact_window(w), ids, T)
+    assert h.value == w, (h.value, dict(zip(h.windows, h.gaps)))
+    assert not h.censored
+
+
+def test_horizon_of_a_model_that_keeps_everything_is_censored():
+    ids = probe(T, 8, b=4)
+    h = ME.horizon(keeps_everything(), ids, T)
+    # every position of [T, 8T) is in its memory: no window of the grid up to 4T leaves its loss alone
+    assert h.censored and h.value is None and abs(h.gaps[-1]) > ME.HORIZON_TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's criterion on bucketed loss
+# ----------------------------------------------------------------------------------------------
+
+def curve(in_window: float, beyond: float, first: float = 10.0, l: int = 16 * T) -> torch.Tensor:
+    c = torch.full((l,), in_window, dtype=torch.float64)
+    c[T:] = beyond
+    c[0] = first  # the context-free first byte: above uniform at byte level
+    return c
+
+
+def test_bucketed_criterion_compares_with_the_second_half_of_the_window_not_position_0():
+    c = curve(1.0, 2.5)
+    v = ME.bucketed_criterion(c, T)
+    assert v.collapsed and v.first_position == T and v.within == pytest.approx(1.0)
+    # the per-position rule against the maximum of [0, T) (position 0 included) cannot fire here
+    assert not (c[T:].max() > ME.PAPER_COLLAPSE_FACTOR * c[:T].max())
+
+
+def test_bucketed_criterion_does_not_fire_on_a_flat_curve_with_a_first_byte_spike():
+    v = ME.bucketed_criterion(curve(1.0, 1.1), T)
+    assert not v.collapsed and v.first_position is None and v.ratio == pytest.approx(1.1)
+
+
+def test_bucketed_criterion_averages_prompts_and_rejects_bad_buckets():
+    two = torch.stack([curve(1.0, 1.0), curve(1.0, 4.0)])  # mean beyond 2.5 > 2 x 1.0
+    assert ME.bucketed_criterion(two, T).collapsed
+    with pytest.raises(ValueError, match="bucket"):
+        ME.bucketed_criterion(curve(1.0, 1.0), T, bucket=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the bootstrap
+# ----------------------------------------------------------------------------------------------
+
+def test_bootstrap_interval_covers_the_truth_at_its_level():
+    g = np.random.default_rng(0)
+    hits = sum(bool(iv.lo <= 1.0 <= iv.hi) for iv in
+               (ME.bootstrap_mean(g.exponential(1.0, size=40), n_boot=500, seed=i) for i in range(200)))
+    assert 0.88 <= hits / 200 <= 0.99, hits
+
+
+def test_bootstrap_interval_has_no_impossible_bounds():
+    iv = ME.bootstrap_mean([0.0] * 19 + [10.0])  # a non-negative quantity with one outlier
+    assert 0.0 <= iv.lo <= iv.value <= iv.hi <= 10.0
+    with pytest.raises(ValueError, match="finite"):
+        ME.bootstrap_mean([1.0, math.nan])
+
+
+# ----------------------------------------------------------------------------------------------
+# mechanism on hand-set decays
+# ----------------------------------------------------------------------------------------------
+
+def tiny_model(log_dt: float, a_log: float):
+    from minimamba import Mamba2Config, Mamba2LM
+    torch.manual_seed(0)
+    m = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, d_state=8, headdim=16, vocab_size=256, chunk_size=16)).eval()
+    with torch.no_grad():
+        for layer in m.backbone.layers:
+            layer.mixer.dt_bias.fill_(log_dt)  # softplus(~log_dt) ~ exp(log_dt) for very negative log_dt
+            layer.mixer.A_log.fill_(a_log)
+    return m
+
+
+def test_mechanism_reads_the_share_of_heads_that_never_forget():
+    ids = torch.randint(0, 256, (2, 16 * 16))
+    keeps = ME.mechanism(tiny_model(log_dt=-12.0, a_log=-4.0), ids, 16, every=8)  # dt*A ~ 1e-7: retention ~ 1
+    forgets = ME.mechanism(tiny_model(log_dt=2.0, a_log=1.0), ids, 16, every=8)  # dt*A ~ -5: retention ~ e^-80
+    assert keeps.share_never_forget == 1.0 and forgets.share_never_forget == 0.0
+    assert keeps.retention_at["256"] > 0.99 > 1e-6 > forgets.retention_at["256"]
+    assert sum(keeps.hist_at_t) == sum(keeps.hist_at_16t) > 0
+    assert keeps.positions[1] == 16 and len(keeps.norm) == len(keeps.positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe
+# ----------------------------------------------------------------------------------------------
+
+def test_repeat_spans_copy_a_span_from_at_most_max_lag_back():
+    cfg = R.RecipeConfig(max_lag=64, span_len=8, p_repeat=0.5)
+    rows = R.repeat_span_rows(random_base(), cfg, 16, 1000, np.random.default_rng(0))
+    ids, lag = rows.ids, rows.lag
+    assert ids.shape == (16, 1000) and 0.35 < rows.repeat[:, 64:].float().mean() < 0.65
+    r, t = torch.nonzero(rows.repeat, as_tuple=True)
+    assert bool((lag[r, t] <= 64).all()) and bool((lag[r, t] >= 8).all())
+    assert bool((ids[r, t] == ids[r, t - lag[r, t]]).all())
+
+
+def test_recipe_batches_are_a_pure_function_of_seed_and_step():
+    from experiments.data import Corpus
+    corpus = Corpus(train=random_base(), heldout=random_base(seed=1), train_docs=["a"], heldout_docs=["b"], source="x")
+    cfg = R.RecipeConfig(max_lag=32, span_len=8)
+    f = R.RecipeBatches(corpus, cfg, seed=3, batch_size=4, row_len=65)
+    assert torch.equal(f(5), f(5)) and not torch.equal(f(5), f(6))
+    assert f(5).shape == (4, 65)
+
+
+def test_gate_is_one_for_a_perfect_copier_and_low_for_chance():
+    cfg = R.RecipeConfig(max_lag=64, span_len=8, p_repeat=0.5)
+    rows = R.repeat_span_rows(random_base(), cfg, 8, 513, np.random.default_rng(0))
+    perfect = torch.nn.functional.one_hot(rows.ids[:, 1:], 256).float() * 10  # (b, l, V)
+    assert R.repeat_copy_accuracy(perfect, rows, cfg) == 1.0
+    assert R.repeat_copy_accuracy(torch.zeros(8, 512, 256), rows, cfg) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# training from other initial states ([UE])
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["state_passing", "noise", "fitted_noise"])
+def test_initial_states_change_training_only_after_the_first_step(tmp_path, mode):
+    from experiments.data import copy_batch
+    from experiments.train import TrainConfig, train
+    kw = dict(d_model=32, n_layer=1, d_state=8, headdim=16, seq_len=16, batch_size=4, steps=3, eval_every=0,
+              progress=False, ckpt_every=100, device="cpu", task="custom", warmup_steps=1, accelerate=False)
+    batches = lambda step: copy_batch(step, seed=0, batch_size=4, seq_len=16, copy_len=4)  # noqa: E731
+    zero = train(TrainConfig(out_dir=str(tmp_path / "zero"), **kw), batches)["loss_history"]
+    other = train(TrainConfig(out_dir=str(tmp_path / mode), init_state=mode, **kw), batches)["loss_history"]
+    assert other[0] == pytest.approx(zero[0], abs=1e-6)  # step 0 starts from zero in every mode
+    assert abs(other[2] - zero[2]) > 1e-6, (mode, zero, other)
+
+
+def test_init_state_is_validated():
+    from experiments.train import TrainConfig
+    with pytest.raises(ValueError, match="init_state"):
+        TrainConfig(init_state="random")
