@@ -71,7 +71,7 @@ import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
-from experiments.state_collapse import MitigationSettings, load_for_eval, mitigation_context
+from experiments.collapse_v1 import MitigationSettings, load_for_eval, mitigation_context
 from experiments.sweep import (Point, check_seeds_and_workers, final_train_loss, finished_run, fmt_ci, grid_points,
                                mean_ci, parse_states, point_key, point_train_config, recipe, run_sweep,
                                train_point_model, workers_flag)
