@@ -210,6 +210,9 @@ def test_gate_is_one_for_a_perfect_copier_and_low_for_chance():
     perfect = torch.nn.functional.one_hot(rows.ids[:, 1:], 256).float() * 10  # (b, l, V)
     assert R.repeat_copy_accuracy(perfect, rows, cfg) == 1.0
     assert R.repeat_copy_accuracy(torch.zeros(8, 512, 256), rows, cfg) < 0.05
+    # the gate: what reading the far half adds on the same bytes (a model that ignores it gains nothing)
+    assert R.copy_margin(perfect, torch.zeros(8, 512, 256), rows, cfg) > 0.95
+    assert R.copy_margin(perfect, perfect, rows, cfg) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,3 +236,60 @@ def test_init_state_is_validated():
     from experiments.train import TrainConfig
     with pytest.raises(ValueError, match="init_state"):
         TrainConfig(init_state="random")
+
+
+# ----------------------------------------------------------------------------------------------
+# the question script: per-seed rows, verdict order, resume, replot, publishing only from a clean tree
+# ----------------------------------------------------------------------------------------------
+
+def test_verdict_order_is_the_preregistered_one():
+    from experiments import state_collapse as SC
+    e16 = lambda lo: [{"k": 16, "excess": {"value": lo + 0.01, "lo": lo, "hi": lo + 0.02}}]  # noqa: E731
+    ok = {"failed": None, "gate": 0.2, "horizon": {"value": 64}, "excess": e16(0.05)}
+    assert SC.verdict(ok, 32) == "collapsed"
+    assert SC.verdict({**ok, "excess": e16(0.0)}, 32) == "not collapsed"
+    assert SC.verdict({**ok, "horizon": {"value": 8}}, 32) == "untestable"  # T/4
+    assert SC.verdict({**ok, "horizon": {"value": None}}, 32) == "collapsed"  # censored above 4T: testable
+    assert SC.verdict({**ok, "gate": float("nan")}, 32) == "gate-failed"
+    assert SC.verdict({**ok, "gate": 0.0, "horizon": {"value": 8}}, 32) == "gate-failed"
+    assert SC.verdict({**ok, "failed": "TrainingDiverged: ..."}, 32) == "failed"
+
+
+@pytest.mark.slow  # six tiny models and every fix's tuning: a few minutes on 2 cores
+def test_demo_reports_every_seed_and_fix_resumes_and_replots(tmp_path, capsys):
+    import json
+    from experiments import state_collapse as SC
+    from experiments.sweep import latest_checkpoint
+    args = ["--out_dir", str(tmp_path / "run"), "--d_model", "16", "--n_layer", "1", "--headdim", "8",
+            "--train_lens", "32", "--d_states", "8", "--fix_cell", "32,8", "--seeds", "0", "--tokens_per_step", "256",
+            "--steps", "2", "--eval_prompts", "3", "--val_prompts", "2", "--workers", "1", "--device", "cpu"]
+    SC.main(args)
+    text = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "state_collapse_summary.json").read_text())
+    rows = summary["rows"]
+    assert [r["variant"] for r in rows] == list(SC.VARIANTS)
+    base = rows[0]
+    assert set(base["E"]) == {"2", "4", "8", "16"} and set(base["fixes"]) == set(SC.FREE_FIXES)
+    for r in rows[1:]:
+        assert set(r["fixes"]) == {r["variant"]}  # each training-side fix against the same seed's base
+    for name in list(SC.FREE_FIXES) + list(SC.VARIANTS[1:]):
+        assert f"| {name} |" in text  # printed with its gain and cost
+    assert "| base | 0 |" in text and "E(16)" in text
+    for f in ("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_summary.md", "config.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "prereg_commit" in config
+    # a rerun trains nothing; --replot rebuilds the same summary from the points alone
+    stamp = latest_checkpoint(tmp_path / "run" / "models" / "d_state=8_seed=0_t_train=32_variant=base").stat().st_mtime
+    SC.main(args)
+    assert latest_checkpoint(tmp_path / "run" / "models" / "d_state=8_seed=0_t_train=32_variant=base").stat().st_mtime == stamp
+    before = (tmp_path / "run" / "state_collapse_summary.json").read_text()
+    SC.main(["--replot", "--out_dir", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "state_collapse_summary.json").read_text() == before
+
+
+def test_publish_refuses_a_dirty_tree(monkeypatch, tmp_path):
+    from experiments import state_collapse as SC
+    monkeypatch.setattr(SC, "git_commit", lambda: "abc123+dirty")
+    with pytest.raises(SystemExit, match="dirty"):
+        SC.publish(tmp_path)
