@@ -376,9 +376,17 @@ def summary_markdown(cfg: DemoConfig, rows: list[dict], commit: str, prereg: str
     return "\n".join(md) + "\n"
 
 
-def report(cfg: DemoConfig, results: dict[str, dict], out: Path) -> dict:
+def run_record(run_dir: Path) -> dict:
+    """The run's config.json (a run folder) or manifest.json (a published results folder); {} if neither."""
+    for name in ("config.json", "manifest.json"):
+        if (Path(run_dir) / name).is_file():
+            return json.loads((Path(run_dir) / name).read_text())
+    return {}
+
+
+def report(cfg: DemoConfig, results: dict[str, dict], out: Path, record: dict) -> dict:
+    """summary.json / summary.md / figures into out; record: the run's config.json (commits, prereg)."""
     rows = seed_rows(cfg, results)
-    record = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
     commits = sorted({i.get("git_commit", "unknown") for i in record.get("invocations", [])})
     commit = ", ".join(commits) if commits else f"{git_commit()} (now; no invocation recorded)"
     summary = {"commit": commit, "prereg_commit": record.get("prereg_commit"), "constants": {"GATE": GATE, "UNTESTABLE_FRACTION": UNTESTABLE_FRACTION,
@@ -442,7 +450,7 @@ def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     cfg = load_run_config(run_dir, DemoConfig)
     out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return report(cfg, stored_results(run_dir, demo_points(cfg)), out)
+    return report(cfg, stored_results(run_dir, demo_points(cfg)), out, run_record(Path(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +490,7 @@ def publish(run_dir: str | Path) -> Path:
         "experiment": "state_collapse", "config": record["config"], "seeds": list(cfg.seeds),
         "run_commit": record.get("git_commit"), "invocations": record.get("invocations", []),
         "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    report(cfg, results, RESULTS)
+    report(cfg, results, RESULTS, record)
     for f in ("state_collapse_fixes.png", "state_collapse_loss.png"):
         shutil.copyfile(RESULTS / f, FIGURES / f)
     return RESULTS
@@ -506,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     results = run_sweep(cfg, demo_points(cfg), run_point, "collapse", prereg_commit=prereg_commit())
-    report(cfg, results, Path(cfg.out_dir))
+    report(cfg, results, Path(cfg.out_dir), run_record(Path(cfg.out_dir)))
     print(f"wrote {cfg.out_dir}/ in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 

@@ -293,3 +293,14 @@ def test_publish_refuses_a_dirty_tree(monkeypatch, tmp_path):
     monkeypatch.setattr(SC, "git_commit", lambda: "abc123+dirty")
     with pytest.raises(SystemExit, match="dirty"):
         SC.publish(tmp_path)
+
+
+def test_gpu_script_calibration_measures_the_real_step_on_cpu():
+    """The GPU script is never run in CI; its calibration is, at toy size on CPU, for a second."""
+    from experiments import state_collapse as SC
+    from experiments import state_collapse_gpu as G
+    cfg = SC.DemoConfig(d_model=16, n_layer=1, headdim=8, train_lens=(32,), d_states=(8,), fix_cell=(),
+                        tokens_per_step=256, device="cpu", workers=1, seeds=(0,))
+    assert G.calibrate(cfg, seconds=0.5) > 0
+    gpu = SC.DemoConfig(**{k: v for k, v in G.GPU.items() if k != "device"}, device="cpu")  # the GPU size is valid
+    assert gpu.d_model == 256 and gpu.n_layer == 6 and gpu.d_states == (128,)
