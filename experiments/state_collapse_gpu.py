@@ -79,11 +79,15 @@ def calibrate(cfg: SC.DemoConfig, seconds: float = CALIBRATION_S) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = SC.config_parser(SC.DemoConfig, __doc__.split("\n")[0], GPU)
     add_flag(p, "dry_run", bool, False, "calibrate and print the chosen steps, train nothing")
     add_flag(p, "variants", bool, False, "also train the training-side variants (one more budget each)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     cfg = SC.config_from_args(SC.DemoConfig, args, GPU)
     if not torch.cuda.is_available():
         sys.exit("experiments.state_collapse_gpu needs CUDA (use experiments.state_collapse on a CPU)")
