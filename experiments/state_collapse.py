@@ -424,20 +424,32 @@ def plot(cfg: DemoConfig, results: dict[str, dict], rows: list[dict], out: Path)
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for i, p in enumerate(p for p in demo_points(cfg) if p.coords["variant"] == "base"):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # the loss, and the excess of the full state over the window
+    variants = [v for v in VARIANTS if any(p.coords["variant"] == v for p in demo_points(cfg))]
+    for p in demo_points(cfg):
         r = results[p.key]
         if r["failed"]:
             continue
-        color = f"C{(cfg.train_lens.index(p.coords['t_train']) * len(cfg.d_states) + cfg.d_states.index(p.coords['d_state'])) % 10}"
-        ax.plot(r["curve"]["position"], r["curve"]["loss"], color=color, lw=0.9,
-                label=f"T={p.coords['t_train']} n={p.coords['d_state']}" if p.coords["seed"] == cfg.seeds[0] else None)
-        ax.plot(r["window_curve"]["position"], r["window_curve"]["loss"], color=color, lw=0.9, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("position (bytes)")
-    ax.set_ylabel("loss (nats/byte)")
-    ax.set_title("Held-out repeat-span text: full state (solid) vs window r = T (dotted)", fontsize=9)
-    ax.legend(fontsize=8)
+        t, n, v = p.coords["t_train"], p.coords["d_state"], p.coords["variant"]
+        if v == "base":
+            ax, i = axes[0], cfg.train_lens.index(t) * len(cfg.d_states) + cfg.d_states.index(n)
+            label = f"base T={t} n={n}"
+        else:
+            ax, i = axes[1], len(cfg.train_lens) * len(cfg.d_states) + variants.index(v)
+            label = f"{v} T={t} n={n}"
+        x = np.asarray(r["curve"]["position"]) / t
+        diff = np.asarray(r["curve"]["loss"]) - np.asarray(r["window_curve"]["loss"])
+        ax.plot(x, diff, color=f"C{i % 10}", lw=0.9, label=label if p.coords["seed"] == cfg.seeds[0] else None)
+    for ax, title in zip(axes, ("base models", "training-side variants (same tokens)")):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axvline(1, color="gray", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("position / T_train")
+        ax.set_ylabel("loss(full state) - loss(window T) (nats/byte)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Excess of the full carried state over an exact window of T bytes, held-out repeat-span text "
+                 "(one line per seed; E(k) averages it over [kT, 2kT))", fontsize=9)
     fig.tight_layout()
     written.append(out / "state_collapse_loss.png")
     fig.savefig(written[-1], dpi=110)
