@@ -500,7 +500,8 @@ def publish(run_dir: str | Path) -> Path:
     shutil.copyfile(run_dir / "config.json", RESULTS / "config.json")
     atomic_write_json(RESULTS / "manifest.json", {
         "experiment": "state_collapse", "config": record["config"], "seeds": list(cfg.seeds),
-        "run_commit": record.get("git_commit"), "invocations": record.get("invocations", []),
+        "run_commits": sorted({i.get("git_commit") for i in record.get("invocations", [])}),
+        "prereg_commit": record.get("prereg_commit"), "invocations": record.get("invocations", []),
         "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     report(cfg, results, RESULTS, record)
     for f in ("state_collapse_fixes.png", "state_collapse_loss.png"):
