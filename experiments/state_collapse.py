@@ -44,7 +44,8 @@ Glossary
 
 Outputs (one run folder, default runs/state_collapse[_quick]/)
     config.json, points/<key>.json (one per model), state_collapse_summary.md / .json,
-    state_collapse_fixes.png (every fix side by side), state_collapse_loss.png, models/ (not committed)
+    state_collapse_fixes.png (every fix side by side), state_collapse_loss.png (the excess per position),
+    state_collapse_state.png (state norm over time, the largest head's entries at T vs 16 T), models/
 """
 from __future__ import annotations
 
@@ -454,6 +455,31 @@ def plot(cfg: DemoConfig, results: dict[str, dict], rows: list[dict], out: Path)
     written.append(out / "state_collapse_loss.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    # the mechanism of the base models: state norm over time, and the largest head's entries at T vs 16 T
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for p in demo_points(cfg):
+        r = results[p.key]
+        if r["failed"] or p.coords["variant"] != "base":
+            continue
+        t, n = p.coords["t_train"], p.coords["d_state"]
+        color = f"C{(cfg.train_lens.index(t) * len(cfg.d_states) + cfg.d_states.index(n)) % 10}"
+        label = f"T={t} n={n}" if p.coords["seed"] == cfg.seeds[0] else None
+        m = r["mechanism"]
+        axes[0].plot(np.asarray(m["positions"]) / t, m["norm"], color=color, lw=0.9, label=label)
+        centres = (np.asarray(m["hist_edges"][:-1]) + np.asarray(m["hist_edges"][1:])) / 2
+        axes[1].plot(centres, m["hist_at_t"], color=color, lw=0.9, ls=":")
+        axes[1].plot(centres, m["hist_at_16t"], color=color, lw=0.9, label=label)
+    axes[0].set(xscale="log", xlabel="position / T_train", ylabel="largest per-head ||h||_F")
+    axes[0].axvline(1, color="gray", ls="--", lw=0.8)
+    axes[1].set(xlabel="log10 |h entry| of the largest head", ylabel="entries (dotted: at T; solid: at 16 T)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("State mechanism of the base models (one line per seed)", fontsize=9)
+    fig.tight_layout()
+    written.append(out / "state_collapse_state.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
     return written
 
 
@@ -504,7 +530,7 @@ def publish(run_dir: str | Path) -> Path:
         "prereg_commit": record.get("prereg_commit"), "invocations": record.get("invocations", []),
         "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     report(cfg, results, RESULTS, record)
-    for f in ("state_collapse_fixes.png", "state_collapse_loss.png"):
+    for f in ("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_state.png"):
         shutil.copyfile(RESULTS / f, FIGURES / f)
     return RESULTS
 
