@@ -1,6 +1,6 @@
 """Forgetting curves of small Mamba-2 models and a tiny Transformer trained on the same bytes, per seed.
 
-The question (issue 6): do small Mamba-2 models show ZERO fine-grained memory, as the forgetting-curve
+The question: do small Mamba-2 models show ZERO fine-grained memory, as the forgetting-curve
 paper found for large RNNs (Mamba-2.8B, RWKV, GLA), while Transformers copy perfectly up to a length?
 
 Commands (run from the repository root)
@@ -71,8 +71,8 @@ import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
+from experiments.collapse_v1 import MitigationSettings, load_for_eval, mitigation_context
 from experiments.measure_curve import measure_curve
-from experiments.state_collapse import MitigationSettings, load_for_eval, mitigation_context
 from experiments.sweep import (Point, check_seeds_and_workers, final_train_loss, finished_run, fmt_ci, grid_points,
                                mean_ci, parse_states, point_key, point_train_config, recipe, run_sweep,
                                train_point_model, workers_flag)

@@ -66,7 +66,7 @@ import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import Corpus
-from experiments.state_collapse import load_for_eval
+from experiments.measure import load_for_eval
 from experiments.sweep import (PAPER_RECALL, ExpFit, Point, check_seeds_and_workers, exp_fit, final_train_loss,
                                finished_run, fmt_ci, grid_points, mean_ci, parse_states, point_key,
                                point_train_config, recipe, run_sweep, train_point_model, workers_flag)

@@ -60,7 +60,7 @@ import mitigations as M
 
 from experiments.common import add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.data import Corpus, copy_batch, newline_probe
-from experiments.state_collapse import CRITERIA, EVAL_SEED, EVAL_STEP, criteria, load_for_eval, per_position_loss, trace
+from experiments.collapse_v1 import CRITERIA, EVAL_SEED, EVAL_STEP, criteria, load_for_eval, per_position_loss, trace
 from experiments.sweep import (PAPER_FORGET_INTERCEPT, PAPER_FORGET_SLOPE, Point, check_seeds_and_workers,
                                final_train_loss, finished_run, fmt_ci, grid_points, linear_fit, mean_ci, parse_states,
                                point_key, point_train_config, recipe, run_sweep, train_point_model, workers_flag)

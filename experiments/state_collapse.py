@@ -1,67 +1,61 @@
-"""State collapse at toy scale: train Mamba-2 on short sequences, watch it break beyond them, per seed.
+"""State collapse measured for what it is: does carrying more than the training window hurt, and what fixes it?
 
 Commands (run from the repository root)
-    # the README demo at CPU size (2 cores: about 10 minutes per seed and T_train; finished points are reused)
-    python -m experiments.state_collapse --quick --seeds 0,1,2
-    # redraw the figures and the summary of a finished run folder (seconds, no training)
+    # the README demo at CPU size (2 cores: see the README for its wall time)
+    python -m experiments.state_collapse --quick
+    # the reported run (PREREGISTRATION.md: T 64, d_state 16 and 64, seeds 0-2, never used for tuning)
+    python -m experiments.state_collapse --workers 2
+    # redraw the summary and the figures of a finished run folder (seconds, no training)
     python -m experiments.state_collapse --quick --replot
-    # the default size (meant for one GPU; on a CPU it takes hours)
-    python -m experiments.state_collapse --seeds 0,1,2,3,4 --workers 5
-    # analyse any from_pretrained checkpoint, e.g. the official mamba2-130m you downloaded yourself
-    python -m experiments.state_collapse --checkpoint path/to/mamba2-130m --t_train 8192 --eval_length 20000
+    # publish a finished run into experiments/results/state_collapse/ (refused from a dirty tree)
+    python -m experiments.state_collapse --publish runs/state_collapse
+    # the GPU size (one H200, <= 10 minutes): experiments/state_collapse_gpu.py
 
-Paper
-    Stuffed Mamba (arXiv 2410.07145), sections "State collapse" and "Mitigating SC":
-    - per-token loss vs position with the state carried across chunks, on held-out text and on the
-      newline prompt "\\n" * L;
-    - failure criterion: loss anywhere beyond T_train above 2x the maximum within the first T_train;
-    - per-head state statistics every k tokens and the retention of the first token alpha_{1:t};
-    - training-free mitigations (RRI, state normalization, sliding window, LongMamba Delta scaling).
+Question
+    Stuffed Mamba (arXiv 2410.07145) reports that a Mamba-2 trained on length-T_train sequences breaks
+    down beyond T_train (state collapse) and gives training-free fixes; Buitrago Ruiz & Gu (arXiv
+    2507.02782) trace it to states never met in training and give training-side fixes. Here both kinds
+    of fixes run side by side on the same models, seeds counted, on a probe where the question can be
+    asked at all (experiments/recipe.py: models must use their whole window).
 
-The regime (why these defaults; experiments/LOG.md has every run, negative ones included)
-    Tiny byte-level models trained on plain text at T_train 32-512 learn to forget and do not
-    collapse. Collapse needs (a) an over-sized state for T_train: a large per-head state
-    (headdim x d_state) against a very short T_train, and (b) data where keeping the whole window
-    pays: half of each batch is copy episodes (random bytes, then the same bytes again). At this
-    scale the outcome depends on the seed (LOG.md), which is why every verdict here is k of N seeds.
+Protocol (frozen in PREREGISTRATION.md before any reported run)
+    1. train: per (T_train, d_state, seed) a base model on the repeat-span process with max_lag = T_train
+       (experiments/recipe.py, experiments/train.py); on the fix cell, also the training-side variants
+       at the same token budget: longer T_train (4T), TBPTT (4 chained segments of T), State Passing,
+       noise and fitted-noise initial states
+    2. gate: far-repeat accuracy inside the window minus the same reading only T/8 bytes (recipe.copy_margin)
+       >= GATE
+    3. probe: held-out rows of the same process, l = 32 T, the state carried (measure.per_position_loss)
+    4. horizon (precondition): measure.horizon over [T, 8T); untestable if <= T * UNTESTABLE_FRACTION
+    5. E(k) = loss(full) - loss(window T) over [kT, 2kT), k = 2, 4, 8, 16, bootstrap over prompts;
+       collapsed (excess criterion) if the lower bound of E(16) > E_MIN
+    6. [SC]'s criterion on bucketed loss against [T/2, T) (measure.bucketed_criterion)
+    7. mechanism (measure.mechanism): norm and top-channel growth, histograms, retention
+    8. training-free fixes on the base models (RRI, Delta scaling, state norm, sliding window r in {T, 2T}),
+       each tuned per model on validation rows at 4T, scored on the test probe: gain over [16T, 32T)
+       and in-window cost over [0, T), both with bootstrap intervals over prompts
+    9. training-side fixes: the same gain and cost against the base model of the same seed
 
-Probes (each prompt is locally in-distribution; only the amount of carried context grows)
-    text     held-out standard-library source (documents never trained on)
-    copy     a stream of fresh copy episodes [r1 r1 r2 r2 ...], copy_len random bytes each
-    newline  the paper's "\\n" * l prompt
-
-Reading order (the file's sections)
-    1. the criteria       paper_criterion, mean_criterion (constants fixed before any multi-seed
-                          run), model_verdicts (collapsed if a criterion fires on any probe)
-    2. mechanism measures retention_at_multiples, norm_growth (reported, never verdicts)
-    3. evaluation         per_position_loss (carried state, bounded memory), analyse_model
-    4. mitigations        MitigationSettings, mitigation_context (shared with forgetting_curves.py)
-    5. DemoConfig, QUICK  sizes, training lengths, seeds, evaluation length
-    6. run_point          one (T_train, seed): train (experiments/train.py) then analyse
-    7. report             per T_train k/N verdicts with Wilson intervals; mitigations: k/N fixed
-                          among the collapsed seeds, in-window cost mean +- sd; summary.md
-    8. plot               the three figures; replot(run_dir) redraws them from the points
-    9. run_checkpoint     the same analysis for any from_pretrained folder
+Reading order: 1 config -> 2 the fixes and their tuning -> 3 one point -> 4 report -> 5 figure -> 6 main
 
 Glossary
-    T  T_train, training length      l  evaluation length      k  chunk: tokens per forward call
-    h  heads   p  headdim   n  d_state (per-head state is p x n)
-    alpha_{1:t}  retention of the first token after t tokens = exp(sum_{j<=t} Delta_j A)  [SC eq. 2]
-    k/N  k of N seeds
+    T  T_train = the process's max_lag     n  d_state     k  E(k)'s multiple     r  window
+    k/N  k of N seeds (N counts every seed, failed runs included)
 
 Outputs (one run folder, default runs/state_collapse[_quick]/)
-    config.json      resolved config, command, git commit, versions, hardware, wall time per invocation
-    points/T=<T>_seed=<s>.json   one per (T_train, seed): verdicts, curves, mechanism, mitigations
-    summary.json, summary.md     the report (k/N with intervals, means with intervals)
-    state_collapse_loss.png, state_collapse_mitigations.png, state_collapse_state.png
-    models/<point>/  the training runs (train.py layout; not part of the committed results)
+    config.json, points/<key>.json (one per model), state_collapse_summary.md / .json,
+    state_collapse_fixes.png (every fix side by side), state_collapse_loss.png (the excess per position),
+    state_collapse_state.png (state norm over time, the largest head's entries at T vs 16 T), models/
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -70,572 +64,418 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import minimamba_kernels as kernels
 import mitigations as M
-from minimamba import Mamba2LM
 
-from experiments.common import (ProgressBar, add_flag, atomic_write_json, atomic_write_text, config_from_args,
-                                config_parser, flag, resolve_device, write_run_config)
-from experiments.data import Corpus, copy_batch, newline_probe
-from experiments.sweep import (Point, PointStore, check_seeds_and_workers, fmt_ci, grid_points, load_run_config,
-                               mean_ci, point_train_config, proportion, read_run_record, recipe, run_sweep,
-                               stored_results, train_point_model, workers_flag)
-
-# ----------------------------------------------------------------------------------------------
-# 1. The collapse criteria
-# ----------------------------------------------------------------------------------------------
-# Fixed on 2026-12-02, before any reported multi-seed run; they are not to be tuned on results. (One change
-# while tuning the recipe on seeds 1000-1007, never reported: the mean criterion's in-window reference was
-# [T/2, T); on the copy probe with T = 2 * copy_len that window is exactly the predictable second half of
-# an episode, so a model that forgets perfectly would read ~2x. The whole window [0, T) covers whole
-# episodes, like [2T, L). The threshold did not change. LOG.md, 2026-12-02.)
-#
-# Paper criterion ([SC] section "State capacity"): collapsed if
-#     max_{t >= T} loss_t  >  PAPER_COLLAPSE_FACTOR * max_{t < T} loss_t      (loss averaged over prompts)
-PAPER_COLLAPSE_FACTOR = 2.0
-# Mean criterion (ours): collapsed if
-#     mean_{t in [2T, L)} loss_t  >  MEAN_COLLAPSE_RATIO * mean_{t in [0, T)} loss_t   (averaged over prompts)
-# A model that learned to forget does no worse with more context, so its long-range mean stays at or
-# below its in-window mean up to averaging noise of a few percent (~1000 positions x many prompts);
-# 1.5x is far outside that noise and below the paper's 2x on maxima (a maximum over noisy positions
-# is the harder statistic to move: the paper's rule misses a steady climb whose in-window maximum
-# is the unpredictable first token).
-MEAN_COLLAPSE_RATIO = 1.5
-CRITERIA = ("paper", "mean")
-PROBES = ("text", "copy", "newline")
-RETENTION_MULTIPLES_BASE = 2  # alpha_{1:t} is reported at t = k * T_train, k = 1, 2, 4, 8, ... up to l
-TRACE_POINTS_PER_T = 4  # state statistics every T_train / 4 tokens (when T_train divides by 4) ...
-MAX_TRACE_POINTS = 512  # ... but at most this many records per probe
-GPT_NEOX_NEWLINE_ID = 187  # "\n" in the GPT-NeoX tokenizer of the official mamba2 checkpoints
-BYTE_NEWLINE_ID = ord("\n")  # "\n" for our byte-level models
-PLOT_POINTS = 60  # geometric bins per loss curve in figures and points
-EVAL_SEED = 12345  # seed of the evaluation copy streams (never a training seed's stream: step EVAL_STEP)
-EVAL_STEP = 10**9
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One criterion on one per-position loss curve."""
-
-    collapsed: bool
-    ratio: float  # beyond / within: the statistic the criterion compares with its constant
-    within: float  # paper: max loss over [0, T); mean: mean loss over [0, T)
-    beyond: float  # paper: max loss over [T, l);  mean: mean loss over [2T, l)
-    first_position: int | None  # paper: the first t >= T with loss_t > 2 x within; mean: None
-
-
-def _curve(loss, t_train: int, min_length: int) -> torch.Tensor:
-    loss = torch.as_tensor(loss, dtype=torch.float64).flatten()
-    if t_train < 2 or loss.numel() < min_length:
-        raise ValueError(f"the loss curve ({loss.numel()} positions) must have >= {min_length} positions for "
-                         f"t_train={t_train} (>= 2)")
-    return loss
-
-
-def paper_criterion(loss, t_train: int) -> Verdict:
-    """[SC]'s rule: max_{t >= T} loss_t > PAPER_COLLAPSE_FACTOR * max_{t < T} loss_t. loss: (l,), l > T."""
-    loss = _curve(loss, t_train, t_train + 1)
-    within, beyond = loss[:t_train].max().item(), loss[t_train:]
-    over = torch.nonzero(beyond > PAPER_COLLAPSE_FACTOR * within)
-    first = int(over[0]) + t_train if over.numel() else None
-    return Verdict(first is not None, beyond.max().item() / within, within, beyond.max().item(), first)
-
-
-def mean_criterion(loss, t_train: int) -> Verdict:
-    """Ours: mean_{[2T, l)} loss > MEAN_COLLAPSE_RATIO * mean_{[0, T)} loss. loss: (l,), l > 2T."""
-    loss = _curve(loss, t_train, 2 * t_train + 1)
-    within, beyond = loss[:t_train].mean().item(), loss[2 * t_train:].mean().item()
-    return Verdict(beyond > MEAN_COLLAPSE_RATIO * within, beyond / within, within, beyond, None)
-
-
-def criteria(loss, t_train: int) -> dict[str, dict]:
-    """Both criteria on one curve: {"paper": Verdict as a dict, "mean": ...}."""
-    return {"paper": dataclasses.asdict(paper_criterion(loss, t_train)),
-            "mean": dataclasses.asdict(mean_criterion(loss, t_train))}
-
-
-def model_verdicts(per_probe: dict[str, dict]) -> dict[str, dict]:
-    """A model's verdict per criterion: collapsed if the criterion fires on any of its probes.
-    per_probe: probe -> {"criteria": criteria(...)}. Returns criterion -> {"collapsed", "probes"}."""
-    out = {}
-    for c in CRITERIA:
-        fired = [p for p, s in per_probe.items() if s["criteria"][c]["collapsed"]]
-        out[c] = {"collapsed": bool(fired), "probes": fired}
-    return out
-
+from experiments import measure as ME
+from experiments import recipe as R
+from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag, git_commit
+from experiments.data import Corpus
+from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
+                               recipe, run_sweep, stored_results, train_point_model, workers_flag)
 
 # ----------------------------------------------------------------------------------------------
-# 2. Mechanism measures (reported next to the verdicts, never verdicts themselves)
+# 1. Verdict constants (PREREGISTRATION.md) and the config
 # ----------------------------------------------------------------------------------------------
+GATE = 0.05  # recipe.copy_margin: far-repeat accuracy must exceed that of the same model reading T/8 bytes by this
+UNTESTABLE_FRACTION = 0.25  # a verdict is "untestable" when the horizon is <= T / 4 (far below T)
+E_MIN = 0.01  # nats/byte: collapsed when the 95% lower bound of E(16) exceeds this
+PRIMARY_K = 16  # E(k)'s k of the verdict and of every fix's gain ([16T, 32T))
+LONG_MULT = 32  # the probe is 32 T long
+TUNE_MULT = 4  # fixes are tuned on validation rows of 4 T
+VARIANTS = ("base", "longer_t", "tbptt", "state_passing", "noise", "fitted_noise")  # training-side
+TRAINING_FACTOR = 4  # longer_t trains at 4T; tbptt chains 4 segments of T (same tokens per step)
+FREE_FIXES = ("rri", "delta_scaling", "state_norm", "sliding_window")  # training-free
+TUNING_GRIDS = {  # each fix's settings, tuned per model on the validation rows (mean loss over [0, 4T))
+    "rri": [(c, lb) for c in (1, 2, 4, 8, 16) for lb in (1.0, 0.75)],  # lambda_a = 1 - 1/(c T), lambda_B
+    "delta_scaling": [0.5, 0.75, 1.25, 1.5, 2.0],  # Delta x factor (LongMamba)
+    "state_norm": [1.0, 1.5, 2.0],  # tau = factor x the largest norm on calibration rows of T
+    "sliding_window": [1, 2],  # r = m T
+}
 
-def trace_every(t_train: int, length: int) -> int:
-    """Tokens between state records: T/4 (so that k * T are record positions), coarser when the
-    evaluation is so long that more than MAX_TRACE_POINTS records would be kept."""
-    every = t_train // TRACE_POINTS_PER_T if t_train % TRACE_POINTS_PER_T == 0 else t_train
-    if length // every > MAX_TRACE_POINTS:
-        every = t_train * math.ceil(length / (t_train * MAX_TRACE_POINTS))
-    return every
-
-
-def retention_at_multiples(positions: list[int], retention: torch.Tensor, t_train: int) -> dict[str, float]:
-    """The largest first-token retention over all layers and heads at t = k * T_train, k = 1, 2, 4, ...
-    up to the evaluation length (positions that were recorded). retention: (points, n_layer, h)."""
-    out, k = {}, 1
-    while k * t_train <= positions[-1]:
-        if k * t_train in positions:
-            out[str(k)] = retention[positions.index(k * t_train)].max().item()
-        k *= RETENTION_MULTIPLES_BASE
-    return out
-
-
-def norm_growth(positions: list[int], norm: torch.Tensor, t_train: int) -> float:
-    """max_{t > T} max_head ||h_t||_F / max_{t <= T} max_head ||h_t||_F over the recorded positions.
-    norm: (points, n_layer, h), the largest Frobenius norm over the batch."""
-    largest = norm.flatten(1).amax(1)  # (points,)
-    pos = torch.tensor(positions)
-    return (largest[pos > t_train].max() / largest[pos <= t_train].max()).item()
-
-
-def trace(model, ids: torch.Tensor, t_train: int) -> dict:
-    """State statistics over time (mitigations.trace_states): the mechanism measures and, per layer,
-    the largest head's RMS and first-token retention (for the state figure)."""
-    tr = M.trace_states(model, ids, every=trace_every(t_train, ids.shape[1]))
-    return {"positions": tr.positions,
-            "retention_at": retention_at_multiples(tr.positions, tr.retention, t_train),
-            "norm_growth": norm_growth(tr.positions, tr.norm, t_train),
-            "rms_max_head": tr.rms.amax(-1).T.tolist(),  # (n_layer, points)
-            "retention_max_head": tr.retention.amax(-1).T.tolist()}
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Carried-state evaluation
-# ----------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def per_position_loss(model, ids: torch.Tensor, chunk_len: int, vocab: int | None = None,
-                      progress: str = "") -> torch.Tensor:
-    """Per-position loss with the state carried across chunks ([SC] section 3's measurement).
-
-    Memory is bounded by one chunk: only (b, chunk_len, V) logits exist at a time, so arbitrarily
-    long inputs run on a CPU. Whatever mitigation is installed on the mixers is used.
-
-    Args:
-        model: a Mamba2LM.
-        ids: LongTensor (b, l + 1); inputs ids[:, :-1], targets ids[:, 1:].
-        chunk_len: tokens per forward call.
-        vocab: only the first `vocab` logits are real tokens (None = model.config.vocab_size).
-    Returns:
-        (l,) float64: the loss at each position, mean over the b prompts.
-    """
-    vocab = vocab or model.config.vocab_size
-    device = next(model.parameters()).device
-    l = ids.shape[1] - 1
-    losses, state = [], None
-    chunks = range(0, l, chunk_len)
-    bar = ProgressBar(len(chunks), desc=progress, enabled=bool(progress))
-    for start in chunks:
-        stop = min(start + chunk_len, l)
-        x = ids[:, start:stop].to(device)  # (b, k)
-        y = ids[:, start + 1:stop + 1].to(device)  # (b, k)
-        logits, state = model(x, state, return_state=stop < l)  # (b, k, V_padded)
-        loss = F.cross_entropy(logits[..., :vocab].float().transpose(1, 2), y, reduction="none")  # (b, k)
-        losses.append(loss.double().mean(0).cpu())
-        bar.update(1)
-    bar.close()
-    return torch.cat(losses)
-
-
-def log_curve(loss: torch.Tensor, n_points: int = PLOT_POINTS) -> tuple[list[float], list[float]]:
-    """Average a per-position curve over geometric bins (for log-x plots): (bin centres, means)."""
-    l = loss.numel()
-    edges = sorted(set(int(round(e)) for e in torch.logspace(0, math.log10(l), n_points).tolist()) | {0, l})
-    xs, ys = [], []
-    for a, b in zip(edges, edges[1:]):
-        if b > a:
-            xs.append(math.sqrt(max(a, 1) * b))
-            ys.append(loss[a:b].mean().item())
-    return xs, ys
-
-
-def evaluate(model, probes: dict[str, torch.Tensor], t_train: int, chunk_len: int) -> dict:
-    """Per probe: both criteria, the in-window mean loss [0, T) and the binned curve."""
-    out = {}
-    for name, ids in probes.items():
-        loss = per_position_loss(model, ids, chunk_len)
-        xs, ys = log_curve(loss)
-        out[name] = {"criteria": criteria(loss, t_train), "in_window": loss[:t_train].mean().item(),
-                     "curve": {"position": xs, "loss": ys}}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Mitigations (shared with experiments/forgetting_curves.py)
-# ----------------------------------------------------------------------------------------------
-
-MITIGATIONS = ("rri", "state_norm", "sliding_window", "delta_scaling")
-
-
-@dataclass(frozen=True)
-class MitigationSettings:
-    """How each training-free mitigation is set for a model trained at T_train."""
-
-    rri_horizon: float = 4.0  # RRI lambda_a = 1 - 1 / (rri_horizon * T_train)  ([SC] rule of thumb)
-    rri_lambda_b: float = 0.75  # [SC] 370M value
-    delta_factor: float = 0.5  # LongMamba Delta scaling
-    window_mult: int = 1  # sliding window r = window_mult * T_train
-    norm_every: int = 0  # state-norm clamp period in tokens; 0 = min(T_train, 128)
-
-
-def mitigation_context(name: str, model, t_train: int, s: MitigationSettings, calib: torch.Tensor | None = None):
-    """(description, context manager) of one mitigation ("none" too) on a Mamba2LM. state_norm
-    needs calib: in-distribution inputs (b, <= T_train) its thresholds are calibrated on."""
-    if name == "none":
-        return "none", contextlib.nullcontext()
-    if name == "rri":
-        lam_a = 1.0 - 1.0 / (s.rri_horizon * t_train)
-        return (f"RRI lambda_a={lam_a:.5f} lambda_B={s.rri_lambda_b}",
-                M.rri(model, lambda_a=lam_a, lambda_B=s.rri_lambda_b))
-    if name == "sliding_window":
-        return f"sliding window r={s.window_mult * t_train}", M.sliding_window(model, s.window_mult * t_train)
-    if name == "delta_scaling":
-        return f"Delta x {s.delta_factor}", M.delta_scaling(model, s.delta_factor)
-    if name == "state_norm":
-        if calib is None:
-            raise ValueError("state_norm needs calibration inputs (calib)")
-        every = s.norm_every or min(t_train, 128)
-        taus = M.calibrate_state_norm(model, calib, every=every)
-        return (f"state norm every {every} (tau from {calib.shape[1]}-token inputs)",
-                M.state_norm(model, taus, every=every))
-    raise ValueError(f"unknown mitigation {name!r}; expected none or one of {MITIGATIONS}")
-
-
-def analyse_model(model, probes: dict[str, torch.Tensor], t_train: int, chunk_len: int, trace_prompts: int,
-                  settings: MitigationSettings | None) -> dict:
-    """Everything the report reads about one model: per-probe criteria and curves, the model's
-    verdicts, the mechanism measures per probe, and (settings given) each mitigation's evaluation."""
-    device = next(model.parameters()).device
-    base = evaluate(model, probes, t_train, chunk_len)
-    entry = {"base": base, "verdicts": model_verdicts(base),
-             "trace": {name: trace(model, ids[:trace_prompts, :-1].to(device), t_train)
-                       for name, ids in probes.items()}}
-    if settings is not None:
-        calib = torch.cat([ids[:, :t_train] for name, ids in probes.items() if name != "newline"]
-                          or [probes["newline"][:, :t_train]]).to(device)
-        entry["mitigations"] = {}
-        for name in MITIGATIONS:
-            desc, ctx = mitigation_context(name, model, t_train, settings, calib)
-            with ctx:
-                per_probe = evaluate(model, probes, t_train, chunk_len)
-            entry["mitigations"][name] = {"description": desc, "probes": per_probe,
-                                          "verdicts": model_verdicts(per_probe)}
-    return entry
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Demo configuration
-# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """One state size, several training lengths, several seeds. Each field is a flag: --name value."""
+    """Models on a T_train x d_state grid; the training-side variants on the fix cell. Each field is a flag."""
 
     out_dir: str = flag("runs/state_collapse", "run folder")
-    # --- the model (the same for every T_train) ---
-    d_model: int = flag(128, "d, residual width (channels)")
-    n_layer: int = flag(2, "number of Mamba-2 blocks")
-    d_state: int = flag(256, "n, state size per head; the per-head state is headdim x d_state (over-sized on purpose)")
-    headdim: int = flag(32, "p, channels per head")
-    # --- training (experiments/train.py) ---
-    train_lens: tuple[int, ...] = flag((16, 64, 256), "T_train values (tokens), comma-separated")
-    seeds: tuple[int, ...] = flag((0,), "training seeds (init and batches), comma-separated; every verdict is k of "
-                                        "these")
-    tokens_per_step: int = flag(1024, "tokens per optimizer step; rows = tokens_per_step / T_train (same for every T)")
-    steps: int = flag(8000, "optimizer steps per model")
-    lr: float = flag(3e-3, "peak learning rate (warmup + cosine, train.py)")
-    task: str = flag("mix", "train.py task: mix = half corpus text, half copy episodes")
-    copy_len: int = flag(8, "random bytes per copy episode (training and the copy probe)")
+    # --- the process (experiments/recipe.py) ---
+    span_len: int = flag(16, "S, bytes per span of the repeat-span process")
+    p_repeat: float = flag(0.5, "probability that a span repeats one from up to T_train back")
+    # --- the models ---
+    d_model: int = flag(64, "d, residual width")
+    n_layer: int = flag(2, "Mamba-2 blocks")
+    headdim: int = flag(16, "p, channels per head")
+    train_lens: tuple[int, ...] = flag((64,), "T_train grid (tokens; also the process's max_lag)")
+    d_states: tuple[int, ...] = flag((16, 64), "d_state grid (n; the per-head state is headdim x n)")
+    fix_cell: tuple[int, ...] = flag((64, 64), "(T_train, d_state) of the training-side variants; empty = none")
+    seeds: tuple[int, ...] = flag((0, 1, 2), "training seeds (PREREGISTRATION.md: 0-4 reported, 1000+ tuning)")
+    tokens_per_step: int = flag(2048, "tokens per optimizer step (every variant: the same token budget)")
+    steps: int = flag(800, "optimizer steps per model")
+    lr: float = flag(3e-3, "peak learning rate")
     # --- evaluation ---
-    eval_mult: int = flag(64, "evaluation length = eval_mult * min(T_train) tokens (the issue asks >= 32)")
-    eval_length: int = flag(0, "evaluation length in tokens; 0 = eval_mult * min(T_train)")
-    eval_prompts: int = flag(32, "held-out windows / copy streams averaged per position")
-    trace_prompts: int = flag(4, "prompts for the state statistics")
-    chunk_len: int = flag(128, "tokens per forward call with the state carried (the official k = 128)")
-    # --- mitigations, applied to the shortest-T_train model ---
-    mitigations: bool = flag(True, "evaluate the four training-free mitigations on the shortest-T_train models")
-    rri_horizon: float = flag(4.0, "RRI lambda_a = 1 - 1 / (rri_horizon * T_train) ([SC] rule of thumb)")
-    rri_lambda_b: float = flag(0.75, "RRI insertion scale lambda_B ([SC] 370M value)")
-    delta_factor: float = flag(0.5, "LongMamba Delta scaling factor")
-    window_mult: int = flag(1, "sliding window r = window_mult * T_train tokens")
-    norm_every: int = flag(0, "state-norm clamp period in tokens; 0 = min(T_train, 128)")
+    eval_prompts: int = flag(16, "test rows of the probe (the bootstrap resamples them)")
+    val_prompts: int = flag(8, "validation rows (tuning the fixes; disjoint seed)")
+    chunk_len: int = flag(128, "tokens per forward call with the state carried")
+    free_fixes: bool = flag(True, "tune and score the training-free fixes on the base models")
     # --- machine ---
     device: str = flag("auto", "auto | cpu | cuda")
     workers: int = workers_flag()
     quick: bool = flag(False, "start from the CPU-sized QUICK values (the README demo)")
 
     def __post_init__(self):
-        if not self.train_lens or any(t < 2 for t in self.train_lens):
-            raise ValueError(f"--train_lens must be ints >= 2, got {self.train_lens}")
-        if any(self.tokens_per_step % t for t in self.train_lens):
-            raise ValueError(f"--tokens_per_step {self.tokens_per_step} must be a multiple of every T_train "
-                             f"{self.train_lens}")
-        if self.eval_mult < 3 and not self.eval_length:
-            raise ValueError(f"--eval_mult must be >= 3 (the mean criterion reads [2T, l)), got {self.eval_mult}")
         check_seeds_and_workers(self)
-
-    @property
-    def eval_len(self) -> int:
-        return self.eval_length or self.eval_mult * min(self.train_lens)
-
-    @property
-    def mitigation_settings(self) -> MitigationSettings:
-        return MitigationSettings(self.rri_horizon, self.rri_lambda_b, self.delta_factor, self.window_mult,
-                                  self.norm_every)
-
-
-# The README demo: 5 seeds x T_train 16 and 64 in under 10 minutes on 2 CPU cores. headdim 16 (8 heads per
-# layer, not 4): with 4 heads whether a seed draws a slow-decaying head was a lottery (LOG.md, 2026-12-02)
-QUICK = dict(out_dir="runs/state_collapse_quick", d_model=64, n_layer=2, d_state=256, headdim=16,
-             train_lens=(16, 64), tokens_per_step=512, steps=3000, eval_prompts=16, eval_mult=64, seeds=(0, 1, 2, 3, 4))
-DESCRIPTION = "State collapse at toy scale, per seed (see the module docstring)."
+        for t in self.train_lens:
+            if t % self.span_len or self.tokens_per_step % (TRAINING_FACTOR * t):
+                raise ValueError(f"each T_train must be a multiple of --span_len {self.span_len} and divide "
+                                 f"--tokens_per_step / {TRAINING_FACTOR} = {self.tokens_per_step // TRAINING_FACTOR}; "
+                                 f"got {t}")
+        if self.fix_cell and (len(self.fix_cell) != 2 or self.fix_cell[0] not in self.train_lens
+                              or self.fix_cell[1] not in self.d_states):
+            raise ValueError(f"--fix_cell must be one (T_train, d_state) of the grid {self.train_lens} x "
+                             f"{self.d_states}, got {self.fix_cell}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = config_parser(DemoConfig, DESCRIPTION, QUICK)
-    add_flag(p, "replot", bool, False, "only redraw the figures and the summary from out_dir's points (no training)")
-    add_flag(p, "checkpoint", str, "", "analyse this from_pretrained folder instead of training")
-    add_flag(p, "t_train", int, 8192, "--checkpoint: its training length in tokens (official checkpoints: 8K)")
-    add_flag(p, "newline_id", int, -1, "--checkpoint: token id of newline; -1 = 10 for byte vocabularies, "
-             "187 (GPT-NeoX) otherwise")
-    return p
+# The README demo: one cell, two seeds, every fix (2 cores).
+QUICK = dict(out_dir="runs/state_collapse_quick", train_lens=(32,), d_states=(64,), fix_cell=(32, 64),
+             seeds=(0, 1), steps=300, eval_prompts=12, val_prompts=6, workers=2)
+DESCRIPTION = "State collapse: E(k) over an exact window, the horizon, and every fix (module docstring)."
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. One point: train (or reuse) one model per (T_train, seed), then analyse it
+# 2. The training-free fixes, tuned per model
 # ----------------------------------------------------------------------------------------------
 
-def make_probes(cfg: DemoConfig, corpus: Corpus) -> dict[str, torch.Tensor]:
-    """The evaluation inputs, each (prompts, eval_len + 1): held-out text, copy stream, newlines."""
-    l = cfg.eval_len
-    return {"text": corpus.heldout_windows(cfg.eval_prompts, l),
-            "copy": copy_batch(EVAL_STEP, seed=EVAL_SEED, batch_size=cfg.eval_prompts, seq_len=l,
-                               copy_len=cfg.copy_len),
-            "newline": newline_probe(l)}
+def fix_context(name: str, setting, model, t_train: int, calib: torch.Tensor):
+    """(description, context manager) of one training-free fix at one setting of its grid."""
+    if name == "rri":
+        c, lam_b = setting
+        lam_a = 1.0 - 1.0 / (c * t_train)  # [SC] rule of thumb: 1 / (1 - lambda_a) = c T tokens of horizon
+        return f"RRI lambda_a=1-1/({c}T) lambda_B={lam_b}", M.rri(model, lambda_a=lam_a, lambda_B=lam_b)
+    if name == "delta_scaling":
+        return f"Delta x {setting}", M.delta_scaling(model, setting)
+    if name == "state_norm":  # thresholds from separate in-distribution rows of T tokens (calib), never the probe
+        every = max(1, t_train // 4)
+        taus = M.calibrate_state_norm(model, calib, every=every) * setting
+        return f"state norm tau x {setting}", M.state_norm(model, taus, every=every)
+    if name == "sliding_window":
+        return f"sliding window r={setting}T", M.sliding_window(model, setting * t_train)
+    raise ValueError(f"unknown fix {name!r}; expected one of {FREE_FIXES}")
 
 
-def load_for_eval(model_dir: str | Path, device: str) -> Mamba2LM:
-    """A trained model on `device` (a --device name), in eval mode, with kernels.accelerate's fast
-    paths (which mitigations then wrap)."""
-    model = kernels.accelerate(Mamba2LM.from_pretrained(model_dir).to(resolve_device(device)).eval())
-    return kernels.forward_in_pieces(model, 1024)  # long no-grad evaluations in pieces: bounded memory
+def tune_and_score(model, name: str, t_train: int, val: torch.Tensor, test: torch.Tensor, calib: torch.Tensor,
+                   chunk_len: int) -> tuple[str, dict, torch.Tensor]:
+    """Pick the setting with the lowest validation loss over [0, 4T); return (its description, every
+    setting's validation loss, its per-prompt test losses (b, l))."""
+    scores = {}
+    for setting in TUNING_GRIDS[name]:
+        desc, ctx = fix_context(name, setting, model, t_train, calib)
+        with ctx:
+            scores[desc] = (ME.per_position_loss(model, val, chunk_len).mean().item(), setting)
+    best = min(scores, key=lambda d: scores[d][0])
+    _, ctx = fix_context(name, scores[best][1], model, t_train, calib)
+    with ctx:
+        test_loss = ME.per_position_loss(model, test, chunk_len)
+    return best, {d: v for d, (v, _) in scores.items()}, test_loss
 
 
-def run_point(cfg: DemoConfig, point: Point) -> dict:
-    """Train (resuming a killed run) the model of one (T_train, seed) and analyse it."""
-    t_train, seed = point.coords["t_train"], point.coords["seed"]
-    tcfg = point_train_config(Path(cfg.out_dir) / "models" / point.key, t_train=t_train,
-                              tokens_per_step=cfg.tokens_per_step, steps=cfg.steps, seed=seed, device=cfg.device,
-                              d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=cfg.d_state, headdim=cfg.headdim,
-                              lr=cfg.lr, task=cfg.task, copy_len=cfg.copy_len)
-    model = load_for_eval(train_point_model(tcfg), cfg.device)
-    settings = cfg.mitigation_settings if point.coords["mitigations"] else None
-    return {"state_size": M.state_size(model.config),
-            **analyse_model(model, make_probes(cfg, Corpus.load()), t_train, cfg.chunk_len, cfg.trace_prompts,
-                            settings)}
-
+# ----------------------------------------------------------------------------------------------
+# 3. One point: train one model, measure it
+# ----------------------------------------------------------------------------------------------
 
 def demo_points(cfg: DemoConfig) -> list[Point]:
-    """One point per (T_train, seed); the shortest T_train's points also evaluate the mitigations."""
-    grid = [{"t_train": t, "mitigations": cfg.mitigations and t == min(cfg.train_lens)} for t in cfg.train_lens]
-    return grid_points(grid, cfg.seeds, recipe(cfg, grid_fields=("train_lens", "mitigations")))
+    """Base models on the grid; the training-side variants on the fix cell. Seeds innermost."""
+    grid = [{"t_train": t, "d_state": n, "variant": "base"} for t in cfg.train_lens for n in cfg.d_states]
+    if cfg.fix_cell:
+        grid += [{"t_train": cfg.fix_cell[0], "d_state": cfg.fix_cell[1], "variant": v} for v in VARIANTS[1:]]
+    return grid_points(grid, cfg.seeds, recipe(cfg, grid_fields=("train_lens", "d_states", "fix_cell")))
 
 
-def by_t_train(cfg: DemoConfig, results: dict[str, dict]) -> dict[int, list[dict]]:
-    """T_train -> the per-seed results in seed order."""
-    out: dict[int, list[dict]] = {t: [] for t in cfg.train_lens}
-    for p in demo_points(cfg):
-        out[p.coords["t_train"]].append({"seed": p.coords["seed"], **results[p.key]})
+def process(cfg: DemoConfig, t_train: int) -> R.RecipeConfig:
+    return R.RecipeConfig(max_lag=t_train, span_len=cfg.span_len, p_repeat=cfg.p_repeat)
+
+
+def variant_fields(variant: str, t_train: int) -> dict:
+    """train.py fields of a training-side variant (same tokens per step as the base model)."""
+    return {"base": {}, "longer_t": {"seq_len": TRAINING_FACTOR * t_train},
+            "tbptt": {"n_segments": TRAINING_FACTOR}, "state_passing": {"init_state": "state_passing"},
+            "noise": {"init_state": "noise"}, "fitted_noise": {"init_state": "fitted_noise"}}[variant]
+
+
+def range_means(loss: torch.Tensor, t_train: int) -> dict:
+    """Per-prompt mean loss over [0, T) and over [kT, 2kT) for each k (lists of b floats)."""
+    out = {"in_window": loss[:, :t_train].mean(1).tolist()}
+    for k in ME.EXCESS_KS:
+        out[str(k)] = loss[:, k * t_train:2 * k * t_train].mean(1).tolist()
     return out
 
 
-def check_eval_length(length: int, t_train: int) -> None:
-    if length <= 2 * t_train:
-        raise ValueError(f"the evaluation length {length} must exceed 2 x T_train = {2 * t_train} (the mean "
-                         f"criterion reads positions [2T, l)): raise --eval_length or --eval_mult")
+def run_point(cfg: DemoConfig, point: Point) -> dict:
+    """Train (or reuse) one model and measure it: gate, horizon, E(k), bucketed criterion, mechanism,
+    per-prompt range losses, and on base models the tuned training-free fixes."""
+    t_train, n, variant, seed = (point.coords[k] for k in ("t_train", "d_state", "variant", "seed"))
+    corpus, rc = Corpus.load(), process(cfg, t_train)
+    fields = variant_fields(variant, t_train)
+    seq_len, n_seg = fields.pop("seq_len", t_train), fields.get("n_segments", 1)
+    tcfg = point_train_config(Path(cfg.out_dir) / "models" / point.key, t_train=seq_len * n_seg,
+                              tokens_per_step=cfg.tokens_per_step, steps=cfg.steps, seed=seed, device=cfg.device,
+                              d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=n, headdim=cfg.headdim, lr=cfg.lr,
+                              task="custom", **fields)
+    tcfg = dataclasses.replace(tcfg, seq_len=seq_len, chunk_size=min(64, seq_len))
+    batches = R.RecipeBatches(corpus, rc, seed=seed, batch_size=tcfg.batch_size, row_len=seq_len * n_seg + 1)
+    t0 = time.perf_counter()
+    try:
+        model = ME.load_for_eval(train_point_model(tcfg, batches), cfg.device)
+    except Exception as e:  # noqa: BLE001 - a failed run is counted, not dropped
+        return {"failed": f"{type(e).__name__}: {e}", "train_s": time.perf_counter() - t0}
+    train_s = time.perf_counter() - t0
+    test = R.probe_rows(corpus, rc, cfg.eval_prompts, LONG_MULT * t_train)
+    val = R.probe_rows(corpus, rc, cfg.val_prompts, TUNE_MULT * t_train, seed=R.VALIDATION_SEED).ids
+    calib = R.probe_rows(corpus, rc, cfg.val_prompts, t_train, seed=R.CALIBRATION_SEED, split="train").ids[:, :-1]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        window = test.ids[:, :t_train].to(device)
+        seen = model(window)[0]
+        with M.sliding_window(model, max(1, t_train // R.GATE_BLIND_FRACTION)):
+            blind = model(window)[0]
+        far, far_blind = (R.repeat_copy_accuracy(x, test, rc, stop=t_train) for x in (seen, blind))
+    loss_of = ME.model_loss_fn(model, cfg.chunk_len)
+    full, window = loss_of(test.ids, None), loss_of(test.ids, t_train)
+    hz = ME.horizon(loss_of, test.ids, t_train)
+    result = {"failed": None, "train_s": train_s, "gate": far - far_blind, "far_repeat_accuracy": far,
+              "far_repeat_accuracy_blind": far_blind, "state_size": M.state_size(model.config),
+              "horizon": dataclasses.asdict(hz),
+              "excess": [dataclasses.asdict(e) for e in ME.excess(full, window, t_train)],
+              "bucketed": dataclasses.asdict(ME.bucketed_criterion(full, t_train)),
+              "mechanism": dataclasses.asdict(ME.mechanism(model, test.ids[:4, :-1], t_train)),
+              "losses": {"full": range_means(full, t_train), "window": range_means(window, t_train)},
+              "curve": log_binned(full), "window_curve": log_binned(window), "fixes": {}}
+    if variant == "base" and cfg.free_fixes:
+        for name in FREE_FIXES:
+            best, scores, loss = tune_and_score(model, name, t_train, val, test.ids, calib, cfg.chunk_len)
+            result["fixes"][name] = {"setting": best, "validation": scores, "losses": range_means(loss, t_train),
+                                     "curve": log_binned(loss)}
+    result["eval_s"] = time.perf_counter() - t0 - train_s
+    return result
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    check_eval_length(cfg.eval_len, max(cfg.train_lens))
-    results = run_sweep(cfg, demo_points(cfg), run_point, "collapse", eval_len=cfg.eval_len)
-    return report(by_t_train(cfg, results), Path(cfg.out_dir))
+def log_binned(loss: torch.Tensor, n_points: int = 40) -> dict:
+    """The prompt-mean curve averaged over geometric bins (for log-x figures)."""
+    c = loss.mean(0)
+    edges = sorted({int(round(e)) for e in np.geomspace(1, c.numel(), n_points)} | {0})
+    return {"position": [math.sqrt(max(a, 1) * b) for a, b in zip(edges, edges[1:])],
+            "loss": [c[a:b].mean().item() for a, b in zip(edges, edges[1:])]}
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The report: k/N verdicts, mechanism means, mitigations
+# 4. The report: per seed, then k/N and medians
 # ----------------------------------------------------------------------------------------------
 
-SUMMARY_PREFIX = "state_collapse"
+def paired_gain(before: list[float], after: list[float]) -> ME.Interval:
+    """Mean over prompts of before - after (positive: the fix lowers the loss), bootstrap interval."""
+    return ME.bootstrap_mean(np.asarray(before) - np.asarray(after))
 
 
-def report(groups: dict[int, list[dict]], out: Path) -> dict:
-    """summary.json / summary.md / figures of per-seed analyses grouped by T_train (T -> [entry per
-    seed]); the mitigations are read from the shortest T_train's entries."""
-    summary: dict = {"criteria": {"paper": f"max_(t >= T) loss > {PAPER_COLLAPSE_FACTOR} x max_(t < T) loss",
-                                  "mean": f"mean_[2T, l) loss > {MEAN_COLLAPSE_RATIO} x mean_[0, T) loss"},
-                     "t_train": {}}
-    for t, entries in groups.items():
-        probes = list(entries[0]["base"])
-        n = len(entries)
-        summary["t_train"][str(t)] = {
-            "seeds": [e["seed"] for e in entries],
-            "verdicts": {c: {**proportion(sum(e["verdicts"][c]["collapsed"] for e in entries), n),
-                             "seeds_collapsed": [e["seed"] for e in entries if e["verdicts"][c]["collapsed"]]}
-                         for c in CRITERIA},
-            "per_probe": {p: {c: proportion(sum(e["base"][p]["criteria"][c]["collapsed"] for e in entries), n)
-                              for c in CRITERIA} for p in probes},
-            "ratios": {p: {c: mean_ci(e["base"][p]["criteria"][c]["ratio"] for e in entries) for c in CRITERIA}
-                       for p in probes},
-            "in_window": {p: mean_ci(e["base"][p]["in_window"] for e in entries) for p in probes},
-            "mechanism": {p: {"retention_at": {k: mean_ci(e["trace"][p]["retention_at"][k] for e in entries)
-                                               for k in entries[0]["trace"][p]["retention_at"]},
-                              "norm_growth": mean_ci(e["trace"][p]["norm_growth"] for e in entries)}
-                          for p in probes}}
-    t_min = min(groups)
-    mitigated = [e for e in groups[t_min] if "mitigations" in e]
-    if mitigated:
-        summary["mitigations"] = {"t_train": t_min, "methods": {}}
-        for name in mitigated[0]["mitigations"]:
-            m = {"description": mitigated[0]["mitigations"][name]["description"], "fixed": {}, "in_window_cost": {}}
-            for c in CRITERIA:
-                base_collapsed = [e for e in mitigated if e["verdicts"][c]["collapsed"]]
-                fixed = [e["seed"] for e in base_collapsed if not e["mitigations"][name]["verdicts"][c]["collapsed"]]
-                m["fixed"][c] = {**proportion(len(fixed), len(base_collapsed)), "seeds_fixed": fixed}
-            for p in mitigated[0]["base"]:
-                m["in_window_cost"][p] = mean_ci(e["mitigations"][name]["probes"][p]["in_window"]
-                                                 - e["base"][p]["in_window"] for e in mitigated)
-            summary["mitigations"]["methods"][name] = m
-    atomic_write_json(out / f"{SUMMARY_PREFIX}_summary.json", summary)
-    text = summary_markdown(summary)
-    atomic_write_text(out / f"{SUMMARY_PREFIX}_summary.md", text)
-    print(text)
-    plot(groups, out)
-    return summary
+def verdict(r: dict, t_train: int) -> str:
+    """failed | gate-failed | untestable | collapsed | not collapsed (the preregistered order)."""
+    if r["failed"]:
+        return "failed"
+    if not r["gate"] >= GATE:
+        return "gate-failed"
+    h = r["horizon"]["value"]
+    if h is not None and h <= UNTESTABLE_FRACTION * t_train:
+        return "untestable"
+    e = next(x for x in r["excess"] if x["k"] == PRIMARY_K)["excess"]
+    return "collapsed" if e["lo"] > E_MIN else "not collapsed"
 
 
-def summary_markdown(summary: dict) -> str:
-    md = [f"Criteria (fixed before any multi-seed run): paper = {summary['criteria']['paper']}; "
-          f"mean = {summary['criteria']['mean']}. A model collapses under a criterion if it fires on any probe. "
-          "k/N seeds with Wilson 95% intervals; means with 95% t intervals over seeds.", "",
-          "| T_train | seeds | collapsed (paper) | collapsed (mean) | per probe, paper / mean | "
-          "max first-token retention at k x T (newline) | state-norm growth past T (newline) |",
-          "|---|---|---|---|---|---|---|"]
-    for t, s in summary["t_train"].items():
-        per_probe = "; ".join(f"{p} {fmt_ci(v['paper'])} / {fmt_ci(v['mean'])}" for p, v in s["per_probe"].items())
-        mech = s["mechanism"].get("newline") or next(iter(s["mechanism"].values()))
-        ret = ", ".join(f"{k}T: {fmt_ci(v)}" for k, v in mech["retention_at"].items())
-        md.append(f"| {t} | {','.join(map(str, s['seeds']))} | {fmt_ci(s['verdicts']['paper'])} | "
-                  f"{fmt_ci(s['verdicts']['mean'])} | {per_probe} | {ret} | {fmt_ci(mech['norm_growth'])} |")
-    if "mitigations" in summary:
-        mit = summary["mitigations"]
-        md += ["", f"Mitigations on the T_train = {mit['t_train']} models: k/N = seeds fixed (the criterion no longer "
-               "fires) among the seeds whose model collapses; in-window cost = in-window mean loss with minus "
-               "without, mean +- sd over seeds.", "",
-               "| mitigation | fixed (paper) | fixed (mean) | in-window cost (nats/byte) |", "|---|---|---|---|"]
-        for name, m in mit["methods"].items():
-            cost = "; ".join(f"{p} {v['mean']:+.3f}" + (f" +- {v['sd']:.3f}" if v["sd"] is not None else "")
-                             for p, v in m["in_window_cost"].items())
-            md.append(f"| {m['description']} | {fmt_ci(m['fixed']['paper'])} | {fmt_ci(m['fixed']['mean'])} | {cost} |")
+def seed_rows(cfg: DemoConfig, results: dict[str, dict]) -> list[dict]:
+    """One row per point: its verdict and numbers, and each fix's gain and cost against its base model."""
+    rows = []
+    base_of = {(p.coords["t_train"], p.coords["d_state"], p.coords["seed"]): results[p.key]
+               for p in demo_points(cfg) if p.coords["variant"] == "base"}
+    for p in demo_points(cfg):
+        t, n, v, s = (p.coords[k] for k in ("t_train", "d_state", "variant", "seed"))
+        r = results[p.key]
+        row = {"t_train": t, "d_state": n, "variant": v, "seed": s, "verdict": verdict(r, t)}
+        if r["failed"]:
+            rows.append({**row, "error": r["failed"]})
+            continue
+        row.update(gate=r["gate"], horizon=r["horizon"]["value"], bucketed=r["bucketed"]["collapsed"],
+                   bucketed_ratio=r["bucketed"]["ratio"], E={str(e["k"]): e["excess"] for e in r["excess"]},
+                   norm_growth=r["mechanism"]["norm_growth"], channel_growth=r["mechanism"]["channel_growth"],
+                   share_never_forget=r["mechanism"]["share_never_forget"],
+                   in_window=float(np.mean(r["losses"]["full"]["in_window"])),
+                   long=float(np.mean(r["losses"]["full"][str(PRIMARY_K)])))
+        base = base_of.get((t, n, s))
+        fixes = {}
+        if v == "base":
+            for name, f in r["fixes"].items():
+                fixes[name] = {"setting": f["setting"],
+                               "gain": dataclasses.asdict(paired_gain(r["losses"]["full"][str(PRIMARY_K)],
+                                                                      f["losses"][str(PRIMARY_K)])),
+                               "cost": dataclasses.asdict(paired_gain(f["losses"]["in_window"],
+                                                                      r["losses"]["full"]["in_window"]))}
+        elif base is not None and not base["failed"]:
+            fixes[v] = {"setting": v,
+                        "gain": dataclasses.asdict(paired_gain(base["losses"]["full"][str(PRIMARY_K)],
+                                                               r["losses"]["full"][str(PRIMARY_K)])),
+                        "cost": dataclasses.asdict(paired_gain(r["losses"]["full"]["in_window"],
+                                                               base["losses"]["full"]["in_window"]))}
+        row["fixes"] = fixes
+        rows.append(row)
+    return rows
+
+
+def fmt(iv: dict) -> str:
+    return f"{iv['value']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
+
+
+def summary_markdown(cfg: DemoConfig, rows: list[dict], commit: str, prereg: str | None) -> str:
+    md = [f"State collapse on the repeat-span process (run at commit {commit}; pre-registration {prereg}). Criteria x probes: 2 x 1 "
+          f"(the excess criterion: 95% lower bound of E({PRIMARY_K}) > {E_MIN} nats/byte; [SC]'s 2x criterion "
+          f"on bucketed loss against [T/2, T)), on one probe (held-out rows, l = {LONG_MULT} T). Verdicts are "
+          f"reported only where the gate (far-repeat accuracy minus that with only T/8 bytes visible >= {GATE}) holds and the horizon is above "
+          f"T/{int(1 / UNTESTABLE_FRACTION)}. Intervals: 95% percentile bootstrap over {cfg.eval_prompts} prompts.", "",
+          "| T | n | variant | seed | verdict | gate (copy margin) | horizon | E(2) | E(4) | E(8) | E(16) | bucketed (ratio) | "
+          "norm growth 16T/T | heads retention>0.99 over T |", "|" + "---|" * 14]
+    for r in rows:
+        if r["verdict"] == "failed":
+            md.append(f"| {r['t_train']} | {r['d_state']} | {r['variant']} | {r['seed']} | failed: {r['error'][:60]} |"
+                      + " |" * 9)
+            continue
+        md.append(f"| {r['t_train']} | {r['d_state']} | {r['variant']} | {r['seed']} | {r['verdict']} | "
+                  f"{r['gate']:.2f} | {r['horizon'] if r['horizon'] is not None else '> 4T'} | "
+                  + " | ".join(fmt(r["E"][str(k)]) for k in ME.EXCESS_KS)
+                  + f" | {'fires' if r['bucketed'] else 'no'} ({r['bucketed_ratio']:.2f}) | {r['norm_growth']:.2f} | "
+                  f"{r['share_never_forget']:.2f} |")
+    md += ["", "Counts per cell (k/N over every seed, failed runs included in N):", "",
+           "| T | n | variant | collapsed | not collapsed | untestable | gate-failed | failed | bucketed fires | "
+           "median E(16) | median horizon |", "|" + "---|" * 11]
+    cells = sorted({(r["t_train"], r["d_state"], r["variant"]) for r in rows},
+                   key=lambda c: (c[0], c[1], VARIANTS.index(c[2])))
+    for c in cells:
+        rs = [r for r in rows if (r["t_train"], r["d_state"], r["variant"]) == c]
+        N = len(rs)
+        count = lambda v: sum(r["verdict"] == v for r in rs)  # noqa: E731
+        ok = [r for r in rs if r["verdict"] != "failed"]
+        med_e = ME.median_of([r["E"][str(PRIMARY_K)]["value"] for r in ok])
+        med_h = ME.median_of([r["horizon"] for r in ok])  # censored (> 4T) horizons left out, counted below
+        censored = sum(r["horizon"] is None for r in ok)
+        md.append(f"| {c[0]} | {c[1]} | {c[2]} | {count('collapsed')}/{N} | {count('not collapsed')}/{N} | "
+                  f"{count('untestable')}/{N} | {count('gate-failed')}/{N} | {count('failed')}/{N} | "
+                  f"{sum(r['bucketed'] for r in ok)}/{N} | {'-' if med_e is None else f'{med_e:+.3f}'} | "
+                  f"{'-' if med_h is None else med_h:}" + (f" ({censored} > 4T)" if censored else "") + " |")
+    md += ["", f"Fixes: gain = loss without - with over [{PRIMARY_K}T, {2 * PRIMARY_K}T) (positive helps), cost = "
+           "in-window loss [0, T) with - without (positive hurts); training-free fixes tuned per model on "
+           "validation rows at 4T; training-side fixes against the base model of the same seed (same token budget).",
+           "", "| T | n | seed | fix | setting | gain (nats/byte) | cost (nats/byte) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, f in r.get("fixes", {}).items():
+            md.append(f"| {r['t_train']} | {r['d_state']} | {r['seed']} | {name} | {f['setting']} | "
+                      f"{fmt(f['gain'])} | {fmt(f['cost'])} |")
     return "\n".join(md) + "\n"
 
 
+def run_record(run_dir: Path) -> dict:
+    """The run's config.json (a run folder) or manifest.json (a published results folder); {} if neither."""
+    for name in ("config.json", "manifest.json"):
+        if (Path(run_dir) / name).is_file():
+            return json.loads((Path(run_dir) / name).read_text())
+    return {}
+
+
+def report(cfg: DemoConfig, results: dict[str, dict], out: Path, record: dict) -> dict:
+    """summary.json / summary.md / figures into out; record: the run's config.json (commits, prereg)."""
+    rows = seed_rows(cfg, results)
+    commits = sorted({i.get("git_commit", "unknown") for i in record.get("invocations", [])})
+    commit = ", ".join(commits) if commits else f"{git_commit()} (now; no invocation recorded)"
+    summary = {"commit": commit, "prereg_commit": record.get("prereg_commit"), "constants": {"GATE": GATE, "UNTESTABLE_FRACTION": UNTESTABLE_FRACTION,
+                                               "E_MIN": E_MIN, "PRIMARY_K": PRIMARY_K}, "rows": rows}
+    atomic_write_json(out / "state_collapse_summary.json", summary)
+    text = summary_markdown(cfg, rows, commit, record.get("prereg_commit"))
+    atomic_write_text(out / "state_collapse_summary.md", text)
+    print(text)
+    plot(cfg, results, rows, out)
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------
-# 8. Figures (each seed a thin line, the mean over seeds a thick one)
+# 5. Figures: every fix side by side; loss vs position
 # ----------------------------------------------------------------------------------------------
 
-METHOD_ORDER = ("base",) + MITIGATIONS
-PROBE_TITLES = {"text": "held-out text (stdlib source)", "copy": "stream of copy episodes",
-                "newline": 'newline prompt "\\n" * l'}
-
-
-def _seed_lines(ax, curves: list[tuple[list, list]], color, label: str) -> None:
-    """One thin line per seed and their mean (the positions are the same for every seed)."""
-    for xs, ys in curves:
-        ax.plot(xs, ys, color=color, lw=0.6, alpha=0.45)
-    xs = curves[0][0]
-    ax.plot(xs, np.mean([ys for _, ys in curves], axis=0), color=color, lw=1.8, label=label)
-
-
-def plot(groups: dict[int, list[dict]], out: Path) -> list[Path]:
-    """state_collapse_loss.png, state_collapse_mitigations.png, state_collapse_state.png."""
-    lens = sorted(groups)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    present = list(groups[lens[0]][0]["base"])
-    probes = [p for p in PROBES if p in present]
+def plot(cfg: DemoConfig, results: dict[str, dict], rows: list[dict], out: Path) -> list[Path]:
     written = []
+    fixes = [f for f in FREE_FIXES] + list(VARIANTS[1:])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "gain", f"gain over [{PRIMARY_K}T, {2 * PRIMARY_K}T) (nats/byte; > 0 helps)"),
+                           (axes[1], "cost", "in-window cost over [0, T) (nats/byte; > 0 hurts)")):
+        for i, name in enumerate(fixes):
+            vals = [r["fixes"][name][key]["value"] for r in rows if name in r.get("fixes", {})]
+            if vals:
+                ax.scatter([i] * len(vals), vals, s=14, alpha=0.7, color="C0" if name in FREE_FIXES else "C1")
+                ax.hlines(np.median(vals), i - 0.3, i + 0.3, color="k", lw=1.5)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(fixes)), [f.replace("_", " ") for f in fixes], rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("Fixes side by side (blue: training-free, tuned per model; orange: training-side, same tokens). "
+                 "Dots: seeds; bar: median", fontsize=9)
+    fig.tight_layout()
+    written.append(out / "state_collapse_fixes.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
 
-    # 1. loss vs position per training length
-    fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 3.8), squeeze=False)
-    for ax, probe in zip(axes[0], probes):
-        for i, t in enumerate(lens):
-            es = groups[t]
-            k = sum(e["verdicts"]["paper"]["collapsed"] for e in es)
-            _seed_lines(ax, [(e["base"][probe]["curve"]["position"], e["base"][probe]["curve"]["loss"]) for e in es],
-                        colors[i % len(colors)], f"T_train={t} ({k}/{len(es)} collapsed, paper)")
-            ax.axvline(t, color=colors[i % len(colors)], ls="--", lw=0.8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # the loss, and the excess of the full state over the window
+    variants = [v for v in VARIANTS if any(p.coords["variant"] == v for p in demo_points(cfg))]
+    for p in demo_points(cfg):
+        r = results[p.key]
+        if r["failed"]:
+            continue
+        t, n, v = p.coords["t_train"], p.coords["d_state"], p.coords["variant"]
+        if v == "base":
+            ax, i = axes[0], cfg.train_lens.index(t) * len(cfg.d_states) + cfg.d_states.index(n)
+            label = f"base T={t} n={n}"
+        else:
+            ax, i = axes[1], len(cfg.train_lens) * len(cfg.d_states) + variants.index(v)
+            label = f"{v} T={t} n={n}"
+        x = np.asarray(r["curve"]["position"]) / t
+        diff = np.asarray(r["curve"]["loss"]) - np.asarray(r["window_curve"]["loss"])
+        ax.plot(x, diff, color=f"C{i % 10}", lw=0.9, label=label if p.coords["seed"] == cfg.seeds[0] else None)
+    for ax, title in zip(axes, ("base models", "training-side variants (same tokens)")):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axvline(1, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
-        ax.set_title(PROBE_TITLES[probe], fontsize=10)
-        ax.set_xlabel("position (tokens; dashed: T_train)")
-        ax.set_ylabel("loss (nats/byte)")
-        ax.legend(fontsize=8)
-    fig.suptitle("Per-position loss with the state carried (thin: one seed; thick: mean over seeds)", fontsize=11)
+        ax.set_xlabel("position / T_train")
+        ax.set_ylabel("loss(full state) - loss(window T) (nats/byte)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Excess of the full carried state over an exact window of T bytes, held-out repeat-span text "
+                 "(one line per seed; E(k) averages it over [kT, 2kT))", fontsize=9)
     fig.tight_layout()
     written.append(out / "state_collapse_loss.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    # 2. mitigations on the shortest-T models
-    es = [e for e in groups[lens[0]] if "mitigations" in e]
-    if es:
-        fig, axes = plt.subplots(1, len(probes), figsize=(5 * len(probes), 3.8), squeeze=False)
-        for ax, probe in zip(axes[0], probes):
-            for i, name in enumerate(METHOD_ORDER):
-                per = [e["base"] if name == "base" else e["mitigations"][name]["probes"] for e in es]
-                label = "none" if name == "base" else es[0]["mitigations"][name]["description"]
-                _seed_lines(ax, [(p[probe]["curve"]["position"], p[probe]["curve"]["loss"]) for p in per],
-                            colors[i % len(colors)], label)
-            ax.axvline(lens[0], color="gray", ls="--", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_title(PROBE_TITLES[probe], fontsize=10)
-            ax.set_xlabel(f"position (dashed: T_train={lens[0]})")
-            ax.set_ylabel("loss (nats/byte)")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-        fig.suptitle(f"Training-free mitigations on the T_train={lens[0]} models ({len(es)} seeds)", fontsize=11)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-        written.append(out / "state_collapse_mitigations.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
-    # 3. state statistics over time on the paper's probe (newlines)
-    probe = "newline" if "newline" in probes else probes[0]
-    n_layer = len(groups[lens[0]][0]["trace"][probe]["rms_max_head"])
-    fig, axes = plt.subplots(2, n_layer, figsize=(4.5 * n_layer, 6.5), squeeze=False)
-    for i, t in enumerate(lens):
-        for layer in range(n_layer):
-            for row, key in ((0, "rms_max_head"), (1, "retention_max_head")):
-                _seed_lines(axes[row][layer], [(e["trace"][probe]["positions"], e["trace"][probe][key][layer])
-                                               for e in groups[t]], colors[i % len(colors)], f"T_train={t}")
-                axes[row][layer].axvline(t, color=colors[i % len(colors)], ls="--", lw=0.8)
-    for layer in range(n_layer):
-        axes[0][layer].set_title(f"layer {layer}: largest per-head state RMS", fontsize=10)
-        axes[1][layer].set_title(f"layer {layer}: largest first-token retention", fontsize=10)
-        axes[1][layer].set_yscale("log")
-        for row in (0, 1):
-            axes[row][layer].set_xscale("log")
-            axes[row][layer].set_xlabel("position (tokens)")
-            axes[row][layer].legend(fontsize=8)
-    fig.suptitle(f"State over time on the {PROBE_TITLES[probe]}", fontsize=11)
+    # the mechanism of the base models: state norm over time, and the largest head's entries at T vs 16 T
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for p in demo_points(cfg):
+        r = results[p.key]
+        if r["failed"] or p.coords["variant"] != "base":
+            continue
+        t, n = p.coords["t_train"], p.coords["d_state"]
+        color = f"C{(cfg.train_lens.index(t) * len(cfg.d_states) + cfg.d_states.index(n)) % 10}"
+        label = f"T={t} n={n}" if p.coords["seed"] == cfg.seeds[0] else None
+        m = r["mechanism"]
+        axes[0].plot(np.asarray(m["positions"]) / t, m["norm"], color=color, lw=0.9, label=label)
+        centres = (np.asarray(m["hist_edges"][:-1]) + np.asarray(m["hist_edges"][1:])) / 2
+        axes[1].plot(centres, m["hist_at_t"], color=color, lw=0.9, ls=":")
+        axes[1].plot(centres, m["hist_at_16t"], color=color, lw=0.9, label=label)
+    axes[0].set(xscale="log", xlabel="position / T_train", ylabel="largest per-head ||h||_F")
+    axes[0].axvline(1, color="gray", ls="--", lw=0.8)
+    axes[1].set(xlabel="log10 |h entry| of the largest head", ylabel="entries (dotted: at T; solid: at 16 T)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("State mechanism of the base models (one line per seed)", fontsize=9)
     fig.tight_layout()
     written.append(out / "state_collapse_state.png")
     fig.savefig(written[-1], dpi=110)
@@ -644,71 +484,87 @@ def plot(groups: dict[int, list[dict]], out: Path) -> list[Path]:
 
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
-    """The summary and figures of a finished run folder (or a committed results folder), from its
-    points alone (seconds; nothing is trained). out: where to write them (default: run_dir)."""
-    recorded, cfg = read_run_record(run_dir), load_run_config(run_dir, DemoConfig)
+    """The summary and figures of a finished run folder or committed results folder (no training)."""
+    cfg = load_run_config(run_dir, DemoConfig)
     out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if "checkpoint" in recorded:
-        point = checkpoint_point(cfg, recorded)
-        return report({recorded["t_train"]: [{"seed": None, **stored_results(run_dir, [point])[point.key]}]}, out)
-    return report(by_t_train(cfg, stored_results(run_dir, demo_points(cfg))), out)
+    return report(cfg, stored_results(run_dir, demo_points(cfg)), out, run_record(Path(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Any checkpoint (e.g. the official state-spaces/mamba2-130m, downloaded by the user)
+# 6. Publishing (clean tree only) and main
 # ----------------------------------------------------------------------------------------------
-
-def checkpoint_point(cfg: DemoConfig, recorded: dict) -> Point:
-    """The single point of a checkpoint analysis."""
-    coords = {k: recorded[k] for k in ("checkpoint", "t_train", "newline_id")}
-    return Point("checkpoint", coords, {**recipe(cfg, ("train_lens",)), **coords})
+RESULTS = REPO / "experiments" / "results" / "state_collapse"
+FIGURES = REPO / "figures"
 
 
-def run_checkpoint(path: str, cfg: DemoConfig, t_train: int, newline_id: int = -1) -> dict:
-    """Newline-prompt (and, for byte models, held-out text) collapse analysis of a checkpoint.
+def check_clean_tree() -> str:
+    """HEAD's commit; refuses a working tree with uncommitted changes to tracked files."""
+    commit = git_commit()
+    if commit.endswith("+dirty") or commit == "unknown":
+        raise SystemExit(f"refusing to publish from a dirty tree ({commit}): commit your changes first")
+    return commit
 
-    The state is carried in chunks of cfg.chunk_len tokens, so memory is bounded by one chunk's
-    logits (b x chunk_len x vocab) whatever the length: 20K tokens of the 130m model fit a laptop.
-    """
-    t0 = time.perf_counter()
-    model = load_for_eval(path, cfg.device)
-    vocab = model.config.vocab_size
-    if newline_id < 0:
-        newline_id = BYTE_NEWLINE_ID if vocab == 256 else GPT_NEOX_NEWLINE_ID
-    if not 0 <= newline_id < vocab:
-        raise ValueError(f"--newline_id {newline_id} is outside the checkpoint's vocabulary of {vocab}")
-    l = cfg.eval_len
-    check_eval_length(l, t_train)
-    probes = {"newline": torch.full((1, l + 1), newline_id, dtype=torch.long)}
-    if vocab == 256:  # byte-level: our corpus is already tokenized
-        probes["text"] = Corpus.load().heldout_windows(cfg.eval_prompts, l)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    recorded = {"checkpoint": str(path), "t_train": t_train, "newline_id": newline_id}
-    print(f"{path}: evaluating {list(probes)} to {l} tokens (T_train {t_train})", file=sys.stderr)
-    point = checkpoint_point(cfg, recorded)
-    result = {"state_size": M.state_size(model.config),
-              **analyse_model(model, probes, t_train, cfg.chunk_len, cfg.trace_prompts,
-                              cfg.mitigation_settings if cfg.mitigations else None)}
-    PointStore(out).put(point, result, time.perf_counter() - t0)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, eval_len=l, **recorded)
-    return report({t_train: [{"seed": None, **result}]}, out)
+
+def publish(run_dir: str | Path) -> Path:
+    """Copy a finished run's points and record into experiments/results/state_collapse/ with a manifest
+    (the run's commits and the publishing commit), and its figures into figures/. Clean tree only; every
+    invocation of the run must itself come from a clean commit."""
+    commit = check_clean_tree()
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "config.json").read_text())
+    dirty = [i.get("git_commit") for i in record.get("invocations", []) if str(i.get("git_commit", "")).endswith("+dirty")]
+    if dirty or str(record.get("git_commit", "")).endswith("+dirty"):
+        raise SystemExit(f"{run_dir} was (partly) computed from a dirty tree ({dirty or record.get('git_commit')}): "
+                         "rerun it from a clean commit")
+    cfg = load_run_config(run_dir, DemoConfig)
+    results = stored_results(run_dir, demo_points(cfg))
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    (RESULTS / "points").mkdir(parents=True)
+    for p in demo_points(cfg):
+        shutil.copyfile(run_dir / "points" / f"{p.key}.json", RESULTS / "points" / f"{p.key}.json")
+    shutil.copyfile(run_dir / "config.json", RESULTS / "config.json")
+    atomic_write_json(RESULTS / "manifest.json", {
+        "experiment": "state_collapse", "config": record["config"], "seeds": list(cfg.seeds),
+        "run_commits": sorted({i.get("git_commit") for i in record.get("invocations", [])}),
+        "prereg_commit": record.get("prereg_commit"), "invocations": record.get("invocations", []),
+        "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    report(cfg, results, RESULTS, record)
+    for f in ("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_state.png"):
+        shutil.copyfile(RESULTS / f, FIGURES / f)
+    return RESULTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = config_parser(DemoConfig, DESCRIPTION, QUICK)
+    add_flag(p, "replot", bool, False, "only redraw the summary and figures from out_dir's points (no training)")
+    add_flag(p, "publish", str, "", "publish this finished run folder into experiments/results/state_collapse/")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.publish:
+        print(f"published into {publish(args.publish)}", file=sys.stderr)
+        return
     cfg = config_from_args(DemoConfig, args, QUICK)
-    if args.checkpoint and cfg.out_dir == DemoConfig.out_dir:
-        cfg = dataclasses.replace(cfg, out_dir=DemoConfig.out_dir + "_checkpoint")
     if args.replot:
         replot(cfg.out_dir)
-    elif args.checkpoint:
-        run_checkpoint(args.checkpoint, cfg, args.t_train, args.newline_id)
-    else:
-        run_demo(cfg)
-    print(f"wrote {cfg.out_dir}/: config.json points/ {SUMMARY_PREFIX}_summary.md state_collapse_*.png",
-          file=sys.stderr)
+        return
+    t0 = time.perf_counter()
+    results = run_sweep(cfg, demo_points(cfg), run_point, "collapse", prereg_commit=prereg_commit())
+    report(cfg, results, Path(cfg.out_dir), run_record(Path(cfg.out_dir)))
+    print(f"wrote {cfg.out_dir}/ in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def prereg_commit() -> str:
+    """The commit that last changed PREREGISTRATION.md (results carry it)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%H", "--", "PREREGISTRATION.md"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Commands (run from the repository root)
     python -m experiments.train --out_dir runs/toy --steps 300 --seq_len 64
     # truncated BPTT: 4 chained segments of 64 tokens per row, state carried (detached) between them
     python -m experiments.train --out_dir runs/tbptt --seq_len 64 --n_segments 4
+    # [UE]'s training-side fixes: each row starts from the previous step's final state (or fitted noise)
+    python -m experiments.train --out_dir runs/passing --seq_len 64 --init_state state_passing
     # continue a killed run exactly where its last checkpoint left it
     python -m experiments.train --out_dir runs/toy --steps 300 --seq_len 64 --resume
     # ... with another learning rate than the checkpoint's (without the flag that is an error)
@@ -23,6 +25,8 @@ Paper
     Stuffed Mamba (arXiv 2410.07145), "Training": models are trained on length-T_train segments with
     truncated BPTT - the initial state of a segment is the (detached) final state of the previous
     segment of the same document stream, 12 chained segments in the paper.
+    [UE] Buitrago Ruiz & Gu, arXiv 2507.02782: rows that start from other states than zero (State
+    Passing, noise, fitted noise; InitialStates) so that training explores the states met beyond T.
 
 Reading order
     1. TrainConfig       every knob, with units; the flags are its field names (--help lists them)
@@ -87,7 +91,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minimamba_kernels as kernels
 from checkpoints import save_pretrained, sha256_of
-from minimamba import Mamba2Config, Mamba2LM
+from minimamba import Mamba2Config, Mamba2LM, Mamba2State
 
 from experiments.common import (RUN_RECORD, BadFileError, CsvLog, ProgressBar, RunFolderError, check_run_folder,
                                 check_seeds, claim_run_folder, config_parser, flag, fsync_dir, parse_config,
@@ -106,7 +110,9 @@ TEMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step_XXXXXXXX-<pid>: a checkpoint bein
 UNUSABLE_PREFIX = ".unusable-"  # checkpoints/.unusable-step_XXXXXXXX: one that could not be read
 NO_DECAY_NAMES = ("dt_bias", "A_log", "D")  # SSM parameters never decayed (official Mamba-2 practice)
 ARCHS = ("mamba2", "transformer")
-TASKS = ("lm", "copy", "mix", "copymix", "custom")  # custom: the caller's batch_fn (train(cfg, batch_fn))
+TASKS = ("lm", "copy", "mix", "copymix", "custom")
+INIT_STATES = ("zero", "state_passing", "noise", "fitted_noise")  # [UE] arXiv 2507.02782, section 4
+STATE_STATS_MOMENTUM = 0.9  # noise / fitted_noise: moving average of final-state moments, per step  # custom: the caller's batch_fn (train(cfg, batch_fn))
 METRIC_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "heldout_loss", "wall_s")
 MAMBA_ONLY = ("d_state", "headdim", "expand", "ngroups", "chunk_size", "dt_min", "dt_max", "accelerate")
 TRANSFORMER_ONLY = ("n_head",)
@@ -145,6 +151,10 @@ class TrainConfig:
     copy_len: int = flag(8, "random bytes per copy episode of --task copy/mix (an episode is [r, r])")
     seq_len: int = flag(64, "T, tokens per segment (the paper's T_train)")
     n_segments: int = flag(1, "N, chained segments per row, state carried detached (truncated BPTT)")
+    init_state: str = flag("zero", "initial state of each row (mamba2 only): zero | state_passing (the final state "
+                                   "of the same micro-batch row one step earlier, another sequence, detached) | "
+                                   "noise (Gaussian at the overall RMS of recent final states) | fitted_noise "
+                                   "(Gaussian with the per-entry mean and std of recent final states) [UE]")
     batch_size: int = flag(16, "b, global rows per optimizer step (summed over ranks and micro-batches)")
     grad_accum: int = flag(1, "micro-batches per step on each rank")
     # --- optimization ---
@@ -191,6 +201,10 @@ class TrainConfig:
         if ignored:
             raise ValueError(f"--arch {self.arch} does not use {', '.join('--' + n for n in ignored)}; leave "
                              f"them at their defaults")
+        if self.init_state not in INIT_STATES:
+            raise ValueError(f"--init_state must be one of {INIT_STATES}, got {self.init_state!r}")
+        if self.arch == "transformer" and self.init_state != "zero":
+            raise ValueError(f"--arch transformer has no state: --init_state must be zero, got {self.init_state!r}")
         if self.arch == "transformer" and self.n_segments != 1:
             raise ValueError(f"--arch transformer has no state to carry: --n_segments must be 1, got {self.n_segments}")
         if self.arch == "mamba2" and (self.expand * self.d_model) % self.headdim:
@@ -294,6 +308,65 @@ def forward(model, arch: str, x: torch.Tensor, state, keep_state: bool):
     if arch == "transformer":
         return model(x), None
     return model(x, state, return_state=keep_state)
+
+
+class InitialStates:
+    """Where each row's state starts: the training-side fixes of [UE] (Buitrago Ruiz & Gu, arXiv 2507.02782).
+
+    [UE]'s claim: a model trained only from the zero state fails beyond T_train because it meets states
+    it never saw; starting rows from other states lets it explore them. For micro-batch m:
+        zero           None (the zero state; plain training)
+        state_passing  the final state of micro-batch m's rows one optimizer step earlier (other sequences),
+                       detached: conv and SSM state carried whole
+        noise          SSM state h0 ~ N(0, s^2) entrywise, s = the RMS of recent final states (so the noise
+                       has the real states' overall scale); conv state zero
+        fitted_noise   h0 ~ N(mu, sigma^2) per (layer, head, p, n) entry, mu and sigma the moments of recent
+                       final states (moving average, STATE_STATS_MOMENTUM per step); conv state zero
+    Deviations: the first step (and the first step after --resume: the carried states and moments are not
+    checkpointed) starts from zero; [UE] fits the noise once on a trained model, here it follows training.
+    """
+
+    def __init__(self, mode: str):
+        self.mode, self.carried, self.moments = mode, {}, None  # moments: per layer (E[h], E[h^2]) (h, p, n)
+
+    @property
+    def keeps_final_state(self) -> bool:
+        return self.mode != "zero"
+
+    def draw(self, m: int, rows: int):
+        """The initial Mamba2State (or None) of micro-batch m with `rows` rows."""
+        if self.mode == "zero":
+            return None
+        if self.mode == "state_passing":
+            st = self.carried.get(m)
+            return st if st is not None and st.ssm[0].shape[0] == rows else None
+        if self.moments is None:
+            return None
+        ssm = []
+        for mean, sq in self.moments:
+            if self.mode == "noise":
+                std = sq.mean().clamp_min(0).sqrt()
+                ssm.append(std * torch.randn((rows, *mean.shape), device=mean.device))
+            else:
+                std = (sq - mean ** 2).clamp_min(0).sqrt()
+                ssm.append(mean + std * torch.randn((rows, *mean.shape), device=mean.device))
+        return Mamba2State([None] * len(ssm), ssm, 0)
+
+    def observe(self, m: int, final) -> None:
+        """Record micro-batch m's final state (a Mamba2State) of this step."""
+        if self.mode == "zero" or final is None:
+            return
+        final = final.detach()
+        if self.mode == "state_passing":
+            self.carried[m] = final
+            return
+        now = [(h.float().mean(0), h.float().pow(2).mean(0)) for h in final.ssm]
+        if self.moments is None:
+            self.moments = now
+        else:
+            a = STATE_STATS_MOMENTUM
+            self.moments = [(a * mu + (1 - a) * mu2, a * sq + (1 - a) * sq2)
+                            for (mu, sq), (mu2, sq2) in zip(self.moments, now)]
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -672,6 +745,7 @@ def _train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None, held: cont
     b_micro = b_rank // cfg.grad_accum  # rows per micro-batch
     T, N = cfg.seq_len, cfg.n_segments
     tokens_per_step = cfg.batch_size * N * T
+    initial = InitialStates(cfg.init_state)  # where each row's state starts ([UE]'s fixes; zero by default)
     bar = ProgressBar(cfg.steps, desc="train", initial=start_step, enabled=cfg.progress and is_main)
     losses: list[float] = []
     last_saved = latest_checkpoint(out) if is_main else None
@@ -695,7 +769,7 @@ def _train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None, held: cont
             n_backward, i_backward = cfg.grad_accum * N, 0
             for m in range(cfg.grad_accum):
                 micro, w_micro = rows[m * b_micro:(m + 1) * b_micro], weights[m * b_micro:(m + 1) * b_micro]
-                state = None
+                state = initial.draw(m, micro.shape[0])
                 for s in range(N):
                     x = micro[:, s * T:(s + 1) * T]  # (b_micro, T)
                     y = micro[:, s * T + 1:(s + 1) * T + 1]  # (b_micro, T)
@@ -704,11 +778,13 @@ def _train(cfg: TrainConfig, batch_fn: Callable[[int], Batch] | None, held: cont
                     with ddp_model.no_sync() if not sync else contextlib.nullcontext():
                         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                             # the last segment's state is read by nobody: not built
-                            logits, state = forward(ddp_model, cfg.arch, x, state, keep_state=s < N - 1)
+                            logits, state = forward(ddp_model, cfg.arch, x, state,
+                                                    keep_state=s < N - 1 or initial.keeps_final_state)
                         loss = (token_losses(logits, y) * w_micro[:, s * T:(s + 1) * T]).sum() / norm
                         loss.backward()
                     state = state.detach() if state is not None else None
                     step_loss += loss.detach()
+                initial.observe(m, state)
             if world > 1:  # the global weighted mean (every rank then agrees on divergence too)
                 dist.all_reduce(step_loss)
                 step_loss /= world

@@ -1,5 +1,5 @@
 """Tests for experiments/: the data loader, the training loop (loss goes down, exact resume, DDP on
-gloo equals one process, atomic checkpoints) and the collapse criterion of state_collapse.py.
+gloo equals one process, atomic checkpoints) and the first demo's collapse criteria (experiments/collapse_v1.py).
 
 All run on CPU in well under a minute together, on a tiny corpus written into a temporary folder.
 """
@@ -19,7 +19,7 @@ import torch
 from experiments import train as T
 from experiments.common import RunFolderError, parse_config
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus, newline_probe
-from experiments import state_collapse as SC
+from experiments import collapse_v1 as SC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_default_corpus_is_the_stdlib():
 
 
 # ------------------------------------------------------------------------------------------------
-# one command-line convention (issue 11)
+# one command-line convention
 # ------------------------------------------------------------------------------------------------
 
 SCRIPTS = sorted(f"experiments.{p.stem}" for p in (ROOT / "experiments").glob("*.py")
@@ -256,7 +256,7 @@ def test_ddp_two_gloo_processes_equal_one_process(corpus_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# one loop for every model and loss (issue 11)
+# one loop for every model and loss
 # ------------------------------------------------------------------------------------------------
 
 def test_fused_adamw_equals_the_per_parameter_loop():
@@ -319,7 +319,7 @@ def test_the_transformer_trains_and_resumes_in_the_same_loop(corpus_dir, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------
-# reliability of the trainer (issue 13): refused pickles, config checks, divergence, fallback
+# reliability of the trainer: refused pickles, config checks, divergence, fallback
 # ------------------------------------------------------------------------------------------------
 
 class _Planted:
@@ -430,7 +430,7 @@ def test_stale_temporary_checkpoint_folders_are_removed(corpus_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# run folders (issue 19): one record written first, checked before anything is written
+# run folders: one record written first, checked before anything is written
 # ------------------------------------------------------------------------------------------------
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -516,7 +516,7 @@ def test_seeds_outside_32_bits_are_refused(seed):
 
 
 # ------------------------------------------------------------------------------------------------
-# the collapse criteria and mechanism measures (fixed in state_collapse.py)
+# the first demo's per-position criteria and mechanism measures (experiments/collapse_v1.py)
 # ------------------------------------------------------------------------------------------------
 
 def test_criteria_constants_are_the_fixed_ones():
@@ -592,12 +592,12 @@ def test_mechanism_measures_on_hand_made_traces():
 
 
 # ------------------------------------------------------------------------------------------------
-# state_collapse.py: carried-state evaluation, the demo per seed, the --checkpoint path
+# collapse_v1.py: carried-state evaluation (the state-collapse demo's tests: tests/test_collapse.py)
 # ------------------------------------------------------------------------------------------------
 
 def test_carried_state_loss_does_not_depend_on_chunking():
     from minimamba import Mamba2Config, Mamba2LM
-    from experiments.state_collapse import per_position_loss
+    from experiments.collapse_v1 import per_position_loss
     torch.manual_seed(0)
     model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=16, headdim=16,
                                   chunk_size=16)).eval()
@@ -608,63 +608,3 @@ def test_carried_state_loss_does_not_depend_on_chunking():
         diff = (one - many).abs()
         assert one.shape == many.shape == (96,)
         assert diff.max() < 1e-4, f"chunk_len={k}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
-
-
-@pytest.mark.parametrize("vocab", [256, 300])
-def test_checkpoint_analysis_on_a_written_checkpoint(tmp_path, vocab):
-    """The --checkpoint path on a checkpoint this test writes (the hub is unreachable here)."""
-    import json
-    from minimamba import Mamba2Config, Mamba2LM
-    from checkpoints import save_pretrained
-    torch.manual_seed(0)
-    save_pretrained(Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=vocab, d_state=16, headdim=16,
-                                          chunk_size=16)), tmp_path / "ckpt")
-    out = tmp_path / "out"
-    SC.main(["--checkpoint", str(tmp_path / "ckpt"), "--t_train", "16", "--eval_length", "80",
-             "--chunk_len", "32", "--eval_prompts", "2", "--trace_prompts", "1", "--out_dir", str(out)])
-    res = json.loads((out / "points" / "checkpoint.json").read_text())["result"]
-    assert res["state_size"] > 0
-    assert set(res["base"]) == ({"newline", "text"} if vocab == 256 else {"newline"})
-    assert set(res["mitigations"]) == set(SC.MITIGATIONS)
-    assert set(res["base"]["newline"]["criteria"]) == {"paper", "mean"}
-    assert res["trace"]["newline"]["positions"][-1] == 80 and set(res["trace"]["newline"]["retention_at"]) == {"1", "2", "4"}
-    summary = json.loads((out / "state_collapse_summary.json").read_text())
-    assert summary["t_train"]["16"]["verdicts"]["paper"]["n"] == 1
-    for f in ("config.json", "state_collapse_summary.md", "state_collapse_loss.png", "state_collapse_mitigations.png",
-              "state_collapse_state.png"):
-        assert (out / f).is_file(), f
-    before = (out / "state_collapse_summary.json").read_text()
-    (out / "state_collapse_summary.json").unlink()
-    SC.main(["--replot", "--out_dir", str(out)])
-    assert (out / "state_collapse_summary.json").read_text() == before
-
-
-def test_state_collapse_demo_per_seed_in_workers_resumes_and_replots(tmp_path):
-    """Two seeds x two training lengths in 2 worker processes; a rerun computes nothing; --replot
-    rebuilds the same summary from the points alone."""
-    import json
-    cfg = SC.DemoConfig(out_dir=str(tmp_path / "demo"), d_model=16, n_layer=1, d_state=8, headdim=8, train_lens=(4, 8),
-                        seeds=(0, 1), tokens_per_step=16, steps=2, eval_length=40, eval_prompts=2, trace_prompts=1,
-                        chunk_len=16, device="cpu", workers=2)
-    summary = SC.run_demo(cfg)
-    points = sorted(p.name for p in (tmp_path / "demo" / "points").iterdir())
-    assert points == ["mitigations=False_seed=0_t_train=8.json", "mitigations=False_seed=1_t_train=8.json",
-                      "mitigations=True_seed=0_t_train=4.json", "mitigations=True_seed=1_t_train=4.json"]
-    for t in ("4", "8"):
-        v = summary["t_train"][t]["verdicts"]
-        assert v["paper"]["n"] == v["mean"]["n"] == 2 and set(summary["t_train"][t]["per_probe"]) == set(SC.PROBES)
-        assert v["paper"]["k"] == len(v["paper"]["seeds_collapsed"])
-    mit = summary["mitigations"]
-    assert mit["t_train"] == 4 and set(mit["methods"]) == set(SC.MITIGATIONS)
-    for m in mit["methods"].values():
-        assert m["fixed"]["paper"]["n"] == summary["t_train"]["4"]["verdicts"]["paper"]["k"]
-        assert m["in_window_cost"]["text"]["n"] == 2
-    again = SC.run_demo(dataclasses.replace(cfg, workers=1))
-    record = json.loads((tmp_path / "demo" / "config.json").read_text())["invocations"][-1]
-    assert record["points_computed"] == [] and "git_commit" in record and "command" in record
-    assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
-    SC.replot(tmp_path / "demo", tmp_path / "figs")
-    assert json.loads((tmp_path / "figs" / "state_collapse_summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert (tmp_path / "figs" / "state_collapse_loss.png").is_file()
-    with pytest.raises(ValueError, match=r"(?s)other settings.*steps: 2 \(recorded\) vs 3 \(now\)"):  # a changed recipe
-        SC.run_demo(dataclasses.replace(cfg, steps=3, workers=1))

@@ -1,7 +1,7 @@
 """Tests of the scaling sweeps: statistics, fit helpers, the passkey generator, resumable sweeps over
 seeds, the baseline.
 
-Claims tested (issues 6 and 11):
+Claims tested:
 - mean_ci, proportion (Wilson) and linear_fit's slope interval equal hand-computed values;
 - linear_fit and exp_fit recover known parameters from synthetic points (and report R^2);
 - the passkey generator places the needle at the requested depth and builds the requested length;
@@ -520,7 +520,7 @@ def test_publish_then_replot_from_committed_results_only(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# run folders that never reuse or overwrite work made under other settings (issue 19)
+# run folders that never reuse or overwrite work made under other settings
 # ---------------------------------------------------------------------------------------------
 
 def _capacity_cfg(out_dir, **kw):
