@@ -634,11 +634,13 @@ class StateTrace:
         return out
 
 
-class _RetentionRecorder(_Wrapper):
-    """Wraps a layer's scan for trace_states: log retention = sum of log alpha_j over the stream, j >= 2."""
+class RetentionRecorder(_Wrapper):
+    """Wraps a layer's scan (trace_states; experiments/pretrained.py) and sums log alpha_j = dt_j A over the
+    stream, j >= 2: exp(log_retention) = alpha_{1:t}, (b, h). A stream resumed at `position` > 0 passes
+    the log_retention it had reached there."""
 
-    def __init__(self, inner):
-        self.inner, self.log_retention, self.position = inner, None, 0
+    def __init__(self, inner, log_retention: torch.Tensor | None = None, position: int = 0):
+        self.inner, self.log_retention, self.position = inner, log_retention, position
 
     def _record(self, dt, A):
         a = self.log_decay(dt if dt.dim() == 3 else dt[:, None], A if A.dim() != 2 else A[:, None])
@@ -679,10 +681,10 @@ def trace_states(model, input_ids: torch.Tensor, *, every: int = 128, top_k: int
     """
     every = _check_trace_args(input_ids, every, on_progress)
     l = input_ids.shape[1]
-    recorders: list[_RetentionRecorder] = []
+    recorders: list[RetentionRecorder] = []
 
     def make(inner, i):
-        recorders.append(_RetentionRecorder(inner))
+        recorders.append(RetentionRecorder(inner))
         return recorders[-1]
 
     rows, positions, state = [], [], None

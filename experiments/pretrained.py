@@ -272,36 +272,14 @@ def stretches(cfg: PretrainedConfig, vocab_size: int) -> tuple[torch.Tensor, tor
 STAT_NAMES = ("mean", "var", "rms", "max_abs", "top_channel", "norm", "retention")
 
 
-class RetentionScan:
-    """Wraps a layer's scan and sums log alpha_j = dt_j A over every token but the stream's first:
-    exp(log_retention) = alpha_{1:t} = prod_{j=2..t} alpha_j ([SC] sec. 4), (b, h) float64."""
-
-    def __init__(self, inner, log_retention: torch.Tensor | None = None, first: bool = True):
-        self.inner, self.log_retention, self.first = inner, log_retention, first
-
-    def _record(self, dt, A):  # dt (b, l, h) or (b, h); A (h,) or dt's shape
-        a = dt.double() * (A.double() if A.dim() == dt.dim() else A.double().expand(dt.shape))
-        a = a if a.dim() == 3 else a[:, None]  # (b, l, h)
-        if self.first:  # alpha_1 decays nothing before the first write
-            a, self.first = a[:, 1:], False
-        s = a.sum(dim=1)  # (b, h)
-        self.log_retention = s if self.log_retention is None else self.log_retention + s
-
-    def chunked(self, x, dt, A, B, C, D, state, chunk_size, return_state=True):
-        self._record(dt, A)
-        return self.inner.chunked(x, dt, A, B, C, D, state, chunk_size, return_state=return_state)
-
-    def step(self, x, dt, A, B, C, D, state):
-        self._record(dt, A)
-        return self.inner.step(x, dt, A, B, C, D, state)
-
-
 @contextlib.contextmanager
-def recording_retention(model, log_retention=None, first=True):
-    """Every mixer's scan wrapped in a RetentionScan for the block (the mixer.scan hook); yields them."""
+def recording_retention(model, log_retention=None, position=0):
+    """Every mixer's scan wrapped in a mitigations.RetentionRecorder for the block (the mixer.scan hook),
+    continuing from `position` with the log_retention reached there; yields them."""
     mixers = [layer.mixer for layer in model.backbone.layers]
     old = [m.scan for m in mixers]
-    scans = [RetentionScan(s, None if log_retention is None else log_retention[i], first) for i, s in enumerate(old)]
+    scans = [M.RetentionRecorder(s, None if log_retention is None else log_retention[i], position)
+             for i, s in enumerate(old)]
     for m, s in zip(mixers, scans):
         m.scan = s
     try:
@@ -311,7 +289,7 @@ def recording_retention(model, log_retention=None, first=True):
             m.scan = s
 
 
-def state_row(state: Mamba2State, scans: list[RetentionScan]) -> dict[str, torch.Tensor]:
+def state_row(state: Mamba2State, scans: list[M.RetentionRecorder]) -> dict[str, torch.Tensor]:
     """The statistics of one moment, each (L, h): mitigations.state_statistics of every layer's state, and
     the first-token retention alpha_{1:t}."""
     per_layer = [M.state_statistics(s, top_k=1) for s in state.ssm]
@@ -366,7 +344,7 @@ def run_stream(model, ids: torch.Tensor, *, piece: int, with_stats: bool = False
         losses, positions = [resume["loss"]], list(resume["positions"])
         rows = [resume["stats"]] if resume["stats"] is not None else []
         log_ret = [t.to(device) for t in resume["log_retention"]] if with_stats else None
-    recorder = recording_retention(model, log_ret, first=pos == 0) if with_stats else contextlib.nullcontext([])
+    recorder = recording_retention(model, log_ret, position=pos) if with_stats else contextlib.nullcontext([])
     with recorder as scans:
         while pos < l:
             end = min(pos + step, l, (pos // segment + 1) * segment if segment else l)
