@@ -1,8 +1,9 @@
-"""Tests of the capacity experiments' support code: censored regression, MQAR recall.
+"""Tests of the capacity experiments' support code: censored regression, MQAR recall, convergence check.
 
 - experiments/scaling.py: the interval-censored fit recovers a known exponent from synthetic grid
   measurements, and cannot bound it (infinite interval) when every point is right-censored.
 - experiments/recall.py: the MQAR batch's structure; oracles with known capacity give known sweeps.
+- experiments/convergence.py: an unconverged or never-learned curve is refused, a converged one accepted.
 """
 import math
 
@@ -13,6 +14,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from experiments import convergence as cv
 from experiments import recall as rc
 from experiments import scaling as sc
 
@@ -188,3 +190,38 @@ def test_mqar_loss_counts_only_values():
     logits[mask] = 0.0
     logits[mask, tokens[:, 1:][mask]] = 100.0  # ...except on the values
     assert rc.mqar_loss(logits, tokens[:, 1:], mask).item() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# convergence.py
+# ------------------------------------------------------------------------------------------------
+
+def curve(final: float, rate: float, steps: int = 400, start: float = 5.5) -> list[float]:
+    """Exponential approach to `final` (nats) at `rate` per entry, with a little deterministic noise."""
+    noise = 0.01 * np.sin(np.arange(steps) * 1.7)
+    return (final + (start - final) * np.exp(-rate * np.arange(steps)) + noise).tolist()
+
+
+def test_convergence_check_refuses_an_unconverged_run():
+    refused = r"run tf-seed1 has not converged.*relative fall of 0\.\d+ > rel_tol 0\.01"
+    with pytest.raises(cv.NotConverged, match=refused):
+        cv.check_converged(curve(1.1, rate=0.002), run="tf-seed1")
+
+
+def test_convergence_check_refuses_a_plateau_above_the_ceiling():
+    with pytest.raises(cv.NotConverged, match=r"run tf-seed2 plateaued above the loss ceiling: .*2\.6\d+ > 1\.5"):
+        cv.check_converged(curve(2.65, rate=0.05), run="tf-seed2")
+
+
+def test_convergence_check_accepts_a_converged_run():
+    report = cv.check_converged(curve(1.1, rate=0.05), run="tf-seed0")
+    assert report.last_mean == pytest.approx(1.1, abs=0.01) and abs(report.rel_drop) <= cv.REL_TOL
+
+
+def test_convergence_check_input_errors():
+    with pytest.raises(ValueError, match="needs at least 2 windows of 50"):
+        cv.check_converged([1.0] * 60, run="short")
+    with pytest.raises(ValueError, match="diverged"):
+        cv.check_converged([1.0] * 99 + [float("nan")], run="nan")
+    with pytest.raises(ValueError, match="window"):
+        cv.ConvergenceConfig(window=0)
