@@ -9,8 +9,8 @@ What this is
     agreements; this module fits the intervals themselves by maximum likelihood instead.
 
 Papers
-    Stuffed Mamba (arXiv 2410.07145), section 5 / Figure "T_forget vs state size": a linear fit
-    T_forget ~= 5.172 * N_S - 4.469 (T in K tokens, N_S in M elements) over Mamba-2 sizes; its
+    Stuffed Mamba (arXiv 2410.07145), its fit of T_forget against state size across Mamba-2 sizes:
+    T_forget ~= 5.172 * N_S - 4.469 (T in K tokens, N_S in M elements); its
     proportional part is `paper_prediction` below, the reference line for our exponent.
     Censored (Tobit-style) Gaussian regression: Tobin (1958); interval censoring: the same likelihood
     with both ends of every observation's interval.
