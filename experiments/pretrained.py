@@ -72,8 +72,8 @@ import torch.nn.functional as F
 import mitigations as M
 from minimamba import Mamba2LM, Mamba2State
 
-from experiments.common import (ProgressBar, atomic_write_json, config_from_args, config_parser, flag,
-                                resolve_device, write_run_config)
+from experiments.common import (ProgressBar, atomic_write_json, claim_run_folder, config_from_args, config_parser,
+                                flag, resolve_device, write_run_config)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Defaults
@@ -457,21 +457,8 @@ def model_fingerprint(model: Mamba2LM, folder: Path) -> dict:
             "parameter_checksum": f"{total:.10e}"}
 
 
+RUN_KIND = "experiments.pretrained run"  # what config.json records as the folder's maker
 RESUME_IGNORES = ("device", "threads", "out_dir", "forgetting_curve", "fc_lengths", "fc_samples")
-
-
-def check_resume(out: Path, settings: dict) -> None:
-    """Write run.json at the first start; later, refuse a run folder made under other settings."""
-    path = out / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{out} holds a run made with other settings ({', '.join(changed)} differ: "
-                             + "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in changed[:4])
-                             + "); choose another --out_dir, or run the earlier command to finish it")
-    else:
-        atomic_write_json(path, settings)
 
 
 def peak_memory() -> dict:
@@ -509,92 +496,95 @@ def _run(cfg: PretrainedConfig) -> dict:
     model = Mamba2LM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype]).to(device).eval()
     vocab = model.config.vocab_size
     scored, val, all_ids, data = stretches(cfg, vocab)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES},
                 "model_fingerprint": model_fingerprint(model, Path(cfg.model)),
                 "scored_sha256": hashlib.sha256(scored.numpy().tobytes()).hexdigest(),
                 "validation_sha256": None if val is None else hashlib.sha256(val.numpy().tobytes()).hexdigest()}
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
-    check_resume(out, settings)
-    store = Streams(out)
-    calibration = val[None, :cfg.train_length].to(device) if val is not None else None
+    # the run folder: its record first, a lock, and a refusal (before writing) to continue under other settings
+    lock = claim_run_folder(out, RUN_KIND, dataclasses.asdict(cfg), settings, resume=True)
+    try:
+        store = Streams(out)
+        calibration = val[None, :cfg.train_length].to(device) if val is not None else None
 
-    # the work: (key, ids, method, params, with_stats); the tuned streams are added once the grid is scored
-    plan = [("scored/base", scored, None, {}, True)]
-    for method in cfg.methods:
-        plan.append((f"scored/{setting_name(method, default_setting(cfg, method))}", scored, method,
-                     default_setting(cfg, method), False))
-        if cfg.tune:
-            plan += [(f"val/{setting_name(method, p)}", val, method, p, False) for p in grid(cfg, method)]
-    pending = sum(ids.numel() - 1 for key, ids, *_ in plan if store.done(key) is None)
-    pending += cfg.length * len(cfg.methods) * cfg.tune  # the tuned streams (at most one per method)
-    bar = ProgressBar(pending, desc="pretrained")
+        # the work: (key, ids, method, params, with_stats); the tuned streams are added once the grid is scored
+        plan = [("scored/base", scored, None, {}, True)]
+        for method in cfg.methods:
+            plan.append((f"scored/{setting_name(method, default_setting(cfg, method))}", scored, method,
+                         default_setting(cfg, method), False))
+            if cfg.tune:
+                plan += [(f"val/{setting_name(method, p)}", val, method, p, False) for p in grid(cfg, method)]
+        pending = sum(ids.numel() - 1 for key, ids, *_ in plan if store.done(key) is None)
+        pending += cfg.length * len(cfg.methods) * cfg.tune  # the tuned streams (at most one per method)
+        bar = ProgressBar(pending, desc="pretrained")
 
-    def stream(key, ids, method, params, with_stats):
-        if (done := store.done(key)) is not None:
-            return done
-        bar.desc = f"{key}"
-        part = store.partial(key)
-        ctx = contextlib.nullcontext() if method is None else mitigation_block(model, method, params, calibration)
-        t1 = time.perf_counter()
-        with ctx:
-            res = run_stream(model, ids, piece=cfg.piece, with_stats=with_stats, segment=cfg.segment,
-                             save=lambda snap: store.save_partial(key, snap), resume=part,
-                             on_tokens=lambda n: bar.update(n))
-        loss = res["loss"]
-        result = {"key": key, "method": method or "none", "params": params, "positions": int(loss.numel()),
-                  "mean_loss": loss.mean().item(), "loss_buckets": buckets(loss) if loss.numel() % BUCKET == 0
-                  else None, "seconds": round(time.perf_counter() - t1, 1), "resumed_at": part and part["position"]}
-        if with_stats:
-            result["stat_positions"] = res["positions"]
-        store.finish(key, result, res["stats"])
-        return result
+        def stream(key, ids, method, params, with_stats):
+            if (done := store.done(key)) is not None:
+                return done
+            bar.desc = f"{key}"
+            part = store.partial(key)
+            ctx = contextlib.nullcontext() if method is None else mitigation_block(model, method, params, calibration)
+            t1 = time.perf_counter()
+            with ctx:
+                res = run_stream(model, ids, piece=cfg.piece, with_stats=with_stats, segment=cfg.segment,
+                                 save=lambda snap: store.save_partial(key, snap), resume=part,
+                                 on_tokens=lambda n: bar.update(n))
+            loss = res["loss"]
+            result = {"key": key, "method": method or "none", "params": params, "positions": int(loss.numel()),
+                      "mean_loss": loss.mean().item(), "loss_buckets": buckets(loss) if loss.numel() % BUCKET == 0
+                      else None, "seconds": round(time.perf_counter() - t1, 1), "resumed_at": part and part["position"]}
+            if with_stats:
+                result["stat_positions"] = res["positions"]
+            store.finish(key, result, res["stats"])
+            return result
 
-    results = {"base": None, "mitigations": {}}
-    for key, ids, method, params, with_stats in plan:
-        r = stream(key, ids, method, params, with_stats)
-        if method is None:
-            results["base"] = r
-        else:
-            entry = results["mitigations"].setdefault(method, {"default": None, "validation": []})
-            entry["default" if key.startswith("scored/") else "validation"] = (
-                r if key.startswith("scored/") else entry["validation"] + [r])
-    for method, entry in results["mitigations"].items():
-        if entry["validation"]:
-            best = min(entry["validation"], key=lambda r: r["mean_loss"])
-            key = f"scored/{setting_name(method, best['params'])}"
-            if store.done(key) is not None:  # the default, or finished before a kill: counted in the bar all the same
-                bar.update(cfg.length)
-            entry["tuned"] = stream(key, scored, method, best["params"], False)
-            entry["validation"] = [{"params": r["params"], "mean_loss": r["mean_loss"]} for r in entry["validation"]]
-    bar.close()
+        results = {"base": None, "mitigations": {}}
+        for key, ids, method, params, with_stats in plan:
+            r = stream(key, ids, method, params, with_stats)
+            if method is None:
+                results["base"] = r
+            else:
+                entry = results["mitigations"].setdefault(method, {"default": None, "validation": []})
+                entry["default" if key.startswith("scored/") else "validation"] = (
+                    r if key.startswith("scored/") else entry["validation"] + [r])
+        for method, entry in results["mitigations"].items():
+            if entry["validation"]:
+                best = min(entry["validation"], key=lambda r: r["mean_loss"])
+                key = f"scored/{setting_name(method, best['params'])}"
+                if store.done(key) is not None:  # the default, or finished before a kill: counted in the bar all the same
+                    bar.update(cfg.length)
+                entry["tuned"] = stream(key, scored, method, best["params"], False)
+                entry["validation"] = [{"params": r["params"], "mean_loss": r["mean_loss"]} for r in entry["validation"]]
+        bar.close()
 
-    stats = {"positions": np.asarray(results["base"]["stat_positions"]), **store.stats("scored/base")}
-    np.savez(out / "stats.npz", **stats)
-    c = model.config
-    report = {"config": dataclasses.asdict(cfg),
-              "model": {"folder": cfg.model, "d_model": c.d_model, "n_layer": c.n_layer, "vocab_size": c.vocab_size,
-                        "nheads": c.nheads, "headdim": c.headdim, "d_state": c.d_state, "ngroups": c.ngroups,
-                        "state_size": M.state_size(c), "dtype": cfg.dtype, **settings["model_fingerprint"]},
-              "data": data, "bucket": BUCKET, "train_length_assumed": cfg.train_length,
-              "validation": {"objective": "mean loss over the validation stretch's positions", **(
-                  {"stretch": data["validation"]} if val is not None else {})},
-              "base": {**{k: v for k, v in results["base"].items() if k != "stat_positions"},
-                       **summary(results["base"]["loss_buckets"], cfg.train_length),
-                       "stats_file": "stats.npz", "stats_per_layer": _layer_summary(stats)},
-              "mitigations": {m: {**e, **{f"{which}_summary": summary(e[which]["loss_buckets"], cfg.train_length)
-                                          for which in ("default", "tuned") if which in e}}
-                              for m, e in results["mitigations"].items()},
-              "device": str(device), "wall_s": round(time.perf_counter() - t0, 1), **peak_memory()}
-    if cfg.forgetting_curve:
-        report["forgetting_curve"] = run_forgetting_curve(cfg, model, all_ids if cfg.text else None, out)
-    plot(report, stats, out / "pretrained.png")
-    report.update(peak_memory())
-    atomic_write_json(out / "results.json", report)
-    write_run_config(out, dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0,
-                     record={k: report[k] for k in ("device", "peak_rss_mib")})
-    return report
+        stats = {"positions": np.asarray(results["base"]["stat_positions"]), **store.stats("scored/base")}
+        np.savez(out / "stats.npz", **stats)
+        c = model.config
+        report = {"config": dataclasses.asdict(cfg),
+                  "model": {"folder": cfg.model, "d_model": c.d_model, "n_layer": c.n_layer, "vocab_size": c.vocab_size,
+                            "nheads": c.nheads, "headdim": c.headdim, "d_state": c.d_state, "ngroups": c.ngroups,
+                            "state_size": M.state_size(c), "dtype": cfg.dtype, **settings["model_fingerprint"]},
+                  "data": data, "bucket": BUCKET, "train_length_assumed": cfg.train_length,
+                  "validation": {"objective": "mean loss over the validation stretch's positions", **(
+                      {"stretch": data["validation"]} if val is not None else {})},
+                  "base": {**{k: v for k, v in results["base"].items() if k != "stat_positions"},
+                           **summary(results["base"]["loss_buckets"], cfg.train_length),
+                           "stats_file": "stats.npz", "stats_per_layer": _layer_summary(stats)},
+                  "mitigations": {m: {**e, **{f"{which}_summary": summary(e[which]["loss_buckets"], cfg.train_length)
+                                              for which in ("default", "tuned") if which in e}}
+                                  for m, e in results["mitigations"].items()},
+                  "device": str(device), "wall_s": round(time.perf_counter() - t0, 1), **peak_memory()}
+        if cfg.forgetting_curve:
+            report["forgetting_curve"] = run_forgetting_curve(cfg, model, all_ids if cfg.text else None, out)
+        plot(report, stats, out / "pretrained.png")
+        report.update(peak_memory())
+        atomic_write_json(out / "results.json", report)
+        write_run_config(out, dataclasses.asdict(cfg), kind=RUN_KIND, wall_s=time.perf_counter() - t0,
+                         record={k: report[k] for k in ("device", "peak_rss_mib")})
+        return report
 
+    finally:
+        lock.release()
 
 def _layer_summary(stats: dict) -> dict:
     """Per layer, over heads and positions: the largest RMS, the largest |h|, the smallest and largest
