@@ -21,11 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import mitigations as M
 
-from experiments.common import ProgressBar
+from experiments import measure as ME
 from experiments.measure import load_for_eval  # noqa: F401 - re-exported for the scripts that read it here
 
 # ----------------------------------------------------------------------------------------------
@@ -158,38 +157,10 @@ def trace(model, ids: torch.Tensor, t_train: int) -> dict:
 # 3. Carried-state evaluation
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def per_position_loss(model, ids: torch.Tensor, chunk_len: int, vocab: int | None = None,
-                      progress: str = "") -> torch.Tensor:
-    """Per-position loss with the state carried across chunks ([SC] section 3's measurement).
-
-    Memory is bounded by one chunk: only (b, chunk_len, V) logits exist at a time, so arbitrarily
-    long inputs run on a CPU. Whatever mitigation is installed on the mixers is used.
-
-    Args:
-        model: a Mamba2LM.
-        ids: LongTensor (b, l + 1); inputs ids[:, :-1], targets ids[:, 1:].
-        chunk_len: tokens per forward call.
-        vocab: only the first `vocab` logits are real tokens (None = model.config.vocab_size).
-    Returns:
-        (l,) float64: the loss at each position, mean over the b prompts.
-    """
-    vocab = vocab or model.config.vocab_size
-    device = next(model.parameters()).device
-    l = ids.shape[1] - 1
-    losses, state = [], None
-    chunks = range(0, l, chunk_len)
-    bar = ProgressBar(len(chunks), desc=progress, enabled=bool(progress))
-    for start in chunks:
-        stop = min(start + chunk_len, l)
-        x = ids[:, start:stop].to(device)  # (b, k)
-        y = ids[:, start + 1:stop + 1].to(device)  # (b, k)
-        logits, state = model(x, state, return_state=stop < l)  # (b, k, V_padded)
-        loss = F.cross_entropy(logits[..., :vocab].float().transpose(1, 2), y, reduction="none")  # (b, k)
-        losses.append(loss.double().mean(0).cpu())
-        bar.update(1)
-    bar.close()
-    return torch.cat(losses)
+def per_position_loss(model, ids: torch.Tensor, chunk_len: int, vocab: int | None = None) -> torch.Tensor:
+    """Per-position loss with the state carried across chunks ([SC] section 3's measurement), averaged over
+    the b prompts: measure.per_position_loss(...).mean(0). ids (b, l + 1); returns (l,) float64."""
+    return ME.per_position_loss(model, ids, chunk_len, vocab).mean(0)
 
 
 def log_curve(loss: torch.Tensor, n_points: int = PLOT_POINTS) -> tuple[list[float], list[float]]:
