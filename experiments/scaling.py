@@ -16,10 +16,12 @@ Papers
     with both ends of every observation's interval.
 
 Reading order
-    1. `grid_interval`       one measurement on the grid -> an interval for T_forget (tokens)
+    1. `grid_interval`       one measurement on the grid -> an interval for T_forget (tokens);
+       `verdict_interval`    the same from one model's verdicts at every grid point
     2. `interval_log_prob`   log P(lo < y <= hi) for y ~ Normal(mu, sigma): the likelihood of one point
     3. `nelder_mead`         a small derivative-free minimiser (numpy only)
     4. `fit_power_law`       maximum likelihood, then the profile-likelihood 95% interval for b
+       (`fit_intervals`: the same from intervals)
     5. `paper_prediction`    Stuffed Mamba's line, for reference
 
 Glossary
@@ -89,6 +91,37 @@ def grid_interval(first_seen: float | None, grid: Sequence[float]) -> tuple[floa
                          "(pass the grid length at which forgetting was first seen, or None)")
     i = int(hits[0])
     return (0.0 if i == 0 else float(g[i - 1])), float(g[i])
+
+
+COLLAPSED, FORGETS = "collapsed", "not collapsed"  # the two verdicts that say something about T_forget
+
+
+def verdict_interval(verdicts: dict[float, str]) -> tuple[float, float, int]:
+    """The interval (lo, hi] that a model's verdicts over a T_train grid put T_forget in.
+
+    T_forget is the shortest training length at which the model learns to forget (it no longer
+    collapses beyond T_train). Each grid point's verdict is COLLAPSED (T_train < T_forget),
+    FORGETS (T_train >= T_forget) or anything else (gate-failed, failed: the point says nothing):
+        lo = the largest T with COLLAPSED (0 if none: left-censored)
+        hi = the smallest T above lo with FORGETS (inf if none: right-censored)
+    Points that say nothing between lo and hi only widen the interval, as they should.
+
+    Args:
+        verdicts: {T_train (tokens): verdict} for one (state size, seed).
+    Returns:
+        (lo, hi, out_of_order): out_of_order counts FORGETS verdicts below lo, which a monotone
+        T_forget cannot produce (reported beside the interval, never dropped).
+    """
+    if not verdicts:
+        raise ValueError("verdicts is empty: give {T_train: verdict} for at least one grid point")
+    if any(not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0) for t in verdicts):
+        raise ValueError(f"training lengths must be positive numbers, got {sorted(verdicts)}")
+    collapsed = [t for t, v in verdicts.items() if v == COLLAPSED]
+    lo = float(max(collapsed)) if collapsed else 0.0
+    above = [t for t, v in verdicts.items() if v == FORGETS and t > lo]
+    hi = float(min(above)) if above else math.inf
+    out_of_order = sum(1 for t, v in verdicts.items() if v == FORGETS and t < lo)
+    return lo, hi, out_of_order
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,17 +246,7 @@ def fit_power_law(n_state: Sequence[float], first_seen: Sequence[float | None],
                   grid: Sequence[float]) -> CensoredFit:
     """Maximum-likelihood fit of T_forget ~ a * N_S^b to grid measurements, with a 95% interval for b.
 
-    Model: y_i = log2 T_forget_i = c + b x_i + sigma eps_i, x_i = log2 N_S_i, eps_i ~ Normal(0, 1),
-    observed only as y_i in (log2 lo_i, log2 hi_i] (lo_i = 0 -> -inf, hi_i = inf -> +inf).
-        log L(c, b, sigma) = sum_i log[ Phi((log2 hi_i - mu_i)/sigma) - Phi((log2 lo_i - mu_i)/sigma) ],
-        mu_i = c + b x_i
-    Steps:
-        1. each measurement -> its interval (`grid_interval`)
-        2. start from least squares on interval midpoints (censored points one grid step outside)
-        3. maximise log L over (c, b, log sigma) with Nelder-Mead (sigma >= SIGMA_FLOOR)
-        4. profile likelihood for b: lp(b) = max over (c, sigma) of log L; the 95% interval is
-           {b : 2 (log L_max - lp(b)) <= CHI2_1_95}, each end found by stepping out from b_hat and
-           bisecting; an end not reached within SLOPE_SEARCH_SPAN is infinite.
+    Each measurement becomes its interval (`grid_interval`), then `fit_intervals` fits them.
 
     Args:
         n_state: N_S per measurement (state elements), (n,).
@@ -232,18 +255,54 @@ def fit_power_law(n_state: Sequence[float], first_seen: Sequence[float | None],
     Returns:
         CensoredFit
     """
+    if len(n_state) != len(first_seen):
+        raise ValueError(f"n_state and first_seen must be of equal length, got {len(n_state)} and {len(first_seen)}")
+    g = _check_grid(grid)
+    return fit_intervals(n_state, [grid_interval(t, g) for t in first_seen], g)
+
+
+def fit_intervals(n_state: Sequence[float], intervals: Sequence[tuple[float, float]],
+                  grid: Sequence[float]) -> CensoredFit:
+    """Maximum-likelihood fit of T_forget ~ a * N_S^b to grid measurements, with a 95% interval for b.
+
+    Model: y_i = log2 T_forget_i = c + b x_i + sigma eps_i, x_i = log2 N_S_i, eps_i ~ Normal(0, 1),
+    observed only as y_i in (log2 lo_i, log2 hi_i] (lo_i = 0 -> -inf, hi_i = inf -> +inf).
+        log L(c, b, sigma) = sum_i log[ Phi((log2 hi_i - mu_i)/sigma) - Phi((log2 lo_i - mu_i)/sigma) ],
+        mu_i = c + b x_i
+    Steps:
+        1. the intervals in log2 tokens (lo 0 -> -inf: left-censored; hi inf -> +inf: right-censored)
+        2. start from least squares on interval midpoints (censored points one grid step outside)
+        3. maximise log L over (c, b, log sigma) with Nelder-Mead (sigma >= SIGMA_FLOOR)
+        4. profile likelihood for b: lp(b) = max over (c, sigma) of log L; the 95% interval is
+           {b : 2 (log L_max - lp(b)) <= CHI2_1_95}, each end found by stepping out from b_hat and
+           bisecting; an end not reached within SLOPE_SEARCH_SPAN is infinite.
+
+    Args:
+        n_state: N_S per measurement (state elements), (n,).
+        intervals: per measurement, (lo, hi] in tokens that holds its T_forget (`grid_interval`,
+            `verdict_interval`); lo 0 and hi inf are the censored ends.
+        grid: the training lengths run, increasing (tokens): its spacing starts the fit.
+    Returns:
+        CensoredFit
+    """
     ns = np.asarray(n_state, dtype=np.float64)
-    if ns.ndim != 1 or ns.size != len(first_seen):
-        raise ValueError(f"n_state and first_seen must be 1-D and of equal length, "
-                         f"got {ns.shape} and {len(first_seen)}")
+    if ns.ndim != 1 or ns.size != len(intervals):
+        raise ValueError(f"n_state and intervals must be 1-D and of equal length, "
+                         f"got {ns.shape} and {len(intervals)}")
     if not np.all(np.isfinite(ns)) or np.any(ns <= 0):
         raise ValueError(f"n_state must be finite and positive (state elements), got {ns.tolist()}")
     if np.unique(ns).size < 2:
         raise ValueError(f"a slope needs at least 2 distinct state sizes, got {np.unique(ns).tolist()}")
     g = _check_grid(grid)
+    for lo_i, hi_i in intervals:
+        if not 0.0 <= lo_i < hi_i:
+            raise ValueError(f"each interval must be (lo, hi] with 0 <= lo < hi (tokens), got ({lo_i}, {hi_i})")
+        if lo_i == 0.0 and math.isinf(hi_i):
+            raise ValueError("an interval (0, inf) says nothing about T_forget (its likelihood is 1 for every line): "
+                             "leave such measurements out of the fit and report them as uninformative")
 
-    # 1. intervals, in tokens and in log2 tokens
-    intervals = tuple(grid_interval(t, g) for t in first_seen)
+    # 1. intervals in log2 tokens
+    intervals = tuple((float(lo_i), float(hi_i)) for lo_i, hi_i in intervals)
     lo_t = np.array([lo for lo, _ in intervals])
     hi_t = np.array([hi for _, hi in intervals])
     with np.errstate(divide="ignore"):
