@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from experiments import bench, forgetting_curves, passkey, state_capacity, state_collapse
+from experiments import bench, forgetting_curves, mqar_capacity, passkey, state_capacity, state_collapse, t_forget
 from experiments.common import (REPO, BadFileError, add_flag, atomic_write_json, check_seeds, ensure_folder, git_commit,
                                 read_json)
 from experiments.sweep import PointStore, load_run_config, read_run_record
@@ -71,6 +71,9 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("passkey", passkey.replot, passkey.PasskeyConfig, passkey.passkey_points, passkey.main),
     Experiment("forgetting_curves", forgetting_curves.replot, forgetting_curves.FCurvesConfig,
                forgetting_curves.fcurve_points, forgetting_curves.main),
+    Experiment("t_forget", t_forget.replot, t_forget.TForgetConfig, t_forget.grid, t_forget.main),
+    Experiment("mqar_capacity", mqar_capacity.replot, mqar_capacity.CapacityConfig, mqar_capacity.grid,
+               mqar_capacity.main),
     Experiment("bench", _replot_bench, None, None, bench.main),
 )}
 
