@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shutil
 import statistics
@@ -147,7 +146,7 @@ class FCTextConfig:
     warmup_steps: int = flag(100, "linear warmup steps")
     min_lr_ratio: float = flag(0.1, "final lr / peak lr (cosine decay)")
     log_every: int = flag(10, "steps between metrics.csv rows (the convergence check reads them)")
-    seeds: tuple[int, ...] = flag((0, 1, 2), "reported seeds (1000 and up are tuning seeds; --tune uses 1000)")
+    seeds: tuple[int, ...] = flag((0, 1, 2), "reported seeds (1000 and up: tuning seeds; --tune uses 1000)")
     # --- convergence (section 3; experiments/convergence.py defaults) ---
     window: int = flag(50, "W, metrics.csv entries per convergence window (50 x 10 steps = 500 steps)")
     rel_tol: float = flag(0.01, "largest accepted relative fall of the window-mean loss")
@@ -277,8 +276,10 @@ def train_and_check(cfg: FCTextConfig, point: Point) -> tuple[torch.nn.Module, d
     t0 = time.perf_counter()
     model_dir = train_point_model(tcfg)
     seconds = time.perf_counter() - t0
-    model = (TinyTransformer.from_pretrained(model_dir).to(cfg.device).eval() if point.coords["arch"] == TRANSFORMER
-             else load_for_eval(model_dir, cfg.device))
+    if point.coords["arch"] == TRANSFORMER:
+        model = TinyTransformer.from_pretrained(model_dir).to(cfg.device).eval()
+    else:
+        model = load_for_eval(model_dir, cfg.device)
     log = read_csv(Path(tcfg.out_dir) / "metrics.csv", {"loss": float, "heldout_loss": float}, "metrics log")
     losses = [r["loss"] for r in log]
     heldout = [r["heldout_loss"] for r in log if r["heldout_loss"] is not None]
@@ -322,7 +323,8 @@ def measure(cfg: FCTextConfig, model: torch.nn.Module, point: Point, mode: str, 
     mamba = point.coords["arch"] != TRANSFORMER
     tokens = torch.from_numpy(Corpus.load().heldout.astype(np.int64)) if mode == "text" else None  # (N,)
     curve = measure_curve(model, lengths=lengths, tokens=tokens, vocab_size=VOCAB_SIZE, n_samples=n_samples,
-                          bos_id=DOC_SEP, eos_id=DOC_SEP, seed=point.coords["seed"], batch_size=cfg.eval_batch,
+                          bos_id=DOC_SEP, eos_id=DOC_SEP, seed=point.coords["seed"],
+                          batch_size=cfg.eval_batch,
                           chunk_size=cfg.chunk_size if mamba else None,
                           out=Path(cfg.out_dir) / "curves" / f"{point.key}_{mode}.json", resume=True,
                           progress=False, meta={"model": model_label(point.coords["arch"]), "mode": mode})
@@ -357,13 +359,14 @@ def in_window(L: int, t_train: int) -> bool:
 
 def read_curve(stored: dict, t_train: int) -> dict:
     """forgetting_curve.py's reading of one stored curve, over the in-window lengths and over all."""
-    curve = fc.ForgettingCurve(lengths=stored["lengths"], copy_acc=stored["copy_acc"], lm_acc=stored["lm_acc"],
-                               errors=stored.get("errors", {}))
+    curve = fc.ForgettingCurve(lengths=stored["lengths"], copy_acc=stored["copy_acc"],
+                               lm_acc=stored["lm_acc"], errors=stored.get("errors", {}))
     inside = np.array([in_window(int(L), t_train) for L in curve.lengths], dtype=bool)
     window = fc.ForgettingCurve(lengths=curve.lengths[inside], copy_acc=curve.copy_acc[inside],
                                 lm_acc=curve.lm_acc[inside])
     everything = curve.summary()
-    readout = {"all": {"fine": everything["fine_grained_length"], "coarse": everything["coarse_grained_length"]},
+    readout = {"all": {"fine": everything["fine_grained_length"],
+                       "coarse": everything["coarse_grained_length"]},
                "in_window": {"fine": None, "coarse": None},
                "in_window_lengths": curve.lengths[inside].tolist(),
                "beyond_lengths": curve.lengths[~inside].tolist(),
@@ -382,7 +385,8 @@ def transformer_gate(reading: dict) -> dict:
     acc = dict(zip(reading["lengths"], reading["copy_mean"]))
     failing = [[L, acc[L]] for L in reading["in_window_lengths"] if acc[L] < GATE_ACCURACY]
     if not reading["in_window_lengths"]:
-        return {"passed": False, "failing": [], "message": "baseline gate failed: no in-window length measured"}
+        return {"passed": False, "failing": [],
+                "message": "baseline gate failed: no in-window length measured"}
     if failing:
         shown = ", ".join(f"L={L}: {a:.3f}" for L, a in failing)
         return {"passed": False, "failing": failing,
@@ -413,7 +417,8 @@ def summarize(cfg: FCTextConfig, results: dict[str, dict], points: list[Point]) 
             if arch == TRANSFORMER and "random" in reads:
                 entry["gate"] = transformer_gate(reads["random"])
             seeds[str(p.coords["seed"])] = entry
-        medians = {mode: {scope: {kind: median_or_none([s["curves"][mode][scope][kind] for s in seeds.values()])
+        medians = {mode: {scope: {kind: median_or_none([s["curves"][mode][scope][kind]
+                                                        for s in seeds.values()])
                                   for kind in ("fine", "coarse")} for scope in ("in_window", "all")}
                    for mode in next(iter(seeds.values()))["curves"]}
         unconverged = [k for k, s in seeds.items() if s["convergence"]["verdict"] != "converged"]
@@ -441,10 +446,11 @@ def report(cfg: FCTextConfig, summary: dict, out: Path, prefix: str = PREFIX) ->
         for k in m["unconverged"]:
             loud.append(f"- UNCONVERGED {m['label']} seed {k}: {m['per_seed'][k]['convergence']['message']}")
         for k in m["gate_failed"]:
-            loud.append(f"- BASELINE GATE FAILED {m['label']} seed {k}: {m['per_seed'][k]['gate']['message']}")
-    md += ["## Warnings", ""] + (loud or ["- none: every model converged and every Transformer gate passed"]) + [""]
-    md += ["| model | seed | lr | params | train loss | held-out loss | converged | gate | data | fine in-window "
-           "| coarse in-window | fine all | coarse all |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            loud.append(f"- BASELINE GATE FAILED {m['label']} seed {k}: "
+                        f"{m['per_seed'][k]['gate']['message']}")
+    md += ["## Warnings", ""] + (loud or ["- none: every model converged and every Transformer gate passed"])
+    md += ["", "| model | seed | lr | params | train loss | held-out loss | converged | gate | data "
+           "| fine in-window | coarse in-window | fine all | coarse all |", "|---" * 13 + "|"]
     for m in summary["models"]:
         for k, s in m["per_seed"].items():
             gate = "-" if "gate" not in s else ("pass" if s["gate"]["passed"] else "FAILED")
@@ -454,8 +460,9 @@ def report(cfg: FCTextConfig, summary: dict, out: Path, prefix: str = PREFIX) ->
                           f"{s['convergence']['verdict']} | {gate} | {mode} | {r['in_window']['fine']} | "
                           f"{r['in_window']['coarse']} | {r['all']['fine']} | {r['all']['coarse']} |")
         for mode, med in m["median"].items():
-            md.append(f"| {m['label']} | median of N={m['N']} | | | | | {m['N'] - len(m['unconverged'])}/{m['N']} "
-                      f"| | {mode} | {_fmt(med['in_window']['fine'])} | {_fmt(med['in_window']['coarse'])} | "
+            converged = m["N"] - len(m["unconverged"])
+            md.append(f"| {m['label']} | median of N={m['N']} | | | | | {converged}/{m['N']} | | {mode} | "
+                      f"{_fmt(med['in_window']['fine'])} | {_fmt(med['in_window']['coarse'])} | "
                       f"{_fmt(med['all']['fine'])} | {_fmt(med['all']['coarse'])} |")
     text = "\n".join(md) + "\n"
     atomic_write_json(out / f"{prefix}_summary.json", summary)
@@ -486,8 +493,9 @@ def plot(cfg: FCTextConfig, summary: dict, out: Path, prefix: str = PREFIX) -> l
                 ax.plot(r["lengths"], r["copy_mean"], color="C0", lw=0.6, alpha=0.5)
                 ax.plot(r["lengths"], r["lm_mean"], color="C1", lw=0.6, alpha=0.5, ls="--")
             lengths = reads[0]["lengths"]
-            ax.plot(lengths, np.median([r["copy_mean"] for r in reads], 0), "-o", ms=3, color="C0", label="copy")
-            ax.plot(lengths, np.median([r["lm_mean"] for r in reads], 0), "--o", ms=3, color="C1", label="LM")
+            for key, style, color, name in (("copy_mean", "-o", "C0", "copy"),
+                                            ("lm_mean", "--o", "C1", "LM")):
+                ax.plot(lengths, np.median([r[key] for r in reads], 0), style, ms=3, color=color, label=name)
             ax.axvline(cfg.t_train, color="gray", lw=0.9, label=f"L = T_train = {cfg.t_train}")
             ax.axvline((cfg.t_train - LAYOUT_EXTRA_TOKENS) / 2, color="gray", lw=0.8, ls=":",
                        label="2L + 3 = T_train")
@@ -521,7 +529,8 @@ def tune_table(cfg: FCTextConfig, results: dict[str, dict], points: list[Point])
         reading = read_curve(r["curves"]["random"], cfg.t_train)
         rows.append({"arch": p.coords["arch"], "lr": p.coords["lr"], "seed": p.coords["seed"],
                      "final_heldout_loss": r["final_heldout_loss"], "final_train_loss": r["final_train_loss"],
-                     "convergence": r["convergence"]["verdict"], "last_window_loss": r["convergence"]["last_mean"],
+                     "convergence": r["convergence"]["verdict"],
+                     "last_window_loss": r["convergence"]["last_mean"],
                      "rel_drop": r["convergence"]["rel_drop"],
                      "copy_in_window": dict(zip(reading["lengths"], reading["copy_mean"])),
                      "train_seconds": r["train_seconds"]})
@@ -537,8 +546,9 @@ def tune_table(cfg: FCTextConfig, results: dict[str, dict], points: list[Point])
           "copy acc. in-window (random) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         copy = ", ".join(f"{L}:{a:.2f}" for L, a in r["copy_in_window"].items())
-        md.append(f"| {r['arch']} | {r['lr']:g} | {_fmt(r['final_heldout_loss'])} | {r['final_train_loss']:.4f} | "
-                  f"{r['last_window_loss']:.4f} | {r['rel_drop']:.4f} | {r['convergence']} | {copy} |")
+        md.append(f"| {r['arch']} | {r['lr']:g} | {_fmt(r['final_heldout_loss'])} | "
+                  f"{r['final_train_loss']:.4f} | {r['last_window_loss']:.4f} | {r['rel_drop']:.4f} | "
+                  f"{r['convergence']} | {copy} |")
     md.append(f"\nchosen (lowest held-out loss): {chosen}")
     atomic_write_text(out / "tune.md", "\n".join(md) + "\n")
     print("\n".join(md))
@@ -576,8 +586,8 @@ def publish(run_dir: str | Path) -> Path:
     dirty = [i.get("git_commit") for i in record.get("invocations", [])
              if str(i.get("git_commit", "")).endswith("+dirty")]
     if dirty or str(record.get("git_commit", "")).endswith("+dirty"):
-        raise SystemExit(f"{run_dir} was (partly) computed from a dirty tree ({dirty or record.get('git_commit')}): "
-                         "rerun it from a clean commit")
+        raise SystemExit(f"{run_dir} was (partly) computed from a dirty tree "
+                         f"({dirty or record.get('git_commit')}): rerun it from a clean commit")
     cfg, results, _ = finished_run(run_dir, None, FCTextConfig, report_points)
     shutil.rmtree(RESULTS, ignore_errors=True)
     (RESULTS / "points").mkdir(parents=True)
@@ -594,13 +604,14 @@ def publish(run_dir: str | Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = config_parser(FCTextConfig, DESCRIPTION, QUICK)
-    add_flag(p, "replot", bool, False, "only redraw the summary and figures from out_dir's points (no training)")
+    add_flag(p, "replot", bool, False, "only redraw the summary and figures from out_dir's points (no "
+                                       "training)")
     add_flag(p, "publish", str, "", "publish this finished run folder into experiments/results/fcurves_text/")
     return p
 
 
 def config_of(args: argparse.Namespace) -> FCTextConfig:
-    """The config of parsed flags: defaults, then the GPU preset (--gpu) or QUICK (--quick), then the flags."""
+    """The config of parsed flags: the defaults, the GPU preset (--gpu) or QUICK (--quick), the flags."""
     if getattr(args, "gpu", False) and getattr(args, "quick", False):
         raise ValueError("--gpu and --quick are two presets: give one")
     if getattr(args, "gpu", False):
