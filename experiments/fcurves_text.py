@@ -7,10 +7,12 @@ bytes copies perfectly inside its training window? Unlike experiments/forgetting
 on the copy layout itself), no model here ever sees a copy episode in training.
 
 Commands (run from the repository root; one torch thread per worker)
-    # 1. the learning-rate tuning on tuning seed 1000 (about 2.5 min per model on one CPU thread; 6 models,
-    #    9 with --tune_archs mamba2_n64,transformer,mamba2_n16); writes runs/fcurves_text_tune/tune.json
-    OMP_NUM_THREADS=1 python -m experiments.fcurves_text --tune --workers 1
-    # 2. the reported CPU-sized run, seeds 0, 1, 2 (3 models x 3 seeds; about 20-25 min on 2 cores)
+    # 1. the learning-rate tuning on tuning seed 1000, as run for LR_BY_ARCH (9 models of 140-195 s each
+    #    on one CPU thread, 24 min); writes runs/fcurves_text_tune/tune.json and tune.md
+    OMP_NUM_THREADS=1 python -m experiments.fcurves_text --tune --workers 1 \
+        --tune_archs mamba2_n64,transformer,mamba2_n16
+    # 2. the reported CPU-sized run, seeds 0, 1, 2 (9 models: ~26 min of one-thread training and ~5 min
+    #    of curves at n = 128, so about 16 min on 2 free cores, up to ~25 min on a busy box)
     OMP_NUM_THREADS=1 python -m experiments.fcurves_text --quick --workers 2
     # the same command again after a kill: finished (model, seed) points are reused, models resume from
     # their last checkpoint, half-measured curves resume from their JSON
@@ -41,8 +43,11 @@ Protocol (numbered as the sections below)
        gets verdict "unconverged" (printed, and in the summary with its numbers); it stays in N and its
        curves are measured all the same.
     4. Curves, zero-shot, with experiments.measure_curve (resumable): random bytes and held-out stdlib
-       text, lengths L = 4 .. 1024, n samples per L, BOS = EOS = data.DOC_SEP; Mamba-2 runs in chunks
-       with its state carried.
+       text, lengths L = 4 .. 1024, n = 128 samples per L (15-19 s per model and mode on one thread),
+       BOS = EOS = data.DOC_SEP; Mamba-2 runs in chunks with its state carried. The Transformer gets the
+       whole grid too: its longest sequence (2L + 3 = 2051 tokens) costs 8 rows x 2 heads x 2051^2 fp32
+       attention scores = 270 MB per layer call, which fits a CPU; --tf_max_len caps it (attention is
+       quadratic; the GPU preset stops it at 4096).
     5. Readouts (forgetting_curve.py's rules): fine-grained memory length (copy >= 0.99) and
        coarse-grained memory length (copy - LM >= 0.05, significant), computed twice: over the lengths
        whose copy sample lies inside T_train (in_window), and over the whole grid (all; beyond T_train
@@ -76,7 +81,7 @@ Outputs (run folder, default runs/fcurves_text/)
 GPU preset (--gpu; not run: no GPU was lent while writing this; the time is an estimate)
     The same model sizes (so LR_BY_ARCH, tuned at T = 256, is used as is; rerun --tune --gpu before
     trusting it at T = 2048), T_train = 2048, 4 rows per step (8192 tokens), 3000 steps, seeds 0-4,
-    lengths to 16384 (the Transformer to 4096), n = 64, chunks of 4096 tokens. 15 models of ~25M tokens;
+    lengths to 16384 (the Transformer to 4096), n = 256, chunks of 4096 tokens. 15 models of ~25M tokens;
     at an estimated 20 ms per step, 5 workers sharing one H200: ~4-5 min of training, ~2 min of curves.
 """
 from __future__ import annotations
@@ -176,7 +181,7 @@ class FCTextConfig:
     # --- curves (section 4) ---
     lengths: tuple[int, ...] = flag((4, 8, 16, 32, 64, 128, 256, 512, 1024), "dependency lengths L (tokens)")
     tf_max_len: int = flag(1024, "largest L for the Transformer (attention is O((2L+3)^2))")
-    n_samples: int = flag(32, "n, samples per L")
+    n_samples: int = flag(128, "n, samples per L (n = 32 took 2-4 s per curve; 128 takes 15-19 s)")
     modes: tuple[str, ...] = flag(MODES, "span data: random bytes and/or held-out stdlib text")
     chunk_size: int = flag(1024, "tokens per Mamba-2 call during the curves, state carried")
     eval_batch: int = flag(8, "sequences per forward call during the curves")
@@ -231,7 +236,7 @@ class FCTextConfig:
 QUICK: dict = {}  # --quick = the defaults: the CPU-sized design of issue 22 is the reported run
 GPU = dict(out_dir="runs/fcurves_text_gpu", device="cuda", t_train=2048, rows=4, seeds=(0, 1, 2, 3, 4),
            lengths=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), tf_max_len=4096,
-           n_samples=64, chunk_size=4096, eval_batch=16)
+           n_samples=256, chunk_size=4096, eval_batch=16)
 DESCRIPTION = "Forgetting curves of text-trained Mamba-2 and Transformer models (see the module docstring)."
 
 
