@@ -62,7 +62,7 @@ Protocol (numbered as the sections below)
 
 Tuning result (seed 1000; experiments/results/fcurves_text_tune/, copied from the --tune run folder)
     Every architecture chose lr 1e-2, the grid's largest (constants LR_BY_ARCH). No run met the default
-    convergence rel_tol 0.01 (constants CONVERGENCE_*: why 0.05 is used). On random bytes, in-window, no
+    convergence rel_tol 0.01 (constants CONVERGENCE_*). On random bytes, in-window, no
     tuned model copies: copy accuracy <= 0.03 at every L = 4 .. 64 for Mamba-2 and the Transformer alike,
     so the Transformer's gate (step 6) is expected to fail at this size: text alone did not teach this
     2-layer, d = 64 Transformer to copy random bytes in 3000 steps.
@@ -132,17 +132,16 @@ TUNE_N_SAMPLES = 16                  # n of the tuning runs' in-window random-by
 LR_BY_ARCH: dict[str, float] = {"mamba2_n16": 1e-2, "mamba2_n64": 1e-2, TRANSFORMER: 1e-2}
 GATE_ACCURACY = 0.99                 # the Transformer's gate: mean copy accuracy at each in-window L
                                      # (= [FC]'s fine-grained threshold, forgetting_curve.DEFAULT_THRESHOLD)
-# Convergence thresholds (section 3), fixed before the reported runs. experiments/convergence.py's defaults
-# are W = 50 entries (500 steps at log_every 10), rel_tol 0.01, ceiling 1.5 nats/byte. The tuning (seed
-# 1000, experiments/results/fcurves_text_tune/tune.md) met rel_tol 0.01 with NO lr of any architecture: over
-# the last 500 of the fixed 3000 cosine steps every run still fell 1.7-2.7% (Mamba-2, N_S 16 and 64) or
-# 2.4-4.2% (Transformer), and consecutive 500-step window means of a low-lr run move by ~1-2% from the text
-# mixture of the batches alone (Mamba-2 N_S=64, lr 1e-3: 0.7% then 1.7%). So rel_tol is 0.05 here: a run
-# whose loss still falls by more than 5% per 500 steps at the end is refused (every run fell 9-13% per
-# window at step 1500). "Converged" therefore means "flat within 5% per 500 steps at the end of the fixed
-# budget", not a plateau. Window and ceiling are the defaults (the chosen lrs end below 1.5 nats/byte).
+# Convergence thresholds (section 3): experiments/convergence.py's defaults, W = 50 entries (500 steps at
+# log_every 10), rel_tol 0.01, ceiling 1.5 nats/byte, fixed there before this experiment was tuned. The tuning
+# (seed 1000, experiments/results/fcurves_text_tune/tune.md) met rel_tol 0.01 with NO lr of any architecture:
+# over the last 500 of the fixed 3000 cosine steps every run still fell 1.7-2.7% (Mamba-2, N_S 16 and 64) or
+# 2.4-4.2% (Transformer). A tolerance widened until these runs pass would call a model that is still learning
+# "converged", which is what the check exists to refuse (issue 22); so the default stays, and at this budget
+# every model is expected to read "unconverged": reported, measured, never dropped. (A rel_tol of 0.05 was
+# committed in d0b64e5 and replaced by the default before any reported run: PREREGISTRATION.md section 12.)
 CONVERGENCE_WINDOW = 50              # W, metrics.csv entries (= 500 steps at log_every 10)
-CONVERGENCE_REL_TOL = 0.05           # fraction per window (default 0.01: met by no lr in the tuning)
+CONVERGENCE_REL_TOL = 0.01           # fraction per window (the default; met by no lr in the tuning)
 CONVERGENCE_CEILING = 1.5            # nats/byte, the default (stdlib byte corpus)
 MIN_SAMPLES = 5                      # n >= 5: the sign-flip test of the coarse rule can reach p < 0.05
 CHECKPOINTS_PER_RUN = 4              # train.py checkpoints per model (a killed model resumes from one)
