@@ -107,7 +107,7 @@ from experiments.convergence import ConvergenceConfig, NotConverged, check_conve
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
 from experiments.measure import load_for_eval
 from experiments.measure_curve import measure_curve
-from experiments.state_collapse import check_clean_tree
+from experiments.publish import check_clean_tree
 from experiments.sweep import (MACHINE_FIELDS, Point, check_seeds_and_workers, finished_run, grid_points,
                                read_run_record, run_sweep, train_point_model, workers_flag)
 from experiments.tiny_transformer import TinyTransformer
@@ -604,7 +604,7 @@ def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
 def publish(run_dir: str | Path) -> Path:
     """Copy a finished run's points, record, summary and figures into experiments/results/fcurves_text/
-    with a manifest. Refused from a dirty tree (state_collapse.check_clean_tree) and for a run any of
+    with a manifest. Refused from a dirty tree (publish.check_clean_tree) and for a run any of
     whose invocations ran from a dirty tree."""
     commit = check_clean_tree()
     run_dir = Path(run_dir)

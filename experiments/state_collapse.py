@@ -53,9 +53,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -71,6 +69,7 @@ from experiments import measure as ME
 from experiments import recipe as R
 from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag, git_commit
 from experiments.data import Corpus
+from experiments.publish import check_clean_tree, prereg_commit, run_record
 from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
                                recipe, run_sweep, stored_results, train_point_model, workers_flag)
 
@@ -377,14 +376,6 @@ def summary_markdown(cfg: DemoConfig, rows: list[dict], commit: str, prereg: str
     return "\n".join(md) + "\n"
 
 
-def run_record(run_dir: Path) -> dict:
-    """The run's config.json (a run folder) or manifest.json (a published results folder); {} if neither."""
-    for name in ("config.json", "manifest.json"):
-        if (Path(run_dir) / name).is_file():
-            return json.loads((Path(run_dir) / name).read_text())
-    return {}
-
-
 def report(cfg: DemoConfig, results: dict[str, dict], out: Path, record: dict) -> dict:
     """summary.json / summary.md / figures into out; record: the run's config.json (commits, prereg)."""
     rows = seed_rows(cfg, results)
@@ -498,14 +489,6 @@ RESULTS = REPO / "experiments" / "results" / "state_collapse"
 FIGURES = REPO / "figures"
 
 
-def check_clean_tree() -> str:
-    """HEAD's commit; refuses a working tree with uncommitted changes to tracked files."""
-    commit = git_commit()
-    if commit.endswith("+dirty") or commit == "unknown":
-        raise SystemExit(f"refusing to publish from a dirty tree ({commit}): commit your changes first")
-    return commit
-
-
 def publish(run_dir: str | Path) -> Path:
     """Copy a finished run's points and record into experiments/results/state_collapse/ with a manifest
     (the run's commits and the publishing commit), and its figures into figures/. Clean tree only; every
@@ -555,16 +538,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run_sweep(cfg, demo_points(cfg), run_point, "collapse", prereg_commit=prereg_commit())
     report(cfg, results, Path(cfg.out_dir), run_record(Path(cfg.out_dir)))
     print(f"wrote {cfg.out_dir}/ in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-
-
-def prereg_commit() -> str:
-    """The commit that last changed PREREGISTRATION.md (results carry it)."""
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%H", "--", "PREREGISTRATION.md"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "none"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

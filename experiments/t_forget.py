@@ -284,7 +284,7 @@ def fmt_interval(iv: list[float]) -> str:
 
 def summary_markdown(cfg: TForgetConfig, rows: list[dict], fitted: dict, record: dict) -> str:
     n_seeds = len(cfg.seeds)
-    lines = [f"# T_forget against state size (experiments/t_forget.py)", "",
+    lines = ["# T_forget against state size (experiments/t_forget.py)", "",
              f"commit(s) {', '.join(run_commits(record)) or 'unknown'}; prereg {record.get('prereg_commit')}; "
              f"GATE {GATE}, E_MIN {E_MIN} nats/byte on E({PRIMARY_K}); seeds {list(cfg.seeds)}; "
              f"{cfg.steps} steps x {cfg.tokens_per_step} bytes", "",

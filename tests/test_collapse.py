@@ -289,8 +289,9 @@ def test_demo_reports_every_seed_and_fix_resumes_and_replots(tmp_path, capsys):
 
 
 def test_publish_refuses_a_dirty_tree(monkeypatch, tmp_path):
+    from experiments import publish as PB
     from experiments import state_collapse as SC
-    monkeypatch.setattr(SC, "git_commit", lambda: "abc123+dirty")
+    monkeypatch.setattr(PB, "git_commit", lambda: "abc123+dirty")
     with pytest.raises(SystemExit, match="dirty"):
         SC.publish(tmp_path)
 
