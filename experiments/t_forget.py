@@ -86,6 +86,9 @@ GATE_SEED = RS.PROBE_SEED + 1  # the gate's rows: a stream apart from the probe'
 BLIND_FRACTION = 8  # the gate's blind reference reads the last T / 8 bytes: no far binding is in it
 LONG_MULT = 32  # the probe is 32 T long
 VERDICTS = ("failed", "gate-failed", "collapsed", "not collapsed")
+PREREGISTERED_LENS = (16, 32, 64, 128)  # PREREGISTRATION.md section 8's T_train grid. The config committed with it
+#   trained T 256 too (its default grid disagreed with the text); the summary reads both grids and puts
+#   the pre-registered one first (experiments/LOG.md, 2026-12-06 evening)
 
 
 @dataclass(frozen=True)
@@ -223,10 +226,14 @@ def t_forget_rows(cfg: TForgetConfig, results: dict[str, dict]) -> list[dict]:
             lo, hi, out_of_order = SCL.verdict_interval(verdicts)
             ungated = {t: ungated_verdict(r) for t, r in pts.items()}
             lo_u, hi_u, _ = SCL.verdict_interval(ungated)
+            pre = [t for t in pts if t in PREREGISTERED_LENS] or list(pts)  # the pre-registered grid's points
+            lo_p, hi_p, _ = SCL.verdict_interval({t: verdicts[t] for t in pre})
+            lo_pu, hi_pu, _ = SCL.verdict_interval({t: ungated[t] for t in pre})
             sizes = [r["state_size"] for r in pts.values() if r.get("state_size")]
             rows.append({"d_state": n, "seed": s, "state_size": sizes[0] if sizes else state_size_of(cfg, n),
                          "verdicts": {str(t): v for t, v in verdicts.items()}, "t_forget": [lo, hi],
-                         "t_forget_ungated": [lo_u, hi_u],
+                         "t_forget_ungated": [lo_u, hi_u], "t_forget_prereg": [lo_p, hi_p],
+                         "t_forget_prereg_ungated": [lo_pu, hi_pu],
                          "out_of_order": out_of_order,
                          "e16": {str(t): excess_at(r) for t, r in pts.items()},
                          "gate": {str(t): r.get("gate") for t, r in pts.items()}})
@@ -247,14 +254,15 @@ def excess_at(r: dict) -> dict | None:
     return next(x for x in r["excess"] if x["k"] == PRIMARY_K)["excess"]
 
 
-def fit(cfg: TForgetConfig, rows: list[dict], key: str = "t_forget") -> dict:
+def fit(cfg: TForgetConfig, rows: list[dict], key: str = "t_forget", lens: tuple[int, ...] | None = None) -> dict:
     """The censored fit of log2 T_forget on log2 N_S over every (d_state, seed) whose interval says
     something, and what it rests on. key: "t_forget" (the verdicts) or "t_forget_ungated" (E(16) alone)."""
     known = [r for r in rows if not (r[key][0] == 0 and math.isinf(r[key][1]))]  # (0, inf) says nothing
     out = {"n_points": len(known), "n_uninformative": len(rows) - len(known),
            "n_uncensored": sum(0 < r[key][0] and math.isfinite(r[key][1]) for r in known)}
     try:
-        f = SCL.fit_intervals([r["state_size"] for r in known], [tuple(r[key]) for r in known], cfg.train_lens)
+        f = SCL.fit_intervals([r["state_size"] for r in known], [tuple(r[key]) for r in known],
+                              [t for t in cfg.train_lens if lens is None or t in lens])
     except ValueError as e:
         return {**out, "error": str(e)}
     return {**out, "slope": f.slope, "slope_ci": list(f.slope_ci), "intercept": f.intercept, "sigma": f.sigma,
@@ -284,12 +292,14 @@ def fmt_interval(iv: list[float]) -> str:
 
 def summary_markdown(cfg: TForgetConfig, rows: list[dict], fitted: dict, record: dict) -> str:
     n_seeds = len(cfg.seeds)
+    extra = not set(cfg.train_lens) <= set(PREREGISTERED_LENS)  # a second column: the pre-registered grid alone
+    extra_head = f" (T <= {max(PREREGISTERED_LENS)}, pre-registered) | T_forget (whole grid)" if extra else ""
     lines = ["# T_forget against state size (experiments/t_forget.py)", "",
              f"commit(s) {', '.join(run_commits(record)) or 'unknown'}; prereg {record.get('prereg_commit')}; "
              f"GATE {GATE}, E_MIN {E_MIN} nats/byte on E({PRIMARY_K}); seeds {list(cfg.seeds)}; "
              f"{cfg.steps} steps x {cfg.tokens_per_step} bytes", "",
              "| d_state | N_S | seed | " + " | ".join(f"T {t}" for t in cfg.train_lens)
-             + " | T_forget | paper's T_forget |", "|" + "---|" * (len(cfg.train_lens) + 5)]
+             + f" | T_forget{extra_head} | paper's T_forget |", "|" + "---|" * (len(cfg.train_lens) + 5 + bool(extra))]
     short = {"collapsed": "C", "not collapsed": "F", "gate-failed": "g", "failed": "x"}
     for r in rows:
         cells = []
@@ -298,6 +308,7 @@ def summary_markdown(cfg: TForgetConfig, rows: list[dict], fitted: dict, record:
             cells.append(short[r["verdicts"][str(t)]] + (f" {e['value']:+.3f}" if e else "")
                          + (f" g{r['gate'][str(t)]:.2f}" if r["gate"][str(t)] is not None else ""))
         lines.append(f"| {r['d_state']} | {r['state_size']} | {r['seed']} | " + " | ".join(cells)
+                     + (f" | {fmt_interval(r['t_forget_prereg'])}" if extra else "")
                      + f" | {fmt_interval(r['t_forget'])}"
                      + (f" ({r['out_of_order']} out of order)" if r["out_of_order"] else "")
                      + f" | {SCL.paper_prediction(r['state_size']):.0f} |")
@@ -320,12 +331,21 @@ def summary_markdown(cfg: TForgetConfig, rows: list[dict], fitted: dict, record:
                      "the paper's b = 1")
     lines.append("- T_forget without the gate (E(16) alone) per (d_state, seed): "
                  + "; ".join(f"{r['d_state']}/{r['seed']} {fmt_interval(r['t_forget_ungated'])}" for r in rows))
+    if not set(cfg.train_lens) <= set(PREREGISTERED_LENS):
+        lines.append(f"- on the pre-registered grid alone (T {', '.join(map(str, PREREGISTERED_LENS))}), per (d_state, "
+                     "seed), gated / ungated: " + "; ".join(
+                         f"{r['d_state']}/{r['seed']} {fmt_interval(r['t_forget_prereg'])} / "
+                         f"{fmt_interval(r['t_forget_prereg_ungated'])}" for r in rows))
     return "\n".join(lines) + "\n"
 
 
 def report(cfg: TForgetConfig, results: dict[str, dict], out: Path, record: dict) -> dict:
     rows = t_forget_rows(cfg, results)
     fitted = {"gated": fit(cfg, rows), "ungated": fit(cfg, rows, "t_forget_ungated")}
+    if not set(cfg.train_lens) <= set(PREREGISTERED_LENS):  # the run went beyond the pre-registered grid
+        fitted = {"gated, pre-registered grid": fit(cfg, rows, "t_forget_prereg", PREREGISTERED_LENS),
+                  "ungated, pre-registered grid": fit(cfg, rows, "t_forget_prereg_ungated", PREREGISTERED_LENS),
+                  "gated, whole grid": fitted["gated"], "ungated, whole grid": fitted["ungated"]}
     summary = {"commits": run_commits(record), "prereg_commit": record.get("prereg_commit"),
                "constants": {"GATE": GATE, "E_MIN": E_MIN, "PRIMARY_K": PRIMARY_K}, "rows": rows, "fit": fitted}
     atomic_write_json(out / "t_forget_summary.json", summary)
@@ -363,8 +383,8 @@ def plot(cfg: TForgetConfig, results: dict[str, dict], rows: list[dict], fitted:
         ax.plot([x, x], [lo_p, hi_p], "-", color=colors[cfg.d_states.index(r["d_state"]) % len(colors)], lw=3)
     ns = np.geomspace(min(r["state_size"] for r in rows) / 1.5, max(r["state_size"] for r in rows) * 1.5, 50)
     ax.plot(ns, [SCL.paper_prediction(v) for v in ns], "k--", lw=1, label="Stuffed Mamba: 5.172 tokens per 1K (b = 1)")
-    if "slope" in fitted["gated"]:
-        f = fitted["gated"]
+    f = fitted.get("gated", fitted.get("gated, pre-registered grid", {}))
+    if "slope" in f:
         ax.plot(ns, 2 ** f["intercept"] * ns ** f["slope"], "r-", lw=1,
                 label=f"censored fit b = {f['slope']:.2f} [{f['slope_ci'][0]:.2f}, {f['slope_ci'][1]:.2f}]")
     for t in cfg.train_lens:

@@ -238,3 +238,17 @@ def test_gpu_script_refuses_without_cuda_or_a_bad_choice(monkeypatch):
         CG.main(["--dry_run"])
     with pytest.raises(SystemExit, match="--only"):
         CG.main(["--only", "passkey"])
+
+
+def test_t_forget_reads_the_preregistered_grid_apart(tmp_path):
+    """A run whose grid goes past PREREGISTRATION.md's (T 256): the pre-registered reading ignores T 256."""
+    lens = TF.PREREGISTERED_LENS + (256,)
+    cfg = TF.TForgetConfig(d_states=(4, 16), train_lens=lens, seeds=(0,), workers=1, out_dir=str(tmp_path))
+    results = {p.key: fake_result(0.9, 0.1 if p.coords["t_train"] < (32 if p.coords["d_state"] == 4 else 256)
+                                  else -0.01, TF.state_size_of(cfg, p.coords["d_state"])) for p in TF.grid(cfg)}
+    summary = TF.report(cfg, results, tmp_path, {})
+    rows = {r["d_state"]: r for r in summary["rows"]}
+    assert rows[16]["t_forget"] == [128.0, 256.0] and rows[16]["t_forget_prereg"] == [128.0, math.inf]
+    assert rows[4]["t_forget"] == rows[4]["t_forget_prereg"] == [16.0, 32.0]
+    assert list(summary["fit"])[0] == "gated, pre-registered grid"
+    assert "pre-registered" in (tmp_path / "t_forget_summary.md").read_text()
