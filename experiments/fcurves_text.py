@@ -89,7 +89,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -107,9 +106,9 @@ from experiments.convergence import ConvergenceConfig, NotConverged, check_conve
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
 from experiments.measure import load_for_eval
 from experiments.measure_curve import measure_curve
-from experiments.publish import check_clean_tree
+from experiments.publish import publish_run
 from experiments.sweep import (MACHINE_FIELDS, Point, check_seeds_and_workers, finished_run, grid_points,
-                               read_run_record, run_sweep, train_point_model, workers_flag)
+                               run_sweep, train_point_model, workers_flag)
 from experiments.tiny_transformer import TinyTransformer
 from experiments.train import TrainConfig
 
@@ -603,29 +602,13 @@ def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
 
 def publish(run_dir: str | Path) -> Path:
-    """Copy a finished run's points, record, summary and figures into experiments/results/fcurves_text/
-    with a manifest. Refused from a dirty tree (publish.check_clean_tree) and for a run any of
-    whose invocations ran from a dirty tree."""
-    commit = check_clean_tree()
-    run_dir = Path(run_dir)
-    record = read_run_record(run_dir)
-    dirty = [i.get("git_commit") for i in record.get("invocations", [])
-             if str(i.get("git_commit", "")).endswith("+dirty")]
-    if dirty or str(record.get("git_commit", "")).endswith("+dirty"):
-        raise SystemExit(f"{run_dir} was (partly) computed from a dirty tree "
-                         f"({dirty or record.get('git_commit')}): rerun it from a clean commit")
+    """Copy a finished run's points and record into experiments/results/fcurves_text/ with a manifest, rebuild
+    its summary and figures there from the copied points, and copy the figures into figures/
+    (publish.publish_run: refused from a dirty tree and for a run any of whose invocations ran from one)."""
     cfg, results, _ = finished_run(run_dir, None, FCTextConfig, report_points)
-    shutil.rmtree(RESULTS, ignore_errors=True)
-    (RESULTS / "points").mkdir(parents=True)
-    for p in report_points(cfg):
-        shutil.copyfile(run_dir / "points" / f"{p.key}.json", RESULTS / "points" / f"{p.key}.json")
-    atomic_write_json(RESULTS / "manifest.json", {
-        "experiment": PREFIX, "config": record["config"], "seeds": list(cfg.seeds), "lr_by_arch": LR_BY_ARCH,
-        "run_commits": sorted({i.get("git_commit") for i in record.get("invocations", [])}),
-        "invocations": record.get("invocations", []), "published_at_commit": commit,
-        "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    report(cfg, summarize(cfg, results, report_points(cfg)), RESULTS)
-    return RESULTS
+    return publish_run(run_dir, RESULTS, PREFIX, report_points(cfg), cfg.seeds,
+                       lambda out: report(cfg, summarize(cfg, results, report_points(cfg)), out),
+                       figures=(f"{PREFIX}_random.png", f"{PREFIX}_text.png"))
 
 
 def build_parser() -> argparse.ArgumentParser:
