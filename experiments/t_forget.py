@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 import torch
 
@@ -370,29 +371,42 @@ def plot(cfg: TForgetConfig, results: dict[str, dict], rows: list[dict], fitted:
                     ax.plot(t, r["e16"][str(t)]["value"], "x", color="k")
     ax.axhline(E_MIN, color="gray", ls="--", lw=1, label=f"E_MIN {E_MIN}")
     ax.set(xscale="log", xlabel="T_train (bytes)", ylabel=f"E({PRIMARY_K}) (nats/byte)",
-           title="excess of the full state over a window of T_train (x: gate-failed)")
+           title="E(16): full state minus a window of T_train (x: gate-failed)")
+    ax.title.set_fontsize(10)
     ax.set_xticks(cfg.train_lens, [str(t) for t in cfg.train_lens])
     ax.legend(fontsize=8)
-    ax = axes[1]  # T_forget intervals against N_S, the fit and the paper's line
-    for i, r in enumerate(rows):
-        lo, hi = r["t_forget"]
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax = axes[1]  # T_forget intervals against N_S (the primary reading), its fit, the paper's line
+    extra = not set(cfg.train_lens) <= set(PREREGISTERED_LENS)
+    key, lens = ("t_forget_prereg", PREREGISTERED_LENS) if extra else ("t_forget", cfg.train_lens)
+    top = max(t for t in cfg.train_lens if t in lens)
+    for r in rows:
+        lo, hi = r[key]
         if lo == 0 and math.isinf(hi):
             continue  # uninformative: no bar
         x = r["state_size"] * (1 + 0.04 * (r["seed"] - np.mean(cfg.seeds)))
-        lo_p, hi_p = max(lo, cfg.train_lens[0] / 2), min(hi, cfg.train_lens[-1] * 2)
+        lo_p, hi_p = max(lo, cfg.train_lens[0] / 2), min(hi, top * 2)  # censored ends drawn to the frame
         ax.plot([x, x], [lo_p, hi_p], "-", color=colors[cfg.d_states.index(r["d_state"]) % len(colors)], lw=3)
     ns = np.geomspace(min(r["state_size"] for r in rows) / 1.5, max(r["state_size"] for r in rows) * 1.5, 50)
     ax.plot(ns, [SCL.paper_prediction(v) for v in ns], "k--", lw=1, label="Stuffed Mamba: 5.172 tokens per 1K (b = 1)")
-    f = fitted.get("gated", fitted.get("gated, pre-registered grid", {}))
-    if "slope" in f:
-        ax.plot(ns, 2 ** f["intercept"] * ns ** f["slope"], "r-", lw=1,
-                label=f"censored fit b = {f['slope']:.2f} [{f['slope_ci'][0]:.2f}, {f['slope_ci'][1]:.2f}]")
-    for t in cfg.train_lens:
+    names = list(fitted)
+    for name, style in ((names[0], "r-"), (names[-1], "r:")):  # the primary reading; the last, most inclusive one
+        f = fitted[name]
+        if "slope" in f:
+            ax.plot(ns, 2 ** f["intercept"] * ns ** f["slope"], style, lw=1,
+                    label=f"fit ({name}): b = {f['slope']:.2f} [{f['slope_ci'][0]:.2f}, {f['slope_ci'][1]:.2f}]")
+        if len(names) == 1:
+            break
+    for t in lens:
         ax.axhline(t, color="gray", lw=0.5, alpha=0.5)
     ax.set(xscale="log", yscale="log", xlabel="N_S (state elements)", ylabel="T_forget (bytes)",
-           ylim=(cfg.train_lens[0] / 2.5, cfg.train_lens[-1] * 2.5),
-           title="T_forget intervals per (d_state, seed); ends past the grid are censored")
-    ax.legend(fontsize=8)
+           ylim=(cfg.train_lens[0] / 2.5, top * 2.5),
+           title=f"T_forget per (d_state, seed), {names[0]}")
+    ax.title.set_fontsize(10)
+    sizes = sorted({r["state_size"] for r in rows})
+    ax.set_xticks(sizes, [f"{v:,}" for v in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "t_forget.png"
     fig.savefig(path, dpi=120)
