@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from experiments import bench, forgetting_curves, mqar_capacity, passkey, state_capacity, state_collapse, t_forget
+from experiments import (bench, fcurves_text, forgetting_curves, mqar_capacity, passkey, state_capacity, state_collapse,
+                         t_forget)
 from experiments.common import (REPO, BadFileError, add_flag, atomic_write_json, check_seeds, ensure_folder, git_commit,
                                 read_json)
 from experiments.sweep import PointStore, load_run_config, read_run_record
@@ -74,6 +75,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("t_forget", t_forget.replot, t_forget.TForgetConfig, t_forget.grid, t_forget.main),
     Experiment("mqar_capacity", mqar_capacity.replot, mqar_capacity.CapacityConfig, mqar_capacity.grid,
                mqar_capacity.main),
+    Experiment("fcurves_text", fcurves_text.replot, fcurves_text.FCTextConfig, fcurves_text.report_points,
+               fcurves_text.main),
     Experiment("bench", _replot_bench, None, None, bench.main),
 )}
 
