@@ -9,10 +9,13 @@ Commands (run from the repository root; never run in CI, it needs CUDA)
     python -m experiments.capacity_gpu --only t_forget
 
 Why these sizes
-    The CPU grid (experiments/t_forget.py --quick) stops at T_train 128 and d_state 64 (N_S 17,920):
-    the paper's proportional T_forget for that state is 93 tokens, so the grid reaches past it, but not
-    for a d_state 256 state (N_S 69,376 -> 359 tokens). Here: d_state 16-256, T_train 32-512. The CPU
-    MQAR run (experiments/mqar_capacity.py --quick) sweeps k up to 32 at T 128; here k up to 128 at T 512.
+    The CPU grid (experiments/t_forget.py --quick) reaches T_train 256 and d_state 64 (N_S 17,920), whose
+    T_forget it left right-censored in the pre-registered reading. Here: d_state 16, 64, 128 (N_S 35,072:
+    the paper's proportional T_forget is 181 tokens) and T_train 32-256, the same recipe: what the GPU adds
+    is a larger state in minutes. The recall stream cannot go past T 380 (191 one-byte keys; a longer T
+    needs multi-byte keys, a new process).
+    The CPU MQAR run (experiments/mqar_capacity.py --quick) sweeps k up to 32 at T 128; here k up to 64
+    (recall.py has 95 one-byte keys) at T 512 and d_state up to 256.
     Same recipes, thresholds and readouts (PREREGISTRATION.md); only the grids grow.
 
 Steps
@@ -25,7 +28,6 @@ Outputs: runs/t_forget_gpu/ and runs/mqar_capacity_gpu/ (each with calibration.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -36,42 +38,46 @@ import torch
 from experiments import mqar_capacity as MC
 from experiments import recall_stream as RS
 from experiments import t_forget as TF
-from experiments.common import add_flag, atomic_write_json, config_from_args, config_parser
+from experiments.common import add_flag, atomic_write_json
 from experiments.sweep import run_sweep
 from experiments.train import TrainConfig, build_model, lm_loss, make_optimizer
 
 CALIBRATION_STEPS = 20  # timed steps per T (after WARMUP_STEPS)
 WARMUP_STEPS = 5  # untimed steps first (CUDA kernels, allocator)
 BUDGET_S = 540.0  # both runs must fit this (10 minutes less the calibration)
-T_FORGET_GPU = dict(out_dir="runs/t_forget_gpu", d_states=(16, 64, 256), train_lens=(32, 64, 128, 256, 512),
-                    seeds=(0, 1, 2), device="cuda", workers=6)
+T_FORGET_GPU = dict(out_dir="runs/t_forget_gpu", d_states=(16, 64, 128), train_lens=(32, 64, 128, 256),
+                    seeds=(0, 1, 2), device="cuda", workers=6)  # T <= 380: the recall stream's 191 keys
 MQAR_GPU = dict(out_dir="runs/mqar_capacity_gpu", d_states=(16, 64, 256), seq_len=512,
-                train_ks=(1, 2, 4, 8, 16, 32, 64, 128), eval_ks=(1, 2, 4, 8, 16, 32, 64, 128),
+                train_ks=(1, 2, 4, 8, 16, 32, 64), eval_ks=(1, 2, 4, 8, 16, 32, 64),  # k <= 95 distinct keys
                 tokens_per_step=8192, seeds=(0, 1, 2), device="cuda", workers=6)
 
 
 def seconds_per_step(d_state: int, seq_len: int, rows: int, batch_fn, d_model: int, n_layer: int,
-                     headdim: int) -> float:
-    """Wall seconds of one training step (forward, backward, AdamW) on CUDA, as train.py takes it."""
+                     headdim: int, device: str = "cuda") -> float:
+    """Wall seconds of one training step (forward, backward, AdamW) on `device`, as train.py takes it
+    (bf16 autocast on CUDA)."""
+    dev = torch.device(device)
     tcfg = TrainConfig(d_model=d_model, n_layer=n_layer, d_state=d_state, headdim=headdim, seq_len=seq_len,
-                       batch_size=rows, chunk_size=min(64, seq_len), task="custom", device="cuda")
+                       batch_size=rows, chunk_size=min(64, seq_len), task="custom", device=device)
     torch.manual_seed(0)
-    model = build_model(tcfg).cuda()
+    model = build_model(tcfg).to(dev)
     opt = make_optimizer(model, tcfg)
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)  # noqa: E731
     for step in range(WARMUP_STEPS + CALIBRATION_STEPS):
         if step == WARMUP_STEPS:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
         batch = batch_fn(step)
         rows_t, mask = batch if isinstance(batch, tuple) else (batch, None)
-        rows_t = rows_t.cuda()
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):  # as train.py on CUDA
+        rows_t = rows_t.to(dev)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
             logits, _ = model(rows_t[:, :-1], None, return_state=False)
-        loss = lm_loss(logits, rows_t[:, 1:], None if mask is None else mask.cuda().float())
+        loss = lm_loss(logits, rows_t[:, 1:], None if mask is None else mask.to(dev).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / CALIBRATION_STEPS
 
 
@@ -109,13 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     runs = []
     if args.only in ("", "t_forget"):
-        cfg = config_from_args(TF.TForgetConfig, config_parser(TF.TForgetConfig, "", T_FORGET_GPU).parse_args([]),
-                               T_FORGET_GPU)
-        runs.append(("t_forget", dataclasses.replace(cfg, seeds=seeds), TF, estimate_t_forget))
+        runs.append(("t_forget", TF.TForgetConfig(**{**T_FORGET_GPU, "seeds": seeds}), TF, estimate_t_forget))
     if args.only in ("", "mqar"):
-        cfg = config_from_args(MC.CapacityConfig, config_parser(MC.CapacityConfig, "", MQAR_GPU).parse_args([]),
-                               MQAR_GPU)
-        runs.append(("mqar_capacity", dataclasses.replace(cfg, seeds=seeds), MC, estimate_mqar))
+        runs.append(("mqar_capacity", MC.CapacityConfig(**{**MQAR_GPU, "seeds": seeds}), MC, estimate_mqar))
     estimates = {name: est(cfg) for name, cfg, _, est in runs}
     total = sum(e["estimated_s"] for e in estimates.values())
     facts = {"device": torch.cuda.get_device_name(0), "estimates": estimates, "estimated_total_s": total,

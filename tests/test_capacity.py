@@ -252,3 +252,25 @@ def test_t_forget_reads_the_preregistered_grid_apart(tmp_path):
     assert rows[4]["t_forget"] == rows[4]["t_forget_prereg"] == [16.0, 32.0]
     assert list(summary["fit"])[0] == "gated, pre-registered grid"
     assert "pre-registered" in (tmp_path / "t_forget_summary.md").read_text()
+
+
+def test_gpu_presets_are_valid_configs():
+    """The GPU script cannot run here, but its grids must be ones the scripts accept (T <= 380 for the
+    recall stream's keys, k <= 95 for MQAR's)."""
+    from experiments import capacity_gpu as CG
+    for cls, preset in ((TF.TForgetConfig, CG.T_FORGET_GPU), (MC.CapacityConfig, CG.MQAR_GPU)):
+        cfg = cls(**preset)
+        assert cfg.device == "cuda" and len(cfg.seeds) >= 3
+    assert max(CG.MQAR_GPU["eval_ks"]) >= 64  # the issue's k range
+
+
+def test_gpu_calibration_times_the_real_step_on_cpu(monkeypatch):
+    """The GPU script is never run in CI; its calibration is, on CPU at toy size, for both tasks."""
+    from experiments import capacity_gpu as CG
+    monkeypatch.setattr(CG, "CALIBRATION_STEPS", 2)
+    monkeypatch.setattr(CG, "WARMUP_STEPS", 1)
+    stream = RS.StreamBatches(RS.StreamConfig(max_lag=16), seed=0, batch_size=2, row_len=17)
+    s = CG.seconds_per_step(4, 16, 2, stream, 16, 1, 8, device="cpu")
+    cfg = MC.CapacityConfig(seq_len=16, train_ks=(1, 2), eval_ks=(1,), tokens_per_step=64, workers=1, seeds=(0,))
+    m = CG.seconds_per_step(4, 16, 4, MC.MixedKBatches(cfg, seed=0), 16, 1, 8, device="cpu")
+    assert 0 < s < 5 and 0 < m < 5, (s, m)
