@@ -1,7 +1,8 @@
 """Capacity that binds: the most key-value pairs a Mamba-2 recalls, against its state size.
 
 Commands (run from the repository root)
-    # the reported CPU run (PREREGISTRATION.md, issue 22): d_state 4, 16, 64, seeds 0-2, k up to 32 at T 128
+    # the reported CPU run (PREREGISTRATION.md section 9): d_state 4, 16, 64, seeds 0-2, k up to 32 at T 128:
+    # 9 models, 43 min on 2 cores shared with other runs
     python -m experiments.mqar_capacity --quick
     # redraw the summary and figure of a finished run folder (seconds, no training)
     python -m experiments.mqar_capacity --quick --replot

@@ -1,7 +1,8 @@
 """T_forget against state size: the shortest training length at which a Mamba-2 learns to forget.
 
 Commands (run from the repository root)
-    # the reported CPU grid (PREREGISTRATION.md, issue 22): d_state 4, 16, 64 x T_train 16-256, seeds 0-2
+    # the reported CPU grid (PREREGISTRATION.md section 8): d_state 4, 16, 64 x T_train 16-256, seeds 0-2:
+    # 45 models, 64 min on 2 cores shared with other runs (the pre-registered reading uses T 16-128)
     python -m experiments.t_forget --quick
     # redraw the summary and figures of a finished run folder (seconds, no training)
     python -m experiments.t_forget --quick --replot
