@@ -132,7 +132,7 @@ class TForgetConfig:
 
 
 QUICK = dict(out_dir="runs/t_forget_quick", workers=2)  # the reported CPU grid is the default grid
-DESCRIPTION = "T_forget against state size on the random-byte repeat-span process (module docstring)."
+DESCRIPTION = "T_forget against state size on the recall stream (module docstring)."
 
 
 def process(cfg: TForgetConfig, t_train: int) -> RS.StreamConfig:
