@@ -51,9 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -69,7 +67,7 @@ from experiments import measure as ME
 from experiments import recipe as R
 from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag, git_commit
 from experiments.data import Corpus
-from experiments.publish import check_clean_tree, prereg_commit, run_record
+from experiments.publish import check_clean_tree, prereg_commit, publish_run, run_record
 from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
                                recipe, run_sweep, stored_results, train_point_model, workers_flag)
 
@@ -486,36 +484,18 @@ def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
 # 6. Publishing (clean tree only) and main
 # ----------------------------------------------------------------------------------------------
 RESULTS = REPO / "experiments" / "results" / "state_collapse"
-FIGURES = REPO / "figures"
 
 
 def publish(run_dir: str | Path) -> Path:
     """Copy a finished run's points and record into experiments/results/state_collapse/ with a manifest
-    (the run's commits and the publishing commit), and its figures into figures/. Clean tree only; every
-    invocation of the run must itself come from a clean commit."""
-    commit = check_clean_tree()
-    run_dir = Path(run_dir)
-    record = json.loads((run_dir / "config.json").read_text())
-    dirty = [i.get("git_commit") for i in record.get("invocations", []) if str(i.get("git_commit", "")).endswith("+dirty")]
-    if dirty or str(record.get("git_commit", "")).endswith("+dirty"):
-        raise SystemExit(f"{run_dir} was (partly) computed from a dirty tree ({dirty or record.get('git_commit')}): "
-                         "rerun it from a clean commit")
+    (the run's commits and the publishing commit), and its figures into figures/ (publish.publish_run:
+    clean tree only; every invocation of the run must itself come from a clean commit)."""
+    check_clean_tree()  # refused before the run is read (publish_run checks again before copying)
     cfg = load_run_config(run_dir, DemoConfig)
-    results = stored_results(run_dir, demo_points(cfg))
-    shutil.rmtree(RESULTS, ignore_errors=True)
-    (RESULTS / "points").mkdir(parents=True)
-    for p in demo_points(cfg):
-        shutil.copyfile(run_dir / "points" / f"{p.key}.json", RESULTS / "points" / f"{p.key}.json")
-    shutil.copyfile(run_dir / "config.json", RESULTS / "config.json")
-    atomic_write_json(RESULTS / "manifest.json", {
-        "experiment": "state_collapse", "config": record["config"], "seeds": list(cfg.seeds),
-        "run_commits": sorted({i.get("git_commit") for i in record.get("invocations", [])}),
-        "prereg_commit": record.get("prereg_commit"), "invocations": record.get("invocations", []),
-        "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    report(cfg, results, RESULTS, record)
-    for f in ("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_state.png"):
-        shutil.copyfile(RESULTS / f, FIGURES / f)
-    return RESULTS
+    record = run_record(Path(run_dir))
+    return publish_run(run_dir, RESULTS, "state_collapse", demo_points(cfg), cfg.seeds,
+                       lambda out: report(cfg, stored_results(run_dir, demo_points(cfg)), out, record),
+                       figures=("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_state.png"))
 
 
 def build_parser() -> argparse.ArgumentParser:

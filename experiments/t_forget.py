@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 import mitigations as M
+from minimamba import Mamba2Config
 
 from experiments import measure as ME
 from experiments import recall_stream as RS
@@ -244,7 +245,6 @@ def t_forget_rows(cfg: TForgetConfig, results: dict[str, dict]) -> list[dict]:
 
 def state_size_of(cfg: TForgetConfig, n: int) -> int:
     """N_S of the grid's model at d_state n (for rows whose every run failed)."""
-    from minimamba import Mamba2Config
     return M.state_size(Mamba2Config(d_model=cfg.d_model, n_layer=cfg.n_layer, d_state=n, headdim=cfg.headdim,
                                      vocab_size=256))
 
