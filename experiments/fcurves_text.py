@@ -106,7 +106,7 @@ from experiments.convergence import ConvergenceConfig, NotConverged, check_conve
 from experiments.data import DOC_SEP, VOCAB_SIZE, Corpus
 from experiments.measure import load_for_eval
 from experiments.measure_curve import measure_curve
-from experiments.publish import check_clean_tree, publish_run
+from experiments.publish import publish_run
 from experiments.sweep import (MACHINE_FIELDS, Point, check_seeds_and_workers, finished_run, grid_points,
                                run_sweep, train_point_model, workers_flag)
 from experiments.tiny_transformer import TinyTransformer
@@ -605,10 +605,7 @@ def publish(run_dir: str | Path) -> Path:
     """Copy a finished run's points and record into experiments/results/fcurves_text/ with a manifest, rebuild
     its summary and figures there from the copied points, and copy the figures into figures/
     (publish.publish_run: refused from a dirty tree and for a run any of whose invocations ran from one)."""
-    check_clean_tree()  # refused before the run is read (publish_run checks again before copying)
-    cfg, results, _ = finished_run(run_dir, None, FCTextConfig, report_points)
-    return publish_run(run_dir, RESULTS, PREFIX, report_points(cfg), cfg.seeds,
-                       lambda out: report(cfg, summarize(cfg, results, report_points(cfg)), out),
+    return publish_run(run_dir, RESULTS, PREFIX, FCTextConfig, report_points, replot,
                        figures=(f"{PREFIX}_random.png", f"{PREFIX}_text.png"))
 
 

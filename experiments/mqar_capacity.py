@@ -55,8 +55,8 @@ from experiments import measure as ME
 from experiments import recall as RC
 from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.publish import prereg_commit, publish_run, run_commits, run_record
-from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
-                               recipe, run_sweep, stored_results, train_point_model, workers_flag)
+from experiments.sweep import (Point, check_seeds_and_workers, finished_run, grid_points, point_train_config,
+                               recipe, run_sweep, train_point_model, workers_flag)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Constants (PREREGISTRATION.md, section 9) and the config
@@ -231,10 +231,8 @@ def plot(cfg: CapacityConfig, rows: list[dict], out: Path) -> Path:
 
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
-    cfg = load_run_config(run_dir, CapacityConfig)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return report(cfg, stored_results(run_dir, grid(cfg)), out, run_record(Path(run_dir)))
+    cfg, results, out = finished_run(run_dir, out, CapacityConfig, grid)
+    return report(cfg, results, out, run_record(Path(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,9 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.publish:
-        cfg = load_run_config(args.publish, CapacityConfig)
-        publish_run(args.publish, RESULTS, "mqar_capacity", grid(cfg), cfg.seeds,
-                    lambda out: replot(args.publish, out), figures=("mqar_capacity.png",))
+        publish_run(args.publish, RESULTS, "mqar_capacity", CapacityConfig, grid, replot,
+                    figures=("mqar_capacity.png",))
         print(f"published into {RESULTS}", file=sys.stderr)
         return
     cfg = config_from_args(CapacityConfig, args, QUICK)

@@ -16,10 +16,10 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from experiments.common import REPO, atomic_write_json, git_commit
-from experiments.sweep import Point
+from experiments.sweep import Point, load_run_config
 
 FIGURES = REPO / "figures"
 PREREGISTRATION = "PREREGISTRATION.md"
@@ -58,15 +58,20 @@ def run_commits(record: dict) -> list[str]:
     return sorted({str(i.get("git_commit", "unknown")) for i in record.get("invocations", [])})
 
 
-def publish_run(run_dir: str | Path, results: Path, name: str, points: Iterable[Point], seeds: Iterable[int],
-                rebuild: Callable[[Path], object], figures: Iterable[str] = ()) -> Path:
-    """Copy a finished run into `results` and its figures into figures/.
+def publish_run(run_dir: str | Path, results: Path, name: str, cls: type, points: Callable[[Any], list[Point]],
+                replot: Callable[[Path], object], figures: Iterable[str] = ()) -> Path:
+    """Copy a finished run into `results`, rebuild its summary there, and copy its figures into figures/.
+
+    Steps: 1. refuse a dirty tree, then a run any of whose invocations came from one (before anything
+    else is read)  2. the run's config (a `cls`) and its points; refuse if any is missing
+    3. copy the points and config.json, write manifest.json  4. replot(results): the summary and figures
+    from the copied files  5. copy `figures` into figures/.
 
     Args:
         run_dir: the run folder.  results: experiments/results/<name>/ (replaced).  name: the experiment.
-        points: every point of the run (each must be stored).  seeds: the run's seeds (for the manifest).
-        rebuild: writes the summary and figures into the folder it is given (from the copied points).
-        figures: file names that rebuild writes and the README shows: copied into figures/.
+        cls: its config dataclass.  points: points(cfg) -> every point of the run.
+        replot: the experiment's replot(folder), which writes the summary and figures into that folder.
+        figures: file names that replot writes and the README shows.
     """
     commit = check_clean_tree()
     run_dir = Path(run_dir)
@@ -75,20 +80,21 @@ def publish_run(run_dir: str | Path, results: Path, name: str, points: Iterable[
     if any(c.endswith("+dirty") or c == "unknown" for c in commits) or not commits:
         raise SystemExit(f"{run_dir} was (partly) computed from a dirty or unknown tree ({commits}): rerun it from "
                          "a clean commit")
-    points = list(points)
-    missing = [p.key for p in points if not (run_dir / "points" / f"{p.key}.json").is_file()]
+    cfg = load_run_config(run_dir, cls)
+    pts = points(cfg)
+    missing = [p.key for p in pts if not (run_dir / "points" / f"{p.key}.json").is_file()]
     if missing:
         raise SystemExit(f"{run_dir} is unfinished: {len(missing)} point(s) missing, e.g. {missing[0]}")
     shutil.rmtree(results, ignore_errors=True)
     (results / "points").mkdir(parents=True)
-    for p in points:
+    for p in pts:
         shutil.copyfile(run_dir / "points" / f"{p.key}.json", results / "points" / f"{p.key}.json")
     shutil.copyfile(run_dir / "config.json", results / "config.json")
     atomic_write_json(results / "manifest.json", {
-        "experiment": name, "config": record["config"], "seeds": list(seeds), "run_commits": commits,
+        "experiment": name, "config": record["config"], "seeds": list(cfg.seeds), "run_commits": commits,
         "prereg_commit": record.get("prereg_commit"), "invocations": record.get("invocations", []),
         "published_at_commit": commit, "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    rebuild(results)
+    replot(results)
     FIGURES.mkdir(exist_ok=True)
     for f in figures:
         shutil.copyfile(results / f, FIGURES / f)

@@ -67,9 +67,9 @@ from experiments import measure as ME
 from experiments import recipe as R
 from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag, git_commit
 from experiments.data import Corpus
-from experiments.publish import check_clean_tree, prereg_commit, publish_run, run_record
-from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
-                               recipe, run_sweep, stored_results, train_point_model, workers_flag)
+from experiments.publish import prereg_commit, publish_run, run_record
+from experiments.sweep import (Point, check_seeds_and_workers, finished_run, grid_points, point_train_config,
+                               recipe, run_sweep, train_point_model, workers_flag)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Verdict constants (PREREGISTRATION.md) and the config
@@ -474,10 +474,8 @@ def plot(cfg: DemoConfig, results: dict[str, dict], rows: list[dict], out: Path)
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figures of a finished run folder or committed results folder (no training)."""
-    cfg = load_run_config(run_dir, DemoConfig)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return report(cfg, stored_results(run_dir, demo_points(cfg)), out, run_record(Path(run_dir)))
+    cfg, results, out = finished_run(run_dir, out, DemoConfig, demo_points)
+    return report(cfg, results, out, run_record(Path(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,11 +488,7 @@ def publish(run_dir: str | Path) -> Path:
     """Copy a finished run's points and record into experiments/results/state_collapse/ with a manifest
     (the run's commits and the publishing commit), and its figures into figures/ (publish.publish_run:
     clean tree only; every invocation of the run must itself come from a clean commit)."""
-    check_clean_tree()  # refused before the run is read (publish_run checks again before copying)
-    cfg = load_run_config(run_dir, DemoConfig)
-    record = run_record(Path(run_dir))
-    return publish_run(run_dir, RESULTS, "state_collapse", demo_points(cfg), cfg.seeds,
-                       lambda out: report(cfg, stored_results(run_dir, demo_points(cfg)), out, record),
+    return publish_run(run_dir, RESULTS, "state_collapse", DemoConfig, demo_points, replot,
                        figures=("state_collapse_fixes.png", "state_collapse_loss.png", "state_collapse_state.png"))
 
 

@@ -74,8 +74,8 @@ from experiments import recall_stream as RS
 from experiments import scaling as SCL
 from experiments.common import REPO, add_flag, atomic_write_json, atomic_write_text, config_from_args, config_parser, flag
 from experiments.publish import prereg_commit, publish_run, run_record, run_commits
-from experiments.sweep import (Point, check_seeds_and_workers, grid_points, load_run_config, point_train_config,
-                               recipe, run_sweep, stored_results, train_point_model, workers_flag)
+from experiments.sweep import (Point, check_seeds_and_workers, finished_run, grid_points, point_train_config,
+                               recipe, run_sweep, train_point_model, workers_flag)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Verdict constants (PREREGISTRATION.md, section 8) and the config
@@ -417,10 +417,8 @@ def plot(cfg: TForgetConfig, results: dict[str, dict], rows: list[dict], fitted:
 
 def replot(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """The summary and figure of a finished run folder or committed results folder (no training)."""
-    cfg = load_run_config(run_dir, TForgetConfig)
-    out = Path(out or run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return report(cfg, stored_results(run_dir, grid(cfg)), out, run_record(Path(run_dir)))
+    cfg, results, out = finished_run(run_dir, out, TForgetConfig, grid)
+    return report(cfg, results, out, run_record(Path(run_dir)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.publish:
-        cfg = load_run_config(args.publish, TForgetConfig)
-        publish_run(args.publish, RESULTS, "t_forget", grid(cfg), cfg.seeds,
-                    lambda out: replot(args.publish, out), figures=("t_forget.png",))
+        publish_run(args.publish, RESULTS, "t_forget", TForgetConfig, grid, replot, figures=("t_forget.png",))
         print(f"published into {RESULTS}", file=sys.stderr)
         return
     cfg = config_from_args(TForgetConfig, args, QUICK)

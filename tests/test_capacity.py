@@ -11,6 +11,7 @@ the MQAR capacity readout, and publishing.
 - experiments/publish.py: a dirty run or an unfinished one is refused.
 Every test reads hand-made results (no training), except the tiny end-to-end runs marked slow.
 """
+import dataclasses
 import json
 import math
 
@@ -25,7 +26,6 @@ from experiments import publish as PB
 from experiments import recall_stream as RS
 from experiments import scaling as sc
 from experiments import t_forget as TF
-from experiments.sweep import Point
 
 # ------------------------------------------------------------------------------------------------
 # recall_stream.py
@@ -215,19 +215,22 @@ def test_mqar_verdicts_and_refusals():
 def test_publish_refuses_dirty_and_unfinished_runs(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "points").mkdir(parents=True)
-    points = [Point(key="a", coords={"seed": 0}, params={}), Point(key="b", coords={"seed": 1}, params={})]
-    record = {"config": {}, "invocations": [{"git_commit": "abc+dirty"}]}
+    cfg = TF.TForgetConfig(d_states=(4, 16), train_lens=(16, 32), seeds=(0,), workers=1, out_dir=str(run))
+    record = {"config": dataclasses.asdict(cfg), "invocations": [{"git_commit": "abc+dirty"}]}
     (run / "config.json").write_text(json.dumps(record))
+
+    def publish():
+        return PB.publish_run(run, tmp_path / "out", "x", TF.TForgetConfig, TF.grid, lambda out: None)
     monkeypatch.setattr(PB, "git_commit", lambda: "abc+dirty")
     with pytest.raises(SystemExit, match="dirty tree"):
-        PB.publish_run(run, tmp_path / "out", "x", points, (0, 1), lambda out: None)
+        publish()
     monkeypatch.setattr(PB, "git_commit", lambda: "abc")
     with pytest.raises(SystemExit, match="dirty or unknown"):
-        PB.publish_run(run, tmp_path / "out", "x", points, (0, 1), lambda out: None)
+        publish()
     (run / "config.json").write_text(json.dumps({**record, "invocations": [{"git_commit": "abc"}]}))
-    (run / "points" / "a.json").write_text("{}")
+    (run / "points" / f"{TF.grid(cfg)[0].key}.json").write_text("{}")
     with pytest.raises(SystemExit, match="unfinished"):
-        PB.publish_run(run, tmp_path / "out", "x", points, (0, 1), lambda out: None)
+        publish()
     assert not (tmp_path / "out").exists(), "nothing is written before every check passes"
 
 
